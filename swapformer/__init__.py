@@ -1,0 +1,37 @@
+"""swapformer: find attention and FFN sites in PyTorch transformers and swap in efficient ones."""
+
+import logging
+
+from swapformer.errors import (
+    CaptureError,
+    ConfigError,
+    InputError,
+    SwapformerError,
+    UnknownTargetError,
+    VerificationError,
+)
+from swapformer.rewriter import RewriteReport, explain, find_sites, rewrite
+from swapformer.sites import AttentionSite, FFNSite, ProjectionRef, Site
+from swapformer.targets import TargetConfig, available_targets
+
+__version__ = "0.1.0"
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "AttentionSite",
+    "CaptureError",
+    "ConfigError",
+    "FFNSite",
+    "InputError",
+    "ProjectionRef",
+    "RewriteReport",
+    "Site",
+    "SwapformerError",
+    "TargetConfig",
+    "UnknownTargetError",
+    "VerificationError",
+    "available_targets",
+    "explain",
+    "find_sites",
+    "rewrite",
+]

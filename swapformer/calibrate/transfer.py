@@ -1,0 +1,179 @@
+"""Stage 1, attention transfer: each replacement core learns to reproduce the exact computation it
+replaced, on the very inputs it receives inside the model.
+
+Design (LoLCATs' attention transfer, with the host computation as the reference, so no teacher
+forward is needed): a pre-hook on every core in ``student.swapformer_report.replaced`` detaches the
+core's inputs, so the loss of one site never reaches another site's parameters and all sites train
+independently and in parallel. A forward hook then computes the reference output of the same inputs
+without gradients and records ``MSE(core output, reference)``:
+
+* attention site: the exact softmax attention of the site, an
+  :class:`~swapformer.targets.sdpa.SdpaAttention` built from ``replacement.site`` and called with
+  the core's ``(q, k, v, bias)``;
+* FFN site: the host FFN, rebuilt from the site's up / gate / down projections with the teacher's
+  weights (the student's own copies of those parameters when no teacher is given).
+
+The hook returns the *reference* as the core's output, so every later layer sees exactly the
+activations of the original model (as LoLCATs does: the student layers are fitted to the teacher's
+hidden states, not to the drift of earlier approximations). Host parameters are frozen, so nothing
+outside the cores builds an autograd graph; once the last site has run the forward pass is
+abandoned (``early_exit``), which skips the LM head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swapformer.errors import InputError
+from swapformer.rewriter.report import Replacement
+from swapformer.sites import AttentionSite, FFNSite, ProjectionRef
+from swapformer.targets.sdpa import SdpaAttention, SdpaConfig
+
+Reference = Callable[..., torch.Tensor]
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+class _AllSitesDone(Exception):
+    """Raised by the last hook of a forward pass to skip the rest of the model."""
+
+
+def attention_reference(site: AttentionSite) -> Reference:
+    """The exact softmax attention of ``site`` (eval mode: no dropout)."""
+    sdpa = SdpaAttention.from_site(site, SdpaConfig(), {}).eval()
+
+    def ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+            **_: Any) -> torch.Tensor:
+        return sdpa(q, k, v, bias)
+
+    return ref
+
+
+def ffn_reference(site: FFNSite, lookup: Callable[[str], torch.Tensor]) -> Reference:
+    """The host FFN of ``site``, ``down(act(gate(x)) * up(x))`` or ``down(act(up(x)))``, with
+    weights fetched by name through ``lookup``.
+
+    Raises:
+        InputError: the site lacks its projections or has an activation without a known form.
+    """
+    if site.up_proj is None or site.down_proj is None:
+        raise InputError(f"FFN site {site.name} has no up/down projections to rebuild it from")
+    if site.activation not in _ACTIVATIONS:
+        raise InputError(f"FFN site {site.name}: no reference for activation {site.activation!r}")
+    act = _ACTIVATIONS[site.activation]
+    up = _projection(site.up_proj, lookup)
+    down = _projection(site.down_proj, lookup)
+    gate = _projection(site.gate_proj, lookup) if site.gated and site.gate_proj else None
+
+    def ref(x: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:
+        h = act(gate(x)) * up(x) if gate is not None else act(up(x))
+        return down(h)
+
+    return ref
+
+
+def _projection(ref: ProjectionRef, lookup: Callable[[str], torch.Tensor]) -> Callable:
+    w = lookup(ref.weight).detach()
+    if ref.transposed:
+        w = w.t()
+    b = lookup(ref.bias).detach() if ref.bias else None
+    if ref.rows is not None:
+        w = w[ref.rows[0] : ref.rows[1]]
+        b = b[ref.rows[0] : ref.rows[1]] if b is not None else None
+    return lambda x: F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+
+
+def parameter_lookup(*models: nn.Module | None) -> Callable[[str], torch.Tensor]:
+    """Find a parameter by qualified name in the first model that has it."""
+
+    def lookup(name: str) -> torch.Tensor:
+        for m in models:
+            if m is None:
+                continue
+            try:
+                return m.get_parameter(name)
+            except AttributeError:
+                continue
+        raise InputError(f"no parameter {name!r} in the teacher or the student to rebuild the FFN from")
+
+    return lookup
+
+
+def _detach(x: Any) -> Any:
+    return x.detach() if isinstance(x, torch.Tensor) else x
+
+
+class TransferHooks:
+    """Context manager: hooks every replaced core for attention transfer.
+
+    After a forward pass of the student (inside ``with hooks:``), ``hooks.losses`` maps each site
+    name to its MSE (with grad); :meth:`run` wraps a forward pass and handles the early exit.
+    """
+
+    def __init__(self, student: nn.Module, replaced: list[Replacement], teacher: nn.Module | None,
+                 *, early_exit: bool = True) -> None:
+        self.student = student
+        self.early_exit = early_exit
+        self.losses: dict[str, torch.Tensor] = {}
+        lookup = parameter_lookup(teacher, student)
+        self._sites = [(r.site.name, student.get_submodule(r.core_name), _reference(r, lookup))
+                       for r in replaced]
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> TransferHooks:
+        for name, core, ref in self._sites:
+            self._handles.append(core.register_forward_pre_hook(_detach_inputs, with_kwargs=True))
+            self._handles.append(core.register_forward_hook(self._make_hook(name, ref), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _make_hook(self, name: str, ref: Reference) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
+            if not isinstance(output, torch.Tensor):
+                raise InputError(f"core of site {name} returned {type(output).__name__}, not a tensor")
+            with torch.no_grad():
+                target = ref(*args, **kwargs).to(output.dtype)
+            self.losses[name] = F.mse_loss(output.float(), target.float())
+            if self.early_exit and len(self.losses) == len(self._sites):
+                raise _AllSitesDone
+            return target
+
+        return hook
+
+    def run(self, forward: Callable[[], Any]) -> dict[str, torch.Tensor]:
+        """Run ``forward()`` and return the per-site losses it produced."""
+        self.losses = {}
+        try:
+            forward()
+        except _AllSitesDone:
+            pass
+        if not self.losses:
+            raise InputError("the forward pass ran none of the replaced cores")
+        return self.losses
+
+
+def _detach_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()}
+
+
+def _reference(r: Replacement, lookup: Callable[[str], torch.Tensor]) -> Reference:
+    if isinstance(r.site, AttentionSite):
+        return attention_reference(r.site)
+    if isinstance(r.site, FFNSite):
+        return ffn_reference(r.site, lookup)
+    raise InputError(f"site {r.site.name} of kind {r.site.kind!r} has no transfer reference")

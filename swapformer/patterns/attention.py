@@ -1,0 +1,445 @@
+"""Attention detection by dataflow semantics.
+
+An attention core is ``P·V`` where ``P = softmax(f(Q·Kᵀ))`` over the last dim and ``f`` is a chain of
+elementwise steps that is affine in the scores: multiplication by scalars (the scale, wherever it was
+written), additive tensors (masks, ALiBi), and fills of masked positions with a very negative value.
+Writing ``f(x) = a·x + f(0)`` gives the SDPA form ``softmax(a·QKᵀ + b)·V`` with ``b = f(0)``, whatever
+the order and spelling of the steps. Scales on ``q`` or ``k`` before the product, casts around the
+softmax, dropout on the probabilities, transposes of ``k`` and GQA head repeats are peeled off.
+
+``F.scaled_dot_product_attention`` nodes are sites directly. Everything is read from the graph plus
+the probe values of one run on the example inputs (shapes, constant masks, GQA repeats).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from swapformer.patterns.match import Graph, MaskStep, NoMatch, is_last_two_swap, scalar_operand, single_user
+from swapformer.patterns.ops import arg
+from swapformer.patterns.projections import find_out_projection, find_projection, path_flags
+
+NEG_LARGE = -1e4  # fills at or below this are masks: exp() of them underflows to 0 in the softmax
+_PASS_PROBS = frozenset({"to", "dropout", "identity"})
+_PRODUCTS = frozenset({"matmul", "einsum", "baddbmm"})
+
+
+@dataclass
+class AttentionMatch:
+    """A detected core plus what the rewriter needs to splice a replacement in."""
+
+    anchor: fx.Node  # the softmax or sdpa node
+    output: fx.Node  # the node whose value is the attention output
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    k_transposed: bool = False  # ``k`` holds Kᵀ: the splice transposes it back
+    q_perm: list[int] | None = None
+    k_perm: list[int] | None = None
+    v_perm: list[int] | None = None
+    out_perm: list[int] | None = None
+    steps: list[MaskStep] = field(default_factory=list)
+    scale: float = 1.0
+    score_dtype: torch.dtype = torch.float32
+    dropout: float = 0.0
+    softcap: float | None = None
+    causal_flag: bool = False  # sdpa is_causal=True
+    kv_repeat: int = 1
+    form: str = ""
+    # filled by describe()
+    mask_kind: str = "none"
+    causal: bool = False
+    window: int | None = None
+    drop_mask: bool = False  # the mask is exactly causal/windowed and input-free: pass None instead
+    hidden: fx.Node | None = None
+
+
+def find_attention(g: Graph) -> list[AttentionMatch | tuple[fx.Node, NoMatch]]:
+    """Every softmax and SDPA node, as a match or with the reason it is not attention."""
+    out: list[AttentionMatch | tuple[fx.Node, NoMatch]] = []
+    for node in g.gm.graph.nodes:
+        op = g.op(node)
+        if op == "softmax":
+            m = match_softmax_attention(g, node)
+        elif op == "sdpa":
+            m = match_sdpa(g, node)
+        else:
+            continue
+        if m:
+            describe(g, m)
+        out.append(m if m else (node, m))
+    return out
+
+
+def _softmax_dim_ok(g: Graph, node: fx.Node) -> bool:
+    dim = arg(node, 1, "dim", -1)
+    shape = g.shape(node.args[0])
+    return shape is not None and isinstance(dim, int) and dim % len(shape) == len(shape) - 1
+
+
+def match_softmax_attention(g: Graph, sm: fx.Node) -> AttentionMatch | NoMatch:
+    if not _softmax_dim_ok(g, sm):
+        return NoMatch("softmax %s is not over the last dim", sm.name)
+    found = _forward_to_pv(g, sm)
+    if not found:
+        return found
+    pv, dropout = found
+    m = AttentionMatch(anchor=sm, output=pv, q=sm, k=sm, v=sm, dropout=dropout, form="matmul-softmax")
+    if not (err := _read_pv(g, m, pv)) is None:
+        return err
+    back = _back_to_product(g, sm.args[0], m)
+    if not back:
+        return back
+    return _read_qk(g, m, back)
+
+
+def _forward_to_pv(g: Graph, sm: fx.Node) -> tuple[fx.Node, float] | NoMatch:
+    node, dropout = sm, 0.0
+    for _ in range(8):
+        users = [u for u in node.users if g.op(u) in _PASS_PROBS | {"matmul", "einsum", "getitem"}]
+        if len(users) != 1:
+            return NoMatch("softmax %s does not feed exactly one value product", sm.name)
+        user = users[0]
+        op = g.op(user)
+        if op in ("matmul", "einsum"):
+            first = user.args[0] if op == "matmul" else user.args[1][0]
+            if first is not node:
+                return NoMatch("softmax %s is the right operand of %s", sm.name, user.name)
+            return user, dropout
+        if op == "dropout":
+            dropout = _dropout_p(g, user)
+        node = user
+    return NoMatch("softmax %s does not reach a product with values", sm.name)
+
+
+def _dropout_p(g: Graph, node: fx.Node) -> float:
+    if node.op == "call_module":
+        return float(g.gm.get_submodule(node.target).p)
+    p = arg(node, 1, "p", 0.5)
+    return float(p) if isinstance(p, (int, float)) else 0.0
+
+
+def _read_pv(g: Graph, m: AttentionMatch, pv: fx.Node) -> NoMatch | None:
+    if g.op(pv) == "matmul":
+        m.v = pv.args[1]
+        return None
+    spec = _einsum_spec(pv)
+    if spec is None:
+        return NoMatch("einsum %s is not a two-operand contraction", pv.name)
+    (p_idx, v_idx), out_idx = spec
+    # P: batch + [q, k]; V: batch + [k, d] in some order; output: batch + q + d in some order.
+    batch, q_i, k_i = p_idx[:-2], p_idx[-2], p_idx[-1]
+    d_i = [c for c in v_idx if c not in p_idx]
+    if len(d_i) != 1 or set(v_idx) != set(batch) | {k_i, d_i[0]} or set(out_idx) != set(batch) | {q_i, d_i[0]}:
+        return NoMatch("einsum %s is not probs·values", pv.name)
+    m.v = pv.args[1][1]
+    m.v_perm = [v_idx.index(c) for c in [*batch, k_i, d_i[0]]]
+    canon = [*batch, q_i, d_i[0]]
+    m.out_perm = [canon.index(c) for c in out_idx]
+    return None
+
+
+def _einsum_spec(node: fx.Node) -> tuple[tuple[str, str], str] | None:
+    eq, operands = node.args[0], node.args[1]
+    if not isinstance(eq, str) or len(operands) != 2 or "..." in eq:
+        return None
+    lhs, out = eq.replace(" ", "").split("->")
+    a, b = lhs.split(",")
+    return (a, b), out
+
+
+def _is_large_negative(g: Graph, value: object) -> float | None:
+    if isinstance(value, (int, float)):
+        return float(value) if value <= NEG_LARGE else None
+    v = g.value(value)
+    if isinstance(v, torch.Tensor) and v.numel() > 0 and v.is_floating_point():
+        top = float(v.max())
+        return top if top <= NEG_LARGE else None
+    return None
+
+
+def _reaches_product(g: Graph, node: object, depth: int = 12) -> bool:
+    if not isinstance(node, fx.Node) or depth == 0:
+        return False
+    op = g.op(node)
+    if op in _PRODUCTS:
+        return True
+    if op in ("to", "mul", "div", "masked_fill", "identity", "tanh"):
+        return _reaches_product(g, node.args[0], depth - 1)
+    if op in ("add", "sub", "where"):
+        return any(_reaches_product(g, a, depth - 1) for a in node.args[:3])
+    return False
+
+
+def _back_to_product(g: Graph, node: fx.Node, m: AttentionMatch) -> fx.Node | NoMatch:
+    """Walk from the softmax input back to the q·kᵀ product, recording the steps (outermost first)."""
+    steps: list[MaskStep] = []
+    for _ in range(24):
+        op = g.op(node)
+        if op in _PRODUCTS:
+            m.score_dtype = g.value(node).dtype
+            m.steps = list(reversed(steps))
+            return node
+        nxt = _peel_score_step(g, node, op, steps, m)
+        if isinstance(nxt, NoMatch):
+            return nxt
+        node = nxt
+    return NoMatch("no q·kᵀ product found before softmax %s", m.anchor.name)
+
+
+def _peel_score_step(g: Graph, node: fx.Node, op: str | None, steps: list[MaskStep],
+                     m: AttentionMatch) -> fx.Node | NoMatch:
+    if op in ("to", "identity"):
+        return node.args[0]
+    if (softcap := _softcap(g, node)) is not None:
+        m.softcap, inner = softcap
+        return inner
+    if (sc := scalar_operand(g, node)) is not None:
+        steps.append(MaskStep("scale", value=sc[1]))
+        return sc[0]
+    if op in ("add", "sub"):
+        a, b = node.args[0], node.args[1]
+        alpha = node.kwargs.get("alpha", 1)
+        if alpha != 1:
+            return NoMatch("%s with alpha=%s between scores and softmax", node.name, alpha)
+        sign = -1.0 if op == "sub" else 1.0
+        if _reaches_product(g, a):
+            steps.append(MaskStep("add", b if isinstance(b, fx.Node) else None, value=sign * _num(b)))
+            if sign < 0 and isinstance(b, fx.Node):
+                steps[-1] = MaskStep("sub", b)
+            return a
+        if op == "add" and _reaches_product(g, b):
+            steps.append(MaskStep("add", a if isinstance(a, fx.Node) else None, value=_num(a)))
+            return b
+    if op == "masked_fill":
+        fill = _is_large_negative(g, node.args[2])
+        if fill is None:
+            return NoMatch("masked_fill %s fills with a value that is not a mask", node.name)
+        steps.append(MaskStep("fill", node.args[1], fill))
+        return node.args[0]
+    if op == "where" and len(node.args) == 3:
+        cond, a, b = node.args
+        if _reaches_product(g, a) and (fill := _is_large_negative(g, b)) is not None:
+            steps.append(MaskStep("keep", cond, fill))
+            return a
+        if _reaches_product(g, b) and (fill := _is_large_negative(g, a)) is not None:
+            steps.append(MaskStep("fill", cond, fill))
+            return b
+    return NoMatch("%s (%s) between the scores and the softmax is not a scale, bias or mask",
+                   node.name, op or node.target)
+
+
+def _num(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+def _softcap(g: Graph, node: fx.Node) -> tuple[float, fx.Node] | None:
+    """``c · tanh(x / c)``: logit soft-capping (Gemma 2)."""
+    outer = scalar_operand(g, node)
+    if outer is None or g.op(outer[0]) != "tanh":
+        return None
+    inner = scalar_operand(g, outer[0].args[0])
+    if inner is None or not math.isclose(inner[1] * outer[1], 1.0, rel_tol=1e-6):
+        return None
+    return outer[1], inner[0]
+
+
+def _read_qk(g: Graph, m: AttentionMatch, prod: fx.Node) -> AttentionMatch | NoMatch:
+    op = g.op(prod)
+    if op == "baddbmm":
+        bias, a, b = prod.args[:3]
+        beta, alpha = prod.kwargs.get("beta", 1), prod.kwargs.get("alpha", 1)
+        if beta != 1:
+            return NoMatch("baddbmm %s with beta=%s", prod.name, beta)
+        m.steps = [MaskStep("scale", value=float(alpha)), MaskStep("add", bias), *m.steps]
+        m.form = "baddbmm-softmax"
+    elif op == "matmul":
+        a, b = prod.args[0], prod.args[1]
+    else:
+        spec = _einsum_spec(prod)
+        if spec is None:
+            return NoMatch("einsum %s is not a two-operand contraction", prod.name)
+        err = _read_qk_einsum(m, prod, spec)
+        if err is not None:
+            return err
+        a, b = prod.args[1]
+        m.form = "einsum-softmax"
+    q_scale, m.q = _peel_scales(g, a)
+    k_scale, m.k, m.k_transposed = _peel_key(g, b, transposed=op != "einsum")
+    m.scale = q_scale * k_scale * math.prod(s.value for s in m.steps if s.kind == "scale")
+    return m
+
+
+def _read_qk_einsum(m: AttentionMatch, prod: fx.Node, spec: tuple[tuple[str, str], str]) -> NoMatch | None:
+    (qa, ka), out = spec
+    batch, q_i, k_i = out[:-2], out[-2], out[-1]
+    d = [c for c in qa if c in ka and c not in out]
+    if len(d) != 1 or set(qa) != set(batch) | {q_i, d[0]} or set(ka) != set(batch) | {k_i, d[0]}:
+        return NoMatch("einsum %s is not q·kᵀ", prod.name)
+    m.q_perm = [qa.index(c) for c in [*batch, q_i, d[0]]]
+    m.k_perm = [ka.index(c) for c in [*batch, k_i, d[0]]]
+    return None
+
+
+def _peel_scales(g: Graph, node: fx.Node) -> tuple[float, fx.Node]:
+    factor = 1.0
+    while (sc := scalar_operand(g, node)) is not None:
+        factor *= sc[1]
+        node = sc[0]
+    return factor, node
+
+
+def _peel_key(g: Graph, node: fx.Node, transposed: bool) -> tuple[float, fx.Node, bool]:
+    """Peel scales and the last-two-dims swap off the key operand; ``transposed`` = node holds Kᵀ."""
+    factor = 1.0
+    for _ in range(8):
+        if (sc := scalar_operand(g, node)) is not None:
+            factor *= sc[1]
+            node = sc[0]
+        elif transposed and (src := is_last_two_swap(g, node)) is not None:
+            node, transposed = src, False
+        elif g.op(node) == "identity":
+            node = node.args[0]
+        else:
+            break
+    return factor, node, transposed
+
+
+def match_sdpa(g: Graph, node: fx.Node) -> AttentionMatch | NoMatch:
+    q, k, v = (arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    mask = arg(node, 3, "attn_mask")
+    m = AttentionMatch(anchor=node, output=node, q=q, k=k, v=v, form="sdpa")
+    m.dropout = float(arg(node, 4, "dropout_p", 0.0) or 0.0)
+    m.causal_flag = bool(arg(node, 5, "is_causal", False))
+    scale = node.kwargs.get("scale")
+    m.scale = float(scale) if scale is not None else 1.0 / math.sqrt(g.shape(q)[-1])
+    m.score_dtype = g.value(q).dtype
+    if isinstance(mask, fx.Node):
+        is_bool = g.value(mask).dtype == torch.bool
+        m.steps = [MaskStep("keep", mask, -math.inf) if is_bool else MaskStep("add", mask)]
+    if node.kwargs.get("enable_gqa"):
+        m.kv_repeat = g.shape(q)[-3] // g.shape(k)[-3]
+    return m
+
+
+def describe(g: Graph, m: AttentionMatch) -> None:
+    """Fill in GQA, the mask classification and the hidden input of a match."""
+    if m.kv_repeat == 1 and not m.k_transposed and m.k_perm is None:
+        _peel_gqa(g, m)
+    bias = mask_values(g, m)
+    depends = any(s.node is not None and g.depends_on_input(s.node) for s in m.steps)
+    m.mask_kind, m.causal, m.window = classify_mask(bias, m, depends)
+    m.drop_mask = bias is not None and not depends and m.mask_kind == "causal"
+    if m.causal_flag:
+        m.mask_kind, m.causal = "causal", True
+
+
+def _peel_gqa(g: Graph, m: AttentionMatch) -> None:
+    qs, ks = g.shape(m.q), g.shape(m.k)
+    if qs is None or ks is None or len(qs) != 4 or len(ks) != 4 or ks[1] != qs[1]:
+        return
+    k_src, v_src = _repeat_source(g, m.k, qs[1]), _repeat_source(g, m.v, qs[1])
+    if k_src is None or v_src is None or g.shape(k_src)[1] != g.shape(v_src)[1]:
+        return
+    m.kv_repeat = qs[1] // g.shape(k_src)[1]
+    m.k, m.v = k_src, v_src
+
+
+_GQA_OPS = frozenset({"view", "expand", "unsqueeze", "identity", "slice", "repeat_interleave", "getitem"})
+
+
+def _repeat_source(g: Graph, node: fx.Node, heads: int) -> fx.Node | None:
+    """The [B, Hkv, T, D] tensor that ``node`` repeats head-wise (repeat_kv / repeat_interleave)."""
+    full = g.value(node)
+    cur = node
+    for _ in range(6):
+        if g.op(cur) not in _GQA_OPS or not isinstance(cur.args[0], fx.Node):
+            return None
+        cur = cur.args[0]
+        v = g.value(cur)
+        if not isinstance(v, torch.Tensor) or v.dim() != 4:
+            continue
+        hk = v.shape[1]
+        if hk < heads and heads % hk == 0 and v.shape[0] == full.shape[0] and v.shape[2:] == full.shape[2:]:
+            if torch.equal(v.repeat_interleave(heads // hk, dim=1), full):
+                return cur
+    return None
+
+
+def mask_values(g: Graph, m: AttentionMatch) -> torch.Tensor | None:
+    """``b = f(0)``: the additive mask the steps amount to, evaluated on the probe values."""
+    if not any(s.kind != "scale" for s in m.steps):
+        return None
+    b = torch.zeros((), dtype=m.score_dtype)
+    for step in m.steps:
+        b = apply_step(step, b, g.value(step.node) if step.node is not None else None)
+    return b
+
+
+def apply_step(step: MaskStep, b: torch.Tensor, operand: torch.Tensor | None) -> torch.Tensor:
+    if step.kind == "scale":
+        return b * step.value
+    if step.kind == "add":
+        return b + (operand if operand is not None else step.value)
+    if step.kind == "sub":
+        return b - operand
+    if step.kind == "fill":
+        return b.masked_fill(operand, step.value)
+    return torch.where(operand, b, torch.tensor(step.value, dtype=b.dtype))  # keep
+
+
+def classify_mask(bias: torch.Tensor | None, m: AttentionMatch, depends: bool) -> tuple[str, bool, int | None]:
+    if bias is None:
+        return "none", False, None
+    masked = bias <= NEG_LARGE
+    finite = bias.masked_fill(masked, 0)
+    if finite.abs().max() > 0:
+        return "bias", _is_causal(masked), None
+    if masked.dim() < 2:
+        return ("padding" if depends else "none"), False, None
+    causal = _is_causal(masked)
+    window = _window(masked) if causal else None
+    kind = "padding" if depends else ("causal" if causal else "bias")
+    return kind, causal, window
+
+
+def _is_causal(masked: torch.Tensor) -> bool:
+    tq, tk = masked.shape[-2:]
+    upper = torch.ones(tq, tk, dtype=torch.bool).triu(tk - tq + 1)
+    return bool(masked[..., upper].all()) and tq > 1
+
+
+def _window(masked: torch.Tensor) -> int | None:
+    tq, tk = masked.shape[-2:]
+    allowed = ~masked
+    keep_cols = allowed.any(dim=-2, keepdim=True)
+    i = torch.arange(tq)[:, None] + (tk - tq)
+    j = torch.arange(tk)[None, :]
+    dist = (i - j).expand_as(allowed)
+    reach = dist.masked_fill(~allowed, -1).max()
+    w = int(reach) + 1
+    if w >= tk:
+        return None
+    band = (j <= i) & (i - j < w)
+    return w if bool(((band & keep_cols) == allowed).all()) else None
+
+
+_STACK_PATH = re.compile(r"^L\['self'\]\.?")
+
+
+def owner_module(node: fx.Node) -> tuple[str, str] | None:
+    """(qualified name, class name) of the innermost module that owns ``node``, from export metadata."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
+    return _STACK_PATH.sub("", str(path)), cls_name
+
+
+__all__ = ["AttentionMatch", "find_attention", "find_out_projection", "find_projection", "path_flags"]

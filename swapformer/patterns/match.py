@@ -1,0 +1,160 @@
+"""Matcher primitives shared by the attention and FFN detectors.
+
+A detector returns a :class:`Match` (the nodes it consumed, the values it read) or a falsy
+:class:`NoMatch` carrying the reason, rendered lazily, in the style of Inductor's ``FailedMatch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from swapformer.patterns.ops import SHAPE_OPS, arg, canonical, is_scalar
+
+
+class NoMatch:
+    """Why a candidate is not a site. Falsy, so ``if not match:`` reads naturally."""
+
+    def __init__(self, fmt: str, *args: Any) -> None:
+        self.fmt = fmt
+        self.args = args
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return self.fmt % self.args if self.args else self.fmt
+
+    __repr__ = __str__
+
+
+@dataclass
+class MaskStep:
+    """One elementwise op between the q·kᵀ product and the softmax.
+
+    ``kind``: ``scale`` (multiply by ``value``), ``add`` (add tensor ``node``), ``fill`` (set to ``value``
+    where bool ``node`` is True), ``keep`` (keep where bool ``node`` is True, else ``value``).
+    """
+
+    kind: str
+    node: fx.Node | None = None
+    value: float = 0.0
+
+
+@dataclass
+class Graph:
+    """A captured graph with its probe values and helpers to read them."""
+
+    gm: fx.GraphModule
+    values: dict[str, Any] = field(default_factory=dict)
+    user_inputs: frozenset[str] = frozenset()  # placeholder names fed by the caller
+
+    def op(self, node: Any) -> str | None:
+        return canonical(node, self.gm) if isinstance(node, fx.Node) else None
+
+    def value(self, node: Any) -> Any:
+        return self.values.get(node.name) if isinstance(node, fx.Node) else node
+
+    def shape(self, node: Any) -> tuple[int, ...] | None:
+        v = self.value(node)
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+    def scalar(self, node: Any) -> float | None:
+        """A Python-number operand, or a one-element constant tensor (``get_attr`` or literal)."""
+        if is_scalar(node):
+            return float(node)
+        if isinstance(node, fx.Node) and node.op == "get_attr":
+            v = self.value(node)
+            if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad:
+                return float(v.item())
+        return None
+
+    def depends_on_input(self, node: fx.Node, limit: int = 2000) -> bool:
+        """Whether ``node``'s value is data-dependent on a caller input (not only on its shape)."""
+        seen: set[fx.Node] = set()
+        stack = [node]
+        while stack and len(seen) < limit:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == "placeholder" and n.name in self.user_inputs:
+                return True
+            if n.op == "call_function" and "sym_size" in str(n.target):
+                continue  # a size, not data
+            stack.extend(n.all_input_nodes)
+        return False
+
+
+def through(g: Graph, node: fx.Node, ops: frozenset[str]) -> fx.Node:
+    """Follow single-input ops in ``ops`` backwards from ``node``."""
+    while g.op(node) in ops and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def single_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def scalar_operand(g: Graph, node: fx.Node) -> tuple[fx.Node, float] | None:
+    """For ``x * c``, ``c * x`` or ``x / c`` with scalar ``c``: (x, factor)."""
+    op = g.op(node)
+    if op not in ("mul", "div") or len(node.args) < 2:
+        return None
+    a, b = node.args[0], node.args[1]
+    if op == "mul":
+        if isinstance(a, fx.Node) and g.scalar(b) is not None:
+            return a, g.scalar(b)
+        if isinstance(b, fx.Node) and g.scalar(a) is not None:
+            return b, g.scalar(a)
+        return None
+    c = g.scalar(b)
+    if isinstance(a, fx.Node) and c not in (None, 0.0):
+        return a, 1.0 / c
+    return None
+
+
+def is_last_two_swap(g: Graph, node: fx.Node) -> fx.Node | None:
+    """If ``node`` swaps the last two dims of its input (transpose/permute/.t/.mT), return the input."""
+    op = g.op(node)
+    src = node.args[0] if node.args else None
+    shape = g.shape(src)
+    if not isinstance(src, fx.Node) or shape is None:
+        return None
+    nd = len(shape)
+    if op == "transpose":
+        dims = {d % nd for d in (arg(node, 1, "dim0"), arg(node, 2, "dim1"))}
+        return src if dims == {nd - 2, nd - 1} else None
+    if op == "permute":
+        perm = arg(node, 1, "dims")
+        if not isinstance(perm, (list, tuple)):
+            perm = node.args[1:]
+        expect = list(range(nd - 2)) + [nd - 1, nd - 2]
+        return src if [p % nd for p in perm] == expect else None
+    if op == "t" and nd == 2:
+        return src
+    return None
+
+
+def ancestors_within(g: Graph, start: fx.Node, ops: frozenset[str], limit: int = 64) -> list[fx.Node]:
+    """Nodes reachable backwards from ``start`` through ops in ``ops`` (breadth first)."""
+    out: list[fx.Node] = []
+    frontier = [start]
+    seen: set[fx.Node] = set()
+    while frontier and len(seen) < limit:
+        node = frontier.pop(0)
+        if node in seen:
+            continue
+        seen.add(node)
+        out.append(node)
+        if g.op(node) in ops:
+            frontier += [a for a in node.all_input_nodes]
+    return out
+
+
+SHAPE_AND_CAST = SHAPE_OPS

@@ -1,0 +1,257 @@
+"""The public verbs: ``find_sites``, ``explain`` and ``rewrite``.
+
+Pipeline: capture (graph of the model on example inputs) → match (detectors → sites) → plan (which
+target core serves which site, or why not) → apply (splice into the graph, or swap cores inside a
+Hugging Face model) → verify (the rewritten model runs; for exact targets, matches the original).
+All checks run before anything is built, and the user's model is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from swapformer.errors import InputError
+from swapformer.rewriter import apply as graph_apply
+from swapformer.rewriter import hf
+from swapformer.rewriter.capture import Captured, capture, check_inputs, normalize_inputs, probe
+from swapformer.rewriter.detect import Detection, detect
+from swapformer.rewriter.report import Replacement, RewriteReport, Skip
+from swapformer.sites import Site
+from swapformer.targets.base import TargetConfig, TargetModule, core_class, resolve_target
+
+log = logging.getLogger(__name__)
+KINDS = ("attention", "ffn")
+SiteFilter = Callable[[Site], bool]
+
+
+@dataclass
+class _Analysis:
+    captured: Captured
+    detection: Detection
+    reference: Any  # the original model's output on the example inputs
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] | None = None
+
+
+def _check_kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise InputError(f"unknown site kind(s) {bad}; kinds are {list(KINDS)}")
+    return kinds
+
+
+def default_example_inputs(model: nn.Module) -> Any:
+    """Small random inputs for a Hugging Face model, from its config."""
+    config = getattr(model, "config", None)
+    if config is None or not hf.is_hf_model(model):
+        raise InputError("example_inputs are required for models that are not Hugging Face models")
+    gen = torch.Generator().manual_seed(0)
+    if getattr(config, "vocab_size", None):
+        ids = torch.randint(0, config.vocab_size, (2, 16), generator=gen)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if getattr(config, "is_encoder_decoder", False):
+            inputs["decoder_input_ids"] = ids[:, :8]
+        return inputs
+    if getattr(config, "image_size", None):
+        size = config.image_size
+        return {"pixel_values": torch.randn(2, getattr(config, "num_channels", 3), size, size, generator=gen)}
+    raise InputError(f"cannot build example inputs for {type(model).__name__}; pass example_inputs")
+
+
+def analyze(model: nn.Module, example_inputs: Any, kinds: tuple[str, ...]) -> _Analysis:
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+    args, kwargs = normalize_inputs(example_inputs)
+    reference = check_inputs(model, args, kwargs)
+    captured = capture(model, args, kwargs)
+    probe(captured)
+    return _Analysis(captured, detect(captured, _check_kinds(kinds)), reference, args, kwargs)
+
+
+def find_sites(model: nn.Module, example_inputs: Any = None, *, kinds: tuple[str, ...] = KINDS) -> list[Site]:
+    """Detect the attention and FFN sites of ``model``.
+
+    Args:
+        model: any ``nn.Module`` (plain, nanoGPT/timm style, torch.nn built-ins, HF transformers v5).
+        example_inputs: a tensor, a tuple of positional args, or a dict of kwargs the model runs on;
+            optional for Hugging Face models.
+        kinds: which site kinds to look for.
+
+    Returns:
+        The sites in graph order, each with a stable name ``"<module>:<index>"``.
+
+    Raises:
+        InputError: the model does not run on the example inputs.
+        CaptureError: no capture strategy worked (every attempt is named).
+    """
+    return analyze(model, example_inputs, kinds).detection.sites
+
+
+def explain(model: nn.Module, target: str | TargetConfig, example_inputs: Any = None, *,
+            kinds: tuple[str, ...] = ("attention",), filter_fn: SiteFilter | None = None,
+            **target_options: Any) -> RewriteReport:
+    """Dry run of :func:`rewrite`: every site, what would replace it, what would be skipped and why."""
+    config = resolve_target(target, **target_options)
+    analysis = analyze(model, example_inputs, kinds)
+    report = _plan(analysis, config, model, filter_fn)
+    report.dry_run = True
+    return report
+
+
+def rewrite(model: nn.Module, target: str | TargetConfig, *, example_inputs: Any = None,
+            kinds: tuple[str, ...] = ("attention",), filter_fn: SiteFilter | None = None,
+            verify: bool = True, **target_options: Any) -> nn.Module:
+    """Return a copy of ``model`` whose detected sites run ``target``'s implementation.
+
+    Args:
+        model: the model to convert; it is not modified.
+        target: a registry name (``"sdpa"``, ``"window"``, ``"fastweight"``, ...) or a target config.
+        example_inputs: inputs to capture the graph with (optional for Hugging Face models).
+        kinds: site kinds to replace (``"attention"``, ``"ffn"``).
+        filter_fn: ``filter_fn(site) -> bool`` selects which sites to replace.
+        verify: run the result once; for the exact ``"sdpa"`` target also compare with the original.
+        target_options: options of the target's config (``window=64``, ``chunk_size=16``, ...).
+
+    Returns:
+        For Hugging Face models, the same model class with attention cores swapped; otherwise a
+        ``torch.fx.GraphModule``. Its ``swapformer_report`` attribute holds the :class:`RewriteReport`.
+
+    Raises:
+        UnknownTargetError, ConfigError: bad target or options. InputError, CaptureError: see find_sites.
+        VerificationError: an exact target does not reproduce the original.
+    """
+    config = resolve_target(target, **target_options)
+    analysis = analyze(model, example_inputs, kinds)
+    report = _plan(analysis, config, model, filter_fn)
+    weights = _weights(model)
+    if hf.is_hf_model(model):
+        rewritten = _apply_hf(model, analysis, report, config, weights)
+    else:
+        rewritten = _apply_graph(analysis, report, config, weights)
+    rewritten.swapformer_report = report
+    if verify:
+        from swapformer.rewriter.verify import verify_rewrite
+
+        verify_rewrite(rewritten, analysis, report, config)
+    return rewritten
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_buffers()), **dict(model.named_parameters())}
+
+
+def _plan(analysis: _Analysis, config: TargetConfig, model: nn.Module,
+          filter_fn: SiteFilter | None) -> RewriteReport:
+    det = analysis.detection
+    report = RewriteReport(target=config.name, capture=analysis.captured.strategy,
+                           attempts=analysis.captured.attempts, sites=list(det.sites))
+    is_hf = hf.is_hf_model(model)
+    claimed: set[str] = set()
+    for site in det.sites:
+        reason = _skip_reason(site, config, filter_fn, is_hf, claimed, model)
+        if reason:
+            report.skipped.append(Skip(site, config.name, reason))
+            continue
+        claimed.add(site.module)
+        cls = core_class(config, site.kind)
+        where = _core_location(site, is_hf)
+        report.replaced.append(Replacement(site, config.name, cls.__name__, where, "module" if is_hf else "graph"))
+    return report
+
+
+def _skip_reason(site: Site, config: TargetConfig, filter_fn: SiteFilter | None, is_hf: bool,
+                 claimed: set[str], model: nn.Module) -> str | None:
+    if filter_fn is not None and not filter_fn(site):
+        return "excluded by filter_fn"
+    cls = core_class(config, site.kind)
+    if cls is None:
+        return f"target {config.name!r} has no {site.kind} replacement"
+    reason = cls.unsupported(site, config)
+    if reason:
+        return reason
+    if is_hf:
+        return hf_placement_problem(site, claimed, model)
+    return None
+
+
+def hf_placement_problem(site: Site, claimed: set[str], model: nn.Module) -> str | None:
+    if site.module in claimed:
+        return f"module {site.module!r} already holds another replaced site"
+    if not site.module:
+        return "site is not inside a submodule"
+    module = model.get_submodule(site.module)
+    if site.kind == "attention" and not hasattr(module, "config"):
+        return f"{type(module).__name__} does not route attention through transformers' AttentionInterface"
+    if site.kind == "ffn":
+        own = {f"{site.module}.{n}" for n, _ in module.named_parameters()}
+        refs = [site.up_proj, site.gate_proj, site.down_proj]
+        mine = {name for r in refs if r is not None for name in (r.weight, r.bias) if name}
+        if own != mine:
+            return f"the FFN is not a whole module ({type(module).__name__} holds other weights)"
+    return None
+
+
+def _core_location(site: Site, is_hf: bool) -> str:
+    if not is_hf:
+        return graph_apply.core_attr_name(site.name)
+    return f"{site.module}.swapformer_core" if site.kind == "attention" else f"{site.module}.core"
+
+
+def _build_core(site: Site, config: TargetConfig, weights: dict[str, torch.Tensor]) -> TargetModule:
+    return core_class(config, site.kind).from_site(site, config, weights)
+
+
+def _apply_graph(analysis: _Analysis, report: RewriteReport, config: TargetConfig,
+                 weights: dict[str, torch.Tensor]) -> nn.Module:
+    captured, det = analysis.captured, analysis.detection
+    gm = captured.gm
+    # The captured module shares parameters with the user's model: splice into a copy.
+    memo: dict[int, Any] = {}
+    new_gm = copy.deepcopy(gm, memo)
+    remap = {n: m for n, m in zip(gm.graph.nodes, new_gm.graph.nodes)}
+    for rep in report.replaced:
+        match = copy.copy(det.matches[rep.site.name])
+        _remap_match(match, remap)
+        core = _build_core(rep.site, config, weights)
+        if rep.site.kind == "attention":
+            graph_apply.splice_attention(new_gm, det.graph, match, rep.core_name, core)
+        else:
+            graph_apply.splice_ffn(new_gm, det.graph, match, rep.core_name, core)
+    return graph_apply.finish(new_gm)
+
+
+def _remap_match(match: Any, remap: dict) -> None:
+    """Point a match (read on the original graph) at the copy's nodes; values are read by name."""
+    for key, value in vars(match).items():
+        if isinstance(value, torch.fx.Node):
+            setattr(match, key, remap[value])
+    if hasattr(match, "steps"):
+        match.steps = [copy.copy(s) for s in match.steps]
+        for s in match.steps:
+            if s.node is not None:
+                s.node = remap[s.node]
+
+
+def _apply_hf(model: nn.Module, analysis: _Analysis, report: RewriteReport, config: TargetConfig,
+              weights: dict[str, torch.Tensor]) -> nn.Module:
+    new = copy.deepcopy(model)
+    attention = [r for r in report.replaced if r.site.kind == "attention"]
+    for rep in report.replaced:
+        core = _build_core(rep.site, config, weights)
+        if rep.site.kind == "attention":
+            hf.attach_attention_core(new.get_submodule(rep.site.module), core)
+        else:
+            hf.replace_module(new, rep.site.module, hf.FFNSwap(core))
+    if attention:
+        hf.set_implementation(new)
+    return new

@@ -1,0 +1,253 @@
+"""``"fastweight"``: decaying fast weights (T2FW decay rule, seeds §4) in place of softmax attention.
+
+Per query head ``h`` (index dropped), with ``x_t`` the attention block's input (``hidden``)::
+
+    f_t = σ(W_z x_t + b_z) ∈ (0,1)^Dv          value-side decay
+    f̂_t = σ(W_f x_t + b_f) ∈ (0,1)^K           key-side decay
+    S_t = S_{t-1} ⊙ (f_t f̂_tᵀ) + v_t φ(k_t)ᵀ    S ∈ R^{Dv×K}, S_0 = 0 (fp32)
+    o_t = S_t φ(q_t)                            inclusive: token t sees itself
+
+and, with ``normalize=True``, ``o_t = S_t φ(q_t) / (z_t · φ(q_t))`` where
+``z_t = z_{t-1} ⊙ f̂_t + φ(k_t)`` (the decayed key sum; T2FW itself has no normaliser, seeds 4.1).
+
+Mapping onto a pretrained block: ``q, k, v`` are the host's (already projected, RoPE'd and normed),
+so Wq/Wk/Wv/Wo are all kept; GQA k/v heads are repeated to the query heads. ``φ`` sees
+``q·√scale`` and ``k·√scale`` so that the identity map computes ``scale · qᵀk`` like the host's logits.
+New parameters: the two gate projections (zero weights, uniform-gate biases, seeds 4.4) and, for
+``feature_map="hedgehog"``, a per-head map ``φ(x) = [softmax(xW), softmax(−xW)]`` (Hedgehog /
+LoLCATs) with ``W`` initialised to the identity. Prefill runs the chunked kernel, decoding the
+recurrent one; both carry the state ``S`` ``[B, H, Dv, K]`` in ``state["S"]``.
+
+Padding: keys the mask marks as padding are skipped exactly (``v = k = 0``, ``f = f̂ = 1``), so left
+and right padding leave the real positions unchanged (seeds 4.8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+from torch import nn
+
+from swapformer.errors import ConfigError
+from swapformer.sites import AttentionSite, Site
+from swapformer.targets.base import TargetConfig, TargetModule, register_target
+from swapformer.targets.reference import (
+    attention_site_problem,
+    check_full_call,
+    from_kernel_layout,
+    key_keep_from_bias,
+    repeat_kv,
+    require_hidden,
+    site_model_dim,
+    state_pos,
+    to_kernel_layout,
+    uniform_gate_bias,
+)
+
+logger = logging.getLogger(__name__)
+
+FeatureMapName = Literal["identity", "elu1", "relu", "hedgehog"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FastWeightConfig(TargetConfig):
+    """Options of the ``"fastweight"`` target.
+
+    Args:
+        feature_map: map applied to q and k: ``"identity"`` (T2FW), ``"elu1"`` (elu + 1), ``"relu"``,
+            ``"hedgehog"`` (learned, per head, feature width ``2 * hedgehog_dim``).
+        hedgehog_dim: projection width of the hedgehog map (0 = the head dim).
+        normalize: divide by the decayed key sum (needs a non-negative feature map).
+        chunk_size: chunk length of the parallel prefill kernel.
+        eps: floor of the normaliser.
+    """
+
+    name = "fastweight"
+    feature_map: FeatureMapName = "identity"
+    hedgehog_dim: int = 0
+    normalize: bool = False
+    chunk_size: int = 64
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.feature_map not in ("identity", "elu1", "relu", "hedgehog"):
+            raise ConfigError(f"fastweight feature_map {self.feature_map!r} is not one of "
+                              "'identity', 'elu1', 'relu', 'hedgehog'")
+        if self.normalize and self.feature_map == "identity":
+            raise ConfigError("fastweight normalize=True needs a non-negative feature map "
+                              "('elu1', 'relu' or 'hedgehog'), not 'identity'")
+        if self.hedgehog_dim < 0:
+            raise ConfigError(f"fastweight hedgehog_dim must be >= 0, got {self.hedgehog_dim}")
+        if self.chunk_size < 1 or self.chunk_size & (self.chunk_size - 1):
+            raise ConfigError(f"fastweight chunk_size must be a power of two, got {self.chunk_size}")
+        if not self.eps > 0:
+            raise ConfigError(f"fastweight eps must be > 0, got {self.eps}")
+
+
+class HedgehogFeatureMap(nn.Module):
+    """``φ(x) = [softmax(x W_h), softmax(−x W_h)]`` per head; ``W_h`` starts as the identity."""
+
+    def __init__(self, num_heads: int, head_dim: int, feature_dim: int) -> None:
+        super().__init__()
+        weight = torch.zeros(num_heads, head_dim, feature_dim)
+        n = min(head_dim, feature_dim)
+        weight[:, torch.arange(n), torch.arange(n)] = 1.0
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, T, H, D] -> [B, T, H, 2F]
+        z = torch.einsum("bthd,hdf->bthf", x, self.weight.to(x.dtype))
+        return torch.cat([z.softmax(-1), (-z).softmax(-1)], dim=-1)
+
+
+def _simple_feature_map(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "elu1":
+        return torch.nn.functional.elu(x) + 1.0
+    if name == "relu":
+        return torch.relu(x)
+    return x
+
+
+def _kernels():
+    # imported on first use so the target registers even where a kernel package is missing
+    from swapformer.kernels.fastweight import fastweight_decay, fastweight_decay_recurrent
+
+    return fastweight_decay, fastweight_decay_recurrent
+
+
+@register_target(FastWeightConfig)
+class FastWeightAttention(TargetModule):
+    """Decaying fast-weight core; see the module docstring for the math."""
+
+    site_kind = "attention"
+    stateful = True
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        value_dim: int,
+        d_model: int,
+        scale: float | None = None,
+        config: FastWeightConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or FastWeightConfig()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim, self.value_dim, self.d_model = head_dim, value_dim, d_model
+        self.scale = scale if scale is not None else head_dim**-0.5
+        self.feature_map: HedgehogFeatureMap | None = None
+        if self.config.feature_map == "hedgehog":
+            width = self.config.hedgehog_dim or head_dim
+            self.feature_map = HedgehogFeatureMap(num_heads, head_dim, width)
+            self.key_dim = 2 * width
+        else:
+            self.key_dim = head_dim
+        self.value_gate = nn.Linear(d_model, num_heads * value_dim)
+        self.key_gate = nn.Linear(d_model, num_heads * self.key_dim)
+        self.reset_gates()
+
+    def reset_gates(self, generator: torch.Generator | None = None) -> None:
+        """Zero gate weights and uniform-gate biases, spread per head over its channels."""
+        with torch.no_grad():
+            for gate, width in ((self.value_gate, self.value_dim), (self.key_gate, self.key_dim)):
+                gate.weight.zero_()
+                bias = torch.stack([uniform_gate_bias(width, generator) for _ in range(self.num_heads)])
+                gate.bias.copy_(bias.flatten())
+
+    @classmethod
+    def unsupported(cls, site: Site, config: TargetConfig) -> str | None:
+        return attention_site_problem(site, needs_width=True)
+
+    @classmethod
+    def from_site(
+        cls, site: Site, config: TargetConfig, weights: Mapping[str, torch.Tensor]
+    ) -> FastWeightAttention:
+        assert isinstance(site, AttentionSite) and isinstance(config, FastWeightConfig)
+        # q/k/v/o stay the host's; only the model width is read to size the new gates
+        return cls(
+            site.num_heads, site.num_kv_heads or site.num_heads, site.head_dim,
+            site.value_dim or site.head_dim, site_model_dim(site, weights), site.scale, config,
+        )
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * math.sqrt(self.scale)
+        if self.feature_map is not None:
+            return self.feature_map(x)
+        return _simple_feature_map(self.config.feature_map, x)
+
+    def _gates(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = hidden.shape
+        f = torch.sigmoid(self.value_gate(hidden)).view(b, t, self.num_heads, self.value_dim)
+        fhat = torch.sigmoid(self.key_gate(hidden)).view(b, t, self.num_heads, self.key_dim)
+        return f, fhat
+
+    def _inputs(self, q, k, v, bias, hidden):
+        """Kernel-layout ``(q, k, v, f, f̂)``, with padded keys turned into no-op steps."""
+        groups = self.num_heads // self.num_kv_heads
+        qf = self._features(to_kernel_layout(q))
+        kf = self._features(to_kernel_layout(repeat_kv(k, groups)))
+        vk = to_kernel_layout(repeat_kv(v, groups))
+        f, fhat = self._gates(hidden.to(q.dtype))
+        keep = key_keep_from_bias(bias, q.shape[0], k.shape[-2])
+        if keep is not None:
+            m = keep[:, :, None, None]
+            kf, vk = kf * m, vk * m
+            f, fhat = torch.where(m, f, 1.0), torch.where(m, fhat, 1.0)
+        if self.config.normalize:
+            # a constant-1 value channel that never decays accumulates the normaliser z_t
+            vk = torch.cat([vk, torch.ones_like(vk[..., :1])], dim=-1)
+            f = torch.cat([f, torch.ones_like(f[..., :1])], dim=-1)
+        return qf, kf, vk, f, fhat
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        hidden: torch.Tensor | None = None,
+        state: dict | None = None,
+    ) -> torch.Tensor:
+        hidden = require_hidden(hidden, self.target_name)
+        if state is None:
+            check_full_call(q, k, self.target_name)
+        qf, kf, vk, f, fhat = self._inputs(q, k, v, bias, hidden)
+        chunked, recurrent = _kernels()
+        initial = state.get("S") if state is not None else None
+        if state is not None and q.shape[-2] == 1:
+            o, final = recurrent(qf, kf, vk, f, fhat, initial_state=initial, output_final_state=True)
+        else:
+            o, final = chunked(
+                qf, kf, vk, f, fhat, initial_state=initial, output_final_state=state is not None,
+                chunk_size=self.config.chunk_size,
+            )
+        if state is not None:
+            state["S"] = final
+            state["pos"] = state_pos(state) + q.shape[-2]
+        if self.config.normalize:
+            o = o[..., :-1] / o[..., -1:].clamp_min(self.config.eps)
+        return from_kernel_layout(o).to(q.dtype)
+
+    def flops_per_token(self, context_len: int) -> int:
+        """Core FLOPs for one token (independent of the context): gates, feature map, state."""
+        h, dv, dk, d = self.num_heads, self.value_dim + self.config.normalize, self.key_dim, self.d_model
+        gates = 2 * d * h * (dv + dk)
+        fmap = 0 if self.feature_map is None else 2 * 2 * h * self.head_dim * (dk // 2)
+        # decay (1 mul), write (1 mul-add), read (1 mul-add) per state entry
+        return gates + fmap + 5 * h * dv * dk
+
+    def state_bytes(self, context_len: int) -> int:
+        """Bytes of decoding state per sequence: the fp32 fast-weight matrix of every head."""
+        return self.num_heads * (self.value_dim + self.config.normalize) * self.key_dim * 4
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+

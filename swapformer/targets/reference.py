@@ -1,0 +1,242 @@
+"""Helpers shared by the replacement targets: head layouts, masks, gate init, the host FFN, checks.
+
+Nothing here is a target. The functions encode the conventions of :mod:`swapformer.targets.base`
+(core tensors are ``[B, H, T, D]``; kernels take ``[B, T, H, D]``) and the few decisions every
+target makes the same way:
+
+* ``bias`` for causal-only targets is read as *causal + key padding*: a key is padding when the last
+  query row of the mask cannot see it (true for Hugging Face masks with left or right padding).
+* the decoding ``state`` dict always carries ``"pos"``, the number of tokens seen so far.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swapformer.errors import ConfigError, InputError
+from swapformer.sites import AttentionSite, FFNSite, ProjectionRef, Site
+from swapformer.targets.base import copy_projection
+
+# bytes per element used by ``state_bytes`` reports: caches and states are counted at float32.
+STATE_ELEMENT_BYTES = 4
+
+
+def to_kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T, D]`` (core convention) -> ``[B, T, H, D]`` (kernel convention)."""
+    return x.transpose(1, 2)
+
+
+def from_kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """``[B, T, H, D]`` -> ``[B, H, T, D]``."""
+    return x.transpose(1, 2)
+
+
+def repeat_kv(x: torch.Tensor, groups: int, dim: int = 1) -> torch.Tensor:
+    """Repeat each kv head ``groups`` times along ``dim`` (GQA -> one kv head per query head)."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
+
+
+def key_keep_from_bias(bias: torch.Tensor | None, batch: int, tk: int) -> torch.Tensor | None:
+    """``[B, Tk]`` bool, False for padded keys, or None when every key is real.
+
+    Reads the last query row of the mask: in a causal + padding mask that row sees every real key,
+    whether the batch is left- or right-padded.
+    """
+    if bias is None:
+        return None
+    row = bias[..., -1, :]
+    if row.dtype == torch.bool:
+        keep = row
+    else:
+        # Hugging Face masks use finfo.min rather than -inf
+        keep = row > torch.finfo(row.dtype).min / 2
+    while keep.dim() < 3:
+        keep = keep.unsqueeze(0)
+    keep = keep.any(dim=1).expand(batch, keep.shape[-1])[:, -tk:]
+    return None if bool(keep.all()) else keep
+
+
+def bias_to_keep(bias: torch.Tensor) -> torch.Tensor:
+    """A boolean ``keep`` mask (True = may attend) from a boolean or additive mask."""
+    if bias.dtype == torch.bool:
+        return bias
+    return bias > torch.finfo(bias.dtype).min / 2
+
+
+def require_hidden(hidden: torch.Tensor | None, target: str) -> torch.Tensor:
+    if hidden is None:
+        raise InputError(
+            f"the {target!r} core reads the attention block's input (hidden=[B, T, d_model]) for its "
+            "gates/logits, but it was called with hidden=None"
+        )
+    return hidden
+
+
+def check_full_call(q: torch.Tensor, k: torch.Tensor, target: str) -> None:
+    """Without ``state`` a core runs a full causal forward: queries and keys are the same tokens."""
+    if q.shape[-2] != k.shape[-2]:
+        raise InputError(
+            f"the {target!r} core got {q.shape[-2]} queries for {k.shape[-2]} keys without a state; "
+            "a host-side KV cache cannot be used with this target, pass state= for decoding"
+        )
+
+
+def attention_site_problem(site: Site, *, needs_width: bool = False) -> str | None:
+    """The reason a causal-only target cannot serve ``site``, or None."""
+    if not isinstance(site, AttentionSite):
+        return f"not an attention site ({site.kind})"
+    if site.cross:
+        return "cross-attention (keys from another sequence) has no causal state to replace it"
+    if not site.causal:
+        return "bidirectional attention: this target is causal only"
+    if site.softcap is not None:
+        return "logit soft-capping is not supported by this target"
+    if site.num_kv_heads and site.num_heads % site.num_kv_heads:
+        return f"{site.num_heads} query heads do not split into {site.num_kv_heads} kv groups"
+    if needs_width and all(p is None for p in (site.q_proj, site.k_proj, site.v_proj)):
+        return "no q/k/v projection weights to read the model width (d_model) from"
+    return None
+
+
+def _projection_in_features(ref: ProjectionRef, weights: Mapping[str, torch.Tensor]) -> int:
+    w = weights[ref.weight]
+    return int(w.shape[0] if ref.transposed else w.shape[1])
+
+
+def site_model_dim(site: AttentionSite, weights: Mapping[str, torch.Tensor]) -> int:
+    """``d_model`` of an attention site: the input width of its q (else k, v) projection."""
+    for ref in (site.q_proj, site.k_proj, site.v_proj):
+        if ref is not None:
+            return _projection_in_features(ref, weights)
+    raise ConfigError(f"site {site.name} has no q/k/v projection to read d_model from")
+
+
+def projection_weight(
+    ref: ProjectionRef | None, weights: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A detached copy of a host projection as ``(weight [out, in], bias [out] | None)``."""
+    linear = copy_projection(ref, weights)
+    if linear is None:
+        return None
+    bias = linear.bias.detach().clone() if linear.bias is not None else None
+    return linear.weight.detach().clone(), bias
+
+
+def uniform_gate_bias(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``logit(u)``, ``u ~ U[1/n, 1 - 1/n]``: the uniform gate initialisation (seeds 4.4).
+
+    The sigmoid of the result is spread uniformly over (0, 1), so the gates start with every
+    time scale from ~1 token to ~n tokens.
+    """
+    lo = 1.0 / max(n, 2)
+    u = lo + (1 - 2 * lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+    return torch.log(u / (1 - u)).float()
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+def ffn_site_problem(site: Site) -> str | None:
+    if not isinstance(site, FFNSite):
+        return f"not an FFN site ({site.kind})"
+    if site.activation not in ACTIVATIONS:
+        return f"activation {site.activation!r} is not one of {sorted(ACTIVATIONS)}"
+    if site.up_proj is None or site.down_proj is None:
+        return "the FFN site has no up/down projection weights"
+    if site.gated and site.gate_proj is None:
+        return "gated FFN without a gate projection"
+    return None
+
+
+class HostFFN(nn.Module):
+    """A copy of a host feed-forward block: ``down(act(up(x)))`` or ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(
+        self,
+        d_model: int,
+        hidden_size: int,
+        activation: str = "gelu",
+        gated: bool = False,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+        self.activation = activation
+        self.up = nn.Linear(d_model, hidden_size, bias=bias)
+        self.gate = nn.Linear(d_model, hidden_size, bias=bias) if gated else None
+        self.down = nn.Linear(hidden_size, d_model, bias=bias)
+
+    @classmethod
+    def from_site(cls, site: FFNSite, weights: Mapping[str, torch.Tensor]) -> HostFFN:
+        up = copy_projection(site.up_proj, weights)
+        down = copy_projection(site.down_proj, weights)
+        gate = copy_projection(site.gate_proj, weights) if site.gated else None
+        assert up is not None and down is not None
+        ffn = cls(up.in_features, up.out_features, site.activation, site.gated)
+        ffn.up, ffn.down, ffn.gate = up, down, gate
+        return ffn
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        act = ACTIVATIONS[self.activation]
+        if self.gate is None:
+            return act(self.up(x))
+        return act(self.gate(x)) * self.up(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.hidden(x))
+
+    def flops_per_token(self) -> int:
+        n_in = 3 if self.gated else 2
+        return 2 * n_in * self.up.in_features * self.up.out_features
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def sdpa_flops_per_token(num_heads: int, head_dim: int, value_dim: int, context_len: int) -> int:
+    """Core FLOPs of dense softmax attention for one query over ``context_len`` keys."""
+    return 2 * num_heads * context_len * (head_dim + value_dim)
+
+
+def causal_keep(tq: int, tk: int, device: torch.device) -> torch.Tensor:
+    """``[Tq, Tk]`` bool, bottom-right aligned causal mask."""
+    i = torch.arange(tq, device=device)[:, None] + (tk - tq)
+    j = torch.arange(tk, device=device)[None, :]
+    return j <= i
+
+
+def masked_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """SDPA with a boolean keep mask and GQA; rows that see nothing return zeros, not NaN."""
+    gqa = k.shape[-3] != q.shape[-3]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=gqa)
+    empty = ~keep.any(dim=-1, keepdim=True)
+    if bool(empty.any()):
+        out = out.masked_fill(empty, 0.0)
+    return out
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def state_pos(state: dict | None) -> int:
+    return 0 if state is None else int(state.get("pos", 0))

@@ -1,0 +1,101 @@
+"""``"sdpa"``: the exact target.
+
+Re-expresses a detected attention core as one ``F.scaled_dot_product_attention`` call built only from
+the site's description::
+
+    out = softmax(scale · q kᵀ + bias) v        (bias = host mask; causal / window from the site)
+
+with GQA through ``enable_gqa``. Nothing is learned, so a rewrite to ``"sdpa"`` must reproduce the host
+to float tolerance: any difference is a detection bug. That makes it the oracle for the detectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from swapformer.sites import AttentionSite, Site
+from swapformer.targets.base import TargetConfig, TargetModule, register_target
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SdpaConfig(TargetConfig):
+    """Options of the exact ``"sdpa"`` target (none besides the version)."""
+
+    name = "sdpa"
+    exact = True
+
+
+def window_mask(tq: int, tk: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Boolean ``[Tq, Tk]`` mask, True where a query may attend: causal (bottom-right aligned), and
+    within ``window`` keys of the query when a window is given."""
+    i = torch.arange(tq, device=device)[:, None] + (tk - tq)
+    j = torch.arange(tk, device=device)[None, :]
+    keep = j <= i
+    if window is not None:
+        keep = keep & (i - j < window)
+    return keep
+
+
+@register_target(SdpaConfig)
+class SdpaAttention(TargetModule):
+    site_kind = "attention"
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        scale: float,
+        causal: bool = False,
+        window: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        self.causal = causal
+        self.window = window
+        self.dropout = dropout
+
+    @classmethod
+    def unsupported(cls, site: Site, config: TargetConfig) -> str | None:
+        assert isinstance(site, AttentionSite)
+        if site.softcap is not None:
+            return "logit soft-capping (tanh on the scores) has no SDPA form"
+        return None
+
+    @classmethod
+    def from_site(
+        cls, site: Site, config: TargetConfig, weights: Mapping[str, torch.Tensor]
+    ) -> SdpaAttention:
+        assert isinstance(site, AttentionSite)
+        return cls(site.num_heads, site.num_kv_heads, site.scale, site.causal, site.window, site.dropout)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        gqa = q.dim() == 4 and k.shape[-3] != q.shape[-3]
+        causal = self.causal and bias is None
+        if causal and (self.window is not None or q.shape[-2] != k.shape[-2]):
+            # SDPA's is_causal is top-left aligned and windowless: spell the mask out instead.
+            bias = window_mask(q.shape[-2], k.shape[-2], self.window, q.device)
+            causal = False
+        if bias is not None and bias.dtype not in (torch.bool, q.dtype):
+            bias = bias.to(q.dtype)
+        p = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=p, is_causal=causal, scale=self.scale, enable_gqa=gqa
+        )
+
+    def new_parameters(self) -> list[torch.nn.Parameter]:
+        return []

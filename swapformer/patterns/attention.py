@@ -57,6 +57,7 @@ class AttentionMatch:
     window: int | None = None
     drop_mask: bool = False  # the mask is exactly causal/windowed and input-free: pass None instead
     hidden: fx.Node | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def find_attention(g: Graph) -> list[AttentionMatch | tuple[fx.Node, NoMatch]]:
@@ -90,6 +91,8 @@ def match_softmax_attention(g: Graph, sm: fx.Node) -> AttentionMatch | NoMatch:
         return found
     pv, dropout = found
     m = AttentionMatch(anchor=sm, output=pv, q=sm, k=sm, v=sm, dropout=dropout, form="matmul-softmax")
+    if len(sm.users) > 1:
+        m.notes.append("attention probabilities are also used elsewhere (returned weights); kept for them")
     if not (err := _read_pv(g, m, pv)) is None:
         return err
     back = _back_to_product(g, sm.args[0], m)
@@ -334,7 +337,7 @@ def describe(g: Graph, m: AttentionMatch) -> None:
     bias = mask_values(g, m)
     depends = any(s.node is not None and g.depends_on_input(s.node) for s in m.steps)
     m.mask_kind, m.causal, m.window = classify_mask(bias, m, depends)
-    m.drop_mask = bias is not None and not depends and m.mask_kind == "causal"
+    m.drop_mask = bias is not None and not depends and m.mask_kind in ("causal", "none")
     if m.causal_flag:
         m.mask_kind, m.causal = "causal", True
 
@@ -400,7 +403,7 @@ def classify_mask(bias: torch.Tensor | None, m: AttentionMatch, depends: bool) -
     finite = bias.masked_fill(masked, 0)
     if finite.abs().max() > 0:
         return "bias", _is_causal(masked), None
-    if masked.dim() < 2:
+    if masked.dim() < 2 or not masked.any():
         return ("padding" if depends else "none"), False, None
     causal = _is_causal(masked)
     window = _window(masked) if causal else None

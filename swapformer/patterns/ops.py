@@ -42,6 +42,7 @@ _SPELLINGS: dict[str, tuple[tuple[Any, ...], tuple[str, ...], tuple[Any, ...]]] 
     "view": ((torch.reshape,), ("view", "reshape"), (aten.view, aten.reshape, aten._unsafe_view)),
     "expand": ((), ("expand",), (aten.expand,)),
     "unsqueeze": ((torch.unsqueeze,), ("unsqueeze",), (aten.unsqueeze,)),
+    "squeeze": ((torch.squeeze,), ("squeeze",), (aten.squeeze,)),
     "repeat_interleave": ((torch.repeat_interleave,), ("repeat_interleave",), (aten.repeat_interleave,)),
     "getitem": ((operator.getitem,), (), ()),
     "split": ((torch.split,), ("split",), (aten.split, aten.split_with_sizes)),
@@ -107,7 +108,7 @@ if hasattr(torch.nn, "RMSNorm"):
     _MODULES[torch.nn.RMSNorm] = "rms_norm"
 
 # ops that only move or re-label data: safe to walk through when tracing where a tensor came from
-SHAPE_OPS = frozenset({"transpose", "permute", "t", "view", "expand", "unsqueeze", "identity",
+SHAPE_OPS = frozenset({"transpose", "permute", "t", "view", "expand", "unsqueeze", "squeeze", "identity",
                        "getitem", "split", "chunk", "unbind", "slice", "select", "flatten",
                        "unflatten", "to"})
 ELEMENTWISE_OPS = frozenset({"mul", "div", "add", "sub", "neg", "tanh", "gelu", "relu", "silu",

@@ -73,7 +73,7 @@ def attention_site(g: Graph, m: AttentionMatch, counters: dict) -> AttentionSite
     k_shape = _permuted(k_shape, m.k_perm)
     head_dim = q_shape[-1]
     found = {role: find_projection(g, node) for role, node in (("q", m.q), ("k", m.k), ("v", m.v))}
-    heads = q_shape[-3] if len(q_shape) >= 4 else _heads_from_projection(g, found["q"], head_dim)
+    heads = q_shape[-3] if len(q_shape) >= 4 else _heads_from_projection(g, found, head_dim)
     kv_heads = heads // m.kv_repeat if len(q_shape) >= 4 and m.kv_repeat > 1 else (
         k_shape[-3] if len(k_shape) >= 4 and not m.k_transposed else heads)
     refs = _projection_refs(g, found, heads, kv_heads, head_dim, v_shape[-1])
@@ -86,7 +86,7 @@ def attention_site(g: Graph, m: AttentionMatch, counters: dict) -> AttentionSite
         scale=m.scale, causal=m.causal, window=m.window, mask=m.mask_kind,
         cross=_is_cross(g, found), rope=rope, qk_norm=qk_norm, dropout=m.dropout, softcap=m.softcap,
         q_proj=refs.get("q"), k_proj=refs.get("k"), v_proj=refs.get("v"),
-        o_proj=find_out_projection(g, m.output), form=m.form,
+        o_proj=find_out_projection(g, m.output), form=m.form, notes=tuple(m.notes),
     )
 
 
@@ -94,10 +94,12 @@ def _permuted(shape: tuple[int, ...], perm: list[int] | None) -> tuple[int, ...]
     return tuple(shape[p] for p in perm) if perm else shape
 
 
-def _heads_from_projection(g: Graph, found: tuple | None, head_dim: int) -> int:
-    if found is None:
+def _heads_from_projection(g: Graph, found: dict, head_dim: int) -> int:
+    """Heads folded into the batch dim (3-D bmm attention): read them off the q projection's width."""
+    if found["q"] is None:
         return 1
-    return max(g.shape(found[0])[-1] // head_dim, 1)
+    shared = sum(1 for f in found.values() if f is not None and f[0] is found["q"][0])
+    return max(g.shape(found["q"][0])[-1] // (head_dim * shared), 1)
 
 
 def _projection_refs(g: Graph, found: dict, heads: int, kv_heads: int, head_dim: int,

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from swapformer.targets.sdpa import window_mask
+
 log = logging.getLogger(__name__)
 PREFIX = "swapformer_"
 
@@ -48,6 +50,13 @@ def swapformer_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     if state is not None:
         key, value = key[..., -tq:, :], value[..., -tq:, :]
     bias = _bias_from_hf_mask(attention_mask, query.dtype)
+    position_bias = kwargs.get("position_bias")  # T5 passes its relative bias beside the mask
+    if position_bias is not None:
+        if bias is None and tq > 1 and kwargs.get("is_causal", getattr(module, "is_causal", True)):
+            # HF skipped materialising a causal mask; once a bias is added it must carry the causal part
+            keep = window_mask(tq, key.shape[-2], None, query.device)
+            position_bias = position_bias.masked_fill(~keep, float("-inf"))
+        bias = position_bias if bias is None else bias + position_bias
     if bias is not None and bias.shape[-1] != key.shape[-2]:
         bias = bias[..., -key.shape[-2]:]
     out = core(query, key, value, bias, hidden=context.get("hidden"), **({"state": state} if state is not None else {}))

@@ -99,3 +99,52 @@ class SdpaAttention(TargetModule):
 
     def new_parameters(self) -> list[torch.nn.Parameter]:
         return []
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+
+@register_target(SdpaConfig)
+class ExactFFN(TargetModule):
+    """The FFN rebuilt from its detected description: ``down(act(gate(x)) * up(x))`` or
+    ``down(act(up(x)))``. Under ``"sdpa"`` it is the exactness oracle for FFN detection, and
+    calibration uses it as the host reference of an FFN site."""
+
+    site_kind = "ffn"
+
+    def __init__(self, up: torch.nn.Linear, down: torch.nn.Linear, activation: str,
+                 gate: torch.nn.Linear | None = None) -> None:
+        super().__init__()
+        self.up, self.down, self.gate = up, down, gate
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+
+    @classmethod
+    def unsupported(cls, site: Site, config: TargetConfig) -> str | None:
+        if site.activation not in ACTIVATIONS:
+            return f"activation {site.activation!r} has no exact form"
+        if site.up_proj is None or site.down_proj is None:
+            return "projection weights are not parameters of the model"
+        return None
+
+    @classmethod
+    def from_site(cls, site: Site, config: TargetConfig, weights: Mapping[str, torch.Tensor]) -> ExactFFN:
+        from swapformer.targets.base import copy_projection
+
+        return cls(copy_projection(site.up_proj, weights), copy_projection(site.down_proj, weights),
+                   site.activation, copy_projection(site.gate_proj, weights))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is None:
+            return self.down(self.act(self.up(x)))
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+    def new_parameters(self) -> list[torch.nn.Parameter]:
+        return []

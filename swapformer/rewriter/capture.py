@@ -126,8 +126,8 @@ def _named_args(model: torch.nn.Module, values: tuple[Any, ...]) -> dict[str, An
 
 def _export_flat(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
     spec = getattr(gm, "_in_spec", None)
-    if spec is not None and len(spec.children_specs) == 2:
-        keys = spec.children_specs[1].context or []
+    if spec is not None and spec.num_children == 2:
+        keys = (spec.child(1) if hasattr(spec, "child") else spec.children_specs[1]).context or []
         kwargs = {k: kwargs[k] for k in keys}
     return pytree.tree_leaves((args, kwargs))
 

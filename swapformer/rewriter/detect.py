@@ -34,7 +34,7 @@ def detect(captured: Captured, kinds: tuple[str, ...]) -> Detection:
     user_inputs = frozenset(n.name for n in captured.gm.graph.nodes if n.op == "placeholder")
     g = Graph(captured.gm, captured.values, user_inputs)
     det = Detection(g)
-    counters: dict[tuple[str, str], int] = defaultdict(int)
+    counters: dict[str, int] = defaultdict(int)
     if "attention" in kinds:
         for m in find_attention(g):
             if isinstance(m, tuple):
@@ -52,9 +52,10 @@ def _add(det: Detection, site: Site, match: AttentionMatch | FFNMatch) -> None:
     det.matches[site.name] = match
 
 
-def _name(counters: dict[tuple[str, str], int], kind: str, module: str) -> str:
-    index = counters[(kind, module)]
-    counters[(kind, module)] += 1
+def _name(counters: dict[str, int], kind: str, module: str) -> str:
+    # one counter per module across kinds, so names are unique (attention sites are numbered first)
+    index = counters[module]
+    counters[module] += 1
     return f"{module}:{index}" if module else f"<root>:{index}"
 
 

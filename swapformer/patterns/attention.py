@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from swapformer.patterns.match import Graph, MaskStep, NoMatch, is_last_two_swap, scalar_operand, single_user
+from swapformer.patterns.match import (
+    Graph,
+    MaskStep,
+    NoMatch,
+    is_last_two_swap,
+    scalar_operand,
+)
 from swapformer.patterns.ops import arg
 from swapformer.patterns.projections import find_out_projection, find_projection, path_flags
 
@@ -93,7 +99,7 @@ def match_softmax_attention(g: Graph, sm: fx.Node) -> AttentionMatch | NoMatch:
     m = AttentionMatch(anchor=sm, output=pv, q=sm, k=sm, v=sm, dropout=dropout, form="matmul-softmax")
     if len(sm.users) > 1:
         m.notes.append("attention probabilities are also used elsewhere (returned weights); kept for them")
-    if not (err := _read_pv(g, m, pv)) is None:
+    if (err := _read_pv(g, m, pv)) is not None:
         return err
     back = _back_to_product(g, sm.args[0], m)
     if not back:
@@ -433,6 +439,15 @@ def _window(masked: torch.Tensor) -> int | None:
 
 
 _STACK_PATH = re.compile(r"^L\['self'\]\.?")
+_STACK_INDEX = re.compile(r"\[(?:'(\w+)'|(\d+))\]")
+
+
+def module_path(path: str) -> str:
+    """``L['self'].layers[0].attn`` (Dynamo) or ``layers.0.attn`` (export) -> ``layers.0.attn``."""
+    path = _STACK_PATH.sub("", path)
+    path = _STACK_INDEX.sub(lambda m: "." + (m.group(1) or m.group(2)), path)
+    parts = [p for p in path.split(".") if p and p not in ("_modules", "_parameters", "_buffers")]
+    return ".".join(parts)
 
 
 def owner_module(node: fx.Node) -> tuple[str, str] | None:
@@ -442,7 +457,7 @@ def owner_module(node: fx.Node) -> tuple[str, str] | None:
         return None
     path, cls = list(stack.values())[-1]
     cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
-    return _STACK_PATH.sub("", str(path)), cls_name
+    return module_path(str(path)), cls_name
 
 
 __all__ = ["AttentionMatch", "find_attention", "find_out_projection", "find_projection", "path_flags"]

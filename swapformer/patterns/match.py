@@ -51,6 +51,7 @@ class Graph:
     gm: fx.GraphModule
     values: dict[str, Any] = field(default_factory=dict)
     user_inputs: frozenset[str] = frozenset()  # placeholder names fed by the caller
+    param_names: dict[str, str] = field(default_factory=dict)  # placeholder name -> parameter FQN (Dynamo)
 
     def op(self, node: Any) -> str | None:
         return canonical(node, self.gm) if isinstance(node, fx.Node) else None
@@ -62,11 +63,19 @@ class Graph:
         v = self.value(node)
         return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
+    def param_name(self, node: Any) -> str | None:
+        """The FQN of a parameter or buffer node: a ``get_attr``, or a Dynamo-lifted placeholder."""
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "get_attr":
+            return node.target
+        return self.param_names.get(node.name)
+
     def scalar(self, node: Any) -> float | None:
         """A Python-number operand, or a one-element constant tensor (``get_attr`` or literal)."""
         if is_scalar(node):
             return float(node)
-        if isinstance(node, fx.Node) and node.op == "get_attr":
+        if self.param_name(node) is not None:
             v = self.value(node)
             if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad:
                 return float(v.item())

@@ -32,13 +32,9 @@ def linear_parts(g: Graph, node: fx.Node) -> tuple[fx.Node, str | None, str | No
     if g.op(node) == "linear":
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        return x, _attr(w), _attr(b), False
+        return x, g.param_name(w), g.param_name(b), False
     bias, x, w = node.args[:3]  # addmm(bias, x, w) with w: [in, out]
-    return _unview(g, x), _attr(w), _attr(bias), True
-
-
-def _attr(node: object) -> str | None:
-    return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
+    return _unview(g, x), g.param_name(w), g.param_name(bias), True
 
 
 def _unview(g: Graph, node: fx.Node) -> fx.Node:

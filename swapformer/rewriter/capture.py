@@ -38,6 +38,7 @@ class Captured:
     attempts: list[CaptureAttempt]
     flat_inputs: list[Any]
     values: dict[str, Any] = field(default_factory=dict)  # node name -> probe value
+    param_names: dict[str, str] = field(default_factory=dict)  # lifted placeholder -> parameter FQN
 
     def value(self, node: Any) -> Any:
         if isinstance(node, fx.Node):

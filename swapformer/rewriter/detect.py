@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from swapformer.patterns.attention import AttentionMatch, find_attention, owner_module
+from swapformer.patterns.attention import AttentionMatch, find_attention, module_path, owner_module
 from swapformer.patterns.ffn import FFNMatch, find_ffn
 from swapformer.patterns.match import Graph, NoMatch
 from swapformer.patterns.projections import (
@@ -31,8 +31,9 @@ class Detection:
 
 
 def detect(captured: Captured, kinds: tuple[str, ...]) -> Detection:
-    user_inputs = frozenset(n.name for n in captured.gm.graph.nodes if n.op == "placeholder")
-    g = Graph(captured.gm, captured.values, user_inputs)
+    names = captured.param_names
+    user_inputs = frozenset(n.name for n in captured.gm.graph.nodes if n.op == "placeholder" and n.name not in names)
+    g = Graph(captured.gm, captured.values, user_inputs, dict(names))
     det = Detection(g)
     counters: dict[str, int] = defaultdict(int)
     if "attention" in kinds:
@@ -146,10 +147,10 @@ def _common_owner(a: fx.Node, b: fx.Node) -> tuple[str, str] | None:
         return None
     common = [k for k in sa if k in sb]
     if not common:
-        return None
+        return "", ""  # siblings directly under the root module
     path, cls = sa[common[-1]]
     cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
-    return str(path), cls_name
+    return module_path(str(path)), cls_name
 
 
 __all__ = ["Detection", "NoMatch", "detect"]

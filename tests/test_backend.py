@@ -1,0 +1,71 @@
+"""The torch.compile backend: same detectors on Dynamo's graph, outputs equal eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import swapformer
+from swapformer.backend import SwapformerBackend, backend
+from tests.test_api import CausalBlock
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_entry_point_backend_with_inductor() -> None:
+    torch.manual_seed(0)
+    model = CausalBlock().eval()
+    x = torch.randn(2, 8, 32)
+    compiled = torch.compile(model, backend="swapformer", options={"target": "sdpa", "kinds": ("attention", "ffn")})
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    report = swapformer.backend.REPORTS[-1]
+    assert [r.site.kind for r in report.replaced] == ["attention", "ffn"]
+
+
+def test_backend_object_reports_and_explains() -> None:
+    model = CausalBlock().eval()
+    b = backend("sdpa", inner="eager")
+    x = torch.randn(2, 8, 32)
+    torch.testing.assert_close(torch.compile(model, backend=b)(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(b.reports) == 1 and b.reports[0].capture == "dynamo"
+    assert "replaced by SdpaAttention" in b.explain()
+
+
+def test_hf_models_compile_exactly() -> None:
+    transformers = pytest.importorskip("transformers")
+    configs = [
+        transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=100, attn_implementation="eager"),
+        transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, attn_implementation="eager"),
+    ]
+    ids = torch.randint(0, 100, (2, 9))
+    for config in configs:
+        torch._dynamo.reset()
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        b = backend("sdpa", inner="eager")
+        out = torch.compile(model, backend=b)(ids).logits
+        torch.testing.assert_close(out, model(ids).logits, rtol=1e-5, atol=1e-5)
+        assert sum(len(r.replaced) for r in b.reports) == 2, b.explain()
+
+
+def test_rewritten_model_is_left_alone() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    model = transformers.LlamaForCausalLM(config).eval()
+    rewritten = swapformer.rewrite(model, "sdpa")
+    b = backend("sdpa", inner="eager")
+    ids = torch.randint(0, 100, (1, 7))
+    torch.testing.assert_close(torch.compile(rewritten, backend=b)(ids).logits, model(ids).logits)
+    skips = [s.reason for r in b.reports for s in r.skipped]
+    assert skips and all("already rewritten" in s for s in skips)
+
+
+def test_bad_inner_compiler_is_named() -> None:
+    with pytest.raises(ValueError, match="inner compiler"):
+        SwapformerBackend("sdpa", inner="tvm")

@@ -10,7 +10,7 @@ from swapformer.errors import (
     UnknownTargetError,
     VerificationError,
 )
-from swapformer.backend import backend
+from swapformer.compile_backend import backend
 from swapformer.rewriter import RewriteReport, explain, find_sites, rewrite
 from swapformer.sites import AttentionSite, FFNSite, ProjectionRef, Site
 from swapformer.targets import TargetConfig, available_targets

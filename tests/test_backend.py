@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import swapformer
-from swapformer.backend import SwapformerBackend, backend
+from swapformer.compile_backend import REPORTS, SwapformerBackend, backend
 from tests.test_api import CausalBlock
 
 
@@ -23,7 +23,7 @@ def test_entry_point_backend_with_inductor() -> None:
     x = torch.randn(2, 8, 32)
     compiled = torch.compile(model, backend="swapformer", options={"target": "sdpa", "kinds": ("attention", "ffn")})
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
-    report = swapformer.backend.REPORTS[-1]
+    report = REPORTS[-1]
     assert [r.site.kind for r in report.replaced] == ["attention", "ffn"]
 
 

@@ -2,6 +2,7 @@
 
 import logging
 
+from swapformer.compile_backend import backend
 from swapformer.errors import (
     CaptureError,
     ConfigError,
@@ -10,7 +11,7 @@ from swapformer.errors import (
     UnknownTargetError,
     VerificationError,
 )
-from swapformer.compile_backend import backend
+from swapformer.io import RecipeMismatchError, from_pretrained, load, save, save_pretrained
 from swapformer.rewriter import RewriteReport, explain, find_sites, rewrite
 from swapformer.sites import AttentionSite, FFNSite, ProjectionRef, Site
 from swapformer.targets import TargetConfig, available_targets
@@ -25,6 +26,7 @@ __all__ = [
     "FFNSite",
     "InputError",
     "ProjectionRef",
+    "RecipeMismatchError",
     "RewriteReport",
     "Site",
     "SwapformerError",
@@ -35,5 +37,9 @@ __all__ = [
     "backend",
     "explain",
     "find_sites",
+    "from_pretrained",
+    "load",
     "rewrite",
+    "save",
+    "save_pretrained",
 ]

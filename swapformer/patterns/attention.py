@@ -31,7 +31,7 @@ from swapformer.patterns.ops import arg
 from swapformer.patterns.projections import find_out_projection, find_projection, path_flags
 
 NEG_LARGE = -1e4  # fills at or below this are masks: exp() of them underflows to 0 in the softmax
-_PASS_PROBS = frozenset({"to", "dropout", "identity"})
+_PASS_PROBS = frozenset({"to", "dropout", "identity", "view"})
 _PRODUCTS = frozenset({"matmul", "einsum", "baddbmm"})
 
 
@@ -52,6 +52,7 @@ class AttentionMatch:
     steps: list[MaskStep] = field(default_factory=list)
     scale: float = 1.0
     score_dtype: torch.dtype = torch.float32
+    score_shape: tuple[int, ...] = ()  # of the q·kᵀ product (probe)
     dropout: float = 0.0
     softcap: float | None = None
     causal_flag: bool = False  # sdpa is_causal=True
@@ -64,6 +65,7 @@ class AttentionMatch:
     drop_mask: bool = False  # the mask is exactly causal/windowed and input-free: pass None instead
     hidden: fx.Node | None = None
     notes: list[str] = field(default_factory=list)
+    bypass: list[fx.Node] = field(default_factory=list)  # scalar muls on q/k upstream of reshapes
 
 
 def find_attention(g: Graph) -> list[AttentionMatch | tuple[fx.Node, NoMatch]]:
@@ -108,22 +110,23 @@ def match_softmax_attention(g: Graph, sm: fx.Node) -> AttentionMatch | NoMatch:
 
 
 def _forward_to_pv(g: Graph, sm: fx.Node) -> tuple[fx.Node, float] | NoMatch:
-    node, dropout = sm, 0.0
-    for _ in range(8):
-        users = [u for u in node.users if g.op(u) in _PASS_PROBS | {"matmul", "einsum", "getitem"}]
-        if len(users) != 1:
-            return NoMatch("softmax %s does not feed exactly one value product", sm.name)
-        user = users[0]
+    """The probs·values product fed by the softmax through casts, dropout and views."""
+    found = _products_after(g, sm, 0.0, depth=6)
+    if len(found) != 1:
+        return NoMatch("softmax %s feeds %d value products, not one", sm.name, len(found))
+    return found[0]
+
+
+def _products_after(g: Graph, node: fx.Node, dropout: float, depth: int) -> list[tuple[fx.Node, float]]:
+    out: list[tuple[fx.Node, float]] = []
+    for user in node.users:
         op = g.op(user)
-        if op in ("matmul", "einsum"):
-            first = user.args[0] if op == "matmul" else user.args[1][0]
-            if first is not node:
-                return NoMatch("softmax %s is the right operand of %s", sm.name, user.name)
-            return user, dropout
-        if op == "dropout":
-            dropout = _dropout_p(g, user)
-        node = user
-    return NoMatch("softmax %s does not reach a product with values", sm.name)
+        if op == "matmul" and user.args[0] is node or op == "einsum" and user.args[1][0] is node:
+            out.append((user, dropout))
+        elif depth > 0 and (op in _PASS_PROBS or op == "getitem"):
+            p = _dropout_p(g, user) if op == "dropout" else dropout
+            out += _products_after(g, user, p, depth - 1)
+    return out
 
 
 def _dropout_p(g: Graph, node: fx.Node) -> float:
@@ -178,7 +181,7 @@ def _reaches_product(g: Graph, node: object, depth: int = 12) -> bool:
     op = g.op(node)
     if op in _PRODUCTS:
         return True
-    if op in ("to", "mul", "div", "masked_fill", "identity", "tanh"):
+    if op in ("to", "mul", "div", "masked_fill", "identity", "tanh", "view"):
         return _reaches_product(g, node.args[0], depth - 1)
     if op in ("add", "sub", "where"):
         return any(_reaches_product(g, a, depth - 1) for a in node.args[:3])
@@ -192,6 +195,7 @@ def _back_to_product(g: Graph, node: fx.Node, m: AttentionMatch) -> fx.Node | No
         op = g.op(node)
         if op in _PRODUCTS:
             m.score_dtype = g.value(node).dtype
+            m.score_shape = tuple(g.value(node).shape)
             m.steps = list(reversed(steps))
             return node
         nxt = _peel_score_step(g, node, op, steps, m)
@@ -204,6 +208,9 @@ def _back_to_product(g: Graph, node: fx.Node, m: AttentionMatch) -> fx.Node | No
 def _peel_score_step(g: Graph, node: fx.Node, op: str | None, steps: list[MaskStep],
                      m: AttentionMatch) -> fx.Node | NoMatch:
     if op in ("to", "identity"):
+        return node.args[0]
+    if op == "view":  # Bloom: [B*H, T, T] scores viewed as [B, H, T, T] for masking
+        steps.append(MaskStep("view", node))
         return node.args[0]
     if (softcap := _softcap(g, node)) is not None:
         m.softcap, inner = softcap
@@ -278,10 +285,20 @@ def _read_qk(g: Graph, m: AttentionMatch, prod: fx.Node) -> AttentionMatch | NoM
             return err
         a, b = prod.args[1]
         m.form = "einsum-softmax"
-    q_scale, m.q = _peel_scales(g, a)
-    k_scale, m.k, m.k_transposed = _peel_key(g, b, transposed=op != "einsum")
-    m.scale = q_scale * k_scale * math.prod(s.value for s in m.steps if s.kind == "scale")
+    m.q, m.k = a, b
+    m.k_transposed = op != "einsum"
+    m.scale = _peel_operand_scales(g, m) * math.prod(s.value for s in m.steps if s.kind == "scale")
     return m
+
+
+def _peel_operand_scales(g: Graph, m: AttentionMatch) -> float:
+    """Take scalar factors off q and k (next to the product or before their reshapes)."""
+    q_scale, m.q = _peel_scales(g, m.q)
+    k_scale, m.k, m.k_transposed = _peel_key(g, m.k, transposed=m.k_transposed)
+    q_far, q_bypass = _upstream_scales(g, m.q)
+    k_far, k_bypass = _upstream_scales(g, m.k)
+    m.bypass = q_bypass + k_bypass
+    return q_scale * k_scale * q_far * k_far
 
 
 def _read_qk_einsum(m: AttentionMatch, prod: fx.Node, spec: tuple[tuple[str, str], str]) -> NoMatch | None:
@@ -301,6 +318,30 @@ def _peel_scales(g: Graph, node: fx.Node) -> tuple[float, fx.Node]:
         factor *= sc[1]
         node = sc[0]
     return factor, node
+
+
+_MOVES = frozenset({"view", "transpose", "permute", "identity", "unsqueeze", "squeeze", "flatten", "unflatten"})
+
+
+def _upstream_scales(g: Graph, node: fx.Node) -> tuple[float, list[fx.Node]]:
+    """Scalar multiplications applied to q or k before their head reshapes (``q_proj(x) * scale``).
+
+    They commute with the reshapes, so the splice bypasses them and passes the scale to the core; only
+    when every node on the way has no other user, so nothing else sees the change.
+    """
+    factor, bypass = 1.0, []
+    for _ in range(12):
+        if len(node.users) > 1:
+            break
+        if (sc := scalar_operand(g, node)) is not None:
+            factor *= sc[1]
+            bypass.append(node)
+            node = sc[0]
+        elif g.op(node) in _MOVES and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        else:
+            break
+    return factor, bypass
 
 
 def _peel_key(g: Graph, node: fx.Node, transposed: bool) -> tuple[float, fx.Node, bool]:
@@ -327,6 +368,7 @@ def match_sdpa(g: Graph, node: fx.Node) -> AttentionMatch | NoMatch:
     m.causal_flag = bool(arg(node, 5, "is_causal", False))
     scale = node.kwargs.get("scale")
     m.scale = float(scale) if scale is not None else 1.0 / math.sqrt(g.shape(q)[-1])
+    m.scale *= _peel_operand_scales(g, m)
     m.score_dtype = g.value(q).dtype
     if isinstance(mask, fx.Node):
         is_bool = g.value(mask).dtype == torch.bool
@@ -338,7 +380,7 @@ def match_sdpa(g: Graph, node: fx.Node) -> AttentionMatch | NoMatch:
 
 def describe(g: Graph, m: AttentionMatch) -> None:
     """Fill in GQA, the mask classification and the hidden input of a match."""
-    if m.kv_repeat == 1 and not m.k_transposed and m.k_perm is None:
+    if m.kv_repeat == 1 and not m.k_transposed:
         _peel_gqa(g, m)
     bias = mask_values(g, m)
     depends = any(s.node is not None and g.depends_on_input(s.node) for s in m.steps)
@@ -350,20 +392,29 @@ def describe(g: Graph, m: AttentionMatch) -> None:
 
 def _peel_gqa(g: Graph, m: AttentionMatch) -> None:
     qs, ks = g.shape(m.q), g.shape(m.k)
-    if qs is None or ks is None or len(qs) != 4 or len(ks) != 4 or ks[1] != qs[1]:
+    if qs is None or ks is None or len(qs) != 4 or len(ks) != 4:
         return
-    k_src, v_src = _repeat_source(g, m.k, qs[1]), _repeat_source(g, m.v, qs[1])
-    if k_src is None or v_src is None or g.shape(k_src)[1] != g.shape(v_src)[1]:
+    q_axis, k_axis, v_axis = (_head_axis(p) for p in (m.q_perm, m.k_perm, m.v_perm))
+    heads = qs[q_axis]
+    if ks[k_axis] != heads:
         return
-    m.kv_repeat = qs[1] // g.shape(k_src)[1]
+    k_src, v_src = _repeat_source(g, m.k, heads, k_axis), _repeat_source(g, m.v, heads, v_axis)
+    if k_src is None or v_src is None or g.shape(k_src)[k_axis] != g.shape(v_src)[v_axis]:
+        return
+    m.kv_repeat = heads // g.shape(k_src)[k_axis]
     m.k, m.v = k_src, v_src
+
+
+def _head_axis(perm: list[int] | None) -> int:
+    """Where the head dim sits in a 4-D operand whose canonical layout is [B, H, T, D]."""
+    return perm[1] if perm else 1
 
 
 _GQA_OPS = frozenset({"view", "expand", "unsqueeze", "identity", "slice", "repeat_interleave", "getitem"})
 
 
-def _repeat_source(g: Graph, node: fx.Node, heads: int) -> fx.Node | None:
-    """The [B, Hkv, T, D] tensor that ``node`` repeats head-wise (repeat_kv / repeat_interleave)."""
+def _repeat_source(g: Graph, node: fx.Node, heads: int, axis: int) -> fx.Node | None:
+    """The tensor with fewer heads that ``node`` repeats head-wise (repeat_kv / repeat_interleave)."""
     full = g.value(node)
     cur = node
     for _ in range(6):
@@ -373,9 +424,10 @@ def _repeat_source(g: Graph, node: fx.Node, heads: int) -> fx.Node | None:
         v = g.value(cur)
         if not isinstance(v, torch.Tensor) or v.dim() != 4:
             continue
-        hk = v.shape[1]
-        if hk < heads and heads % hk == 0 and v.shape[0] == full.shape[0] and v.shape[2:] == full.shape[2:]:
-            if torch.equal(v.repeat_interleave(heads // hk, dim=1), full):
+        hk = v.shape[axis]
+        same_rest = all(v.shape[i] == full.shape[i] for i in range(4) if i != axis)
+        if hk < heads and heads % hk == 0 and same_rest:
+            if torch.equal(v.repeat_interleave(heads // hk, dim=axis), full):
                 return cur
     return None
 
@@ -384,13 +436,19 @@ def mask_values(g: Graph, m: AttentionMatch) -> torch.Tensor | None:
     """``b = f(0)``: the additive mask the steps amount to, evaluated on the probe values."""
     if not any(s.kind != "scale" for s in m.steps):
         return None
-    b = torch.zeros((), dtype=m.score_dtype)
+    b = torch.zeros(m.score_shape if has_views(m) else (), dtype=m.score_dtype)
     for step in m.steps:
         b = apply_step(step, b, g.value(step.node) if step.node is not None else None)
     return b
 
 
+def has_views(m: AttentionMatch) -> bool:
+    return any(s.kind == "view" for s in m.steps)
+
+
 def apply_step(step: MaskStep, b: torch.Tensor, operand: torch.Tensor | None) -> torch.Tensor:
+    if step.kind == "view":
+        return b.reshape(operand.shape)
     if step.kind == "scale":
         return b * step.value
     if step.kind == "add":

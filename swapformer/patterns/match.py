@@ -36,7 +36,8 @@ class MaskStep:
     """One elementwise op between the q·kᵀ product and the softmax.
 
     ``kind``: ``scale`` (multiply by ``value``), ``add`` (add tensor ``node``), ``fill`` (set to ``value``
-    where bool ``node`` is True), ``keep`` (keep where bool ``node`` is True, else ``value``).
+    where bool ``node`` is True), ``keep`` (keep where bool ``node`` is True, else ``value``), ``view``
+    (reshape like ``node``: the scores are viewed in another head layout for masking).
     """
 
     kind: str

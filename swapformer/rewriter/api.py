@@ -139,6 +139,7 @@ def rewrite(model: nn.Module, target: str | TargetConfig, *, example_inputs: Any
     else:
         rewritten = _apply_graph(analysis, report, config, weights)
     rewritten.swapformer_report = report
+    rewritten.train(model.training)  # new cores start in training mode; follow the user's model
     if verify:
         from swapformer.rewriter.verify import verify_rewrite
 
@@ -235,6 +236,8 @@ def _remap_match(match: Any, remap: dict) -> None:
     for key, value in vars(match).items():
         if isinstance(value, torch.fx.Node):
             setattr(match, key, remap[value])
+        elif isinstance(value, list) and value and isinstance(value[0], torch.fx.Node):
+            setattr(match, key, [remap[n] for n in value])
     if hasattr(match, "steps"):
         match.steps = [copy.copy(s) for s in match.steps]
         for s in match.steps:

@@ -23,12 +23,30 @@ def core_attr_name(site_name: str) -> str:
     return "swapformer_cores." + re.sub(r"[^0-9a-zA-Z_]", "_", site_name)
 
 
+def scalar_input(mul: fx.Node) -> fx.Node:
+    """The tensor operand of ``x * c`` / ``c * x`` / ``x / c``."""
+    return next(a for a in mul.args if isinstance(a, fx.Node))
+
+
 def _scalar_zero(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # 0-d and on the host tensor's device: broadcasting against the mask yields the mask's shape.
     return like.new_zeros((), dtype=dtype)
 
 
+def _scores_zero(q: torch.Tensor, k: torch.Tensor, k_transposed: bool, dtype: torch.dtype) -> torch.Tensor:
+    # full-size zeros: the mask steps reshape the scores, so the bias must start at their shape
+    tk = k.shape[-1] if k_transposed else k.shape[-2]
+    return q.new_zeros((*q.shape[:-1], tk), dtype=dtype)
+
+
+def _like_scores(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return b.reshape(*q.shape[:-1], b.shape[-1])
+
+
 def _apply_step(graph: fx.Graph, b: fx.Node, step: MaskStep) -> fx.Node:
+    if step.kind == "view":
+        shape = step.node.args[1] if isinstance(step.node.args[1], (list, tuple)) else step.node.args[1:]
+        return graph.call_function(torch.reshape, (b, tuple(shape)))
     if step.kind == "scale":
         return graph.call_function(operator.mul, (b, step.value))
     if step.kind == "add":
@@ -43,10 +61,14 @@ def _apply_step(graph: fx.Graph, b: fx.Node, step: MaskStep) -> fx.Node:
 def _bias(graph: fx.Graph, m: AttentionMatch) -> fx.Node | None:
     if m.drop_mask or not any(s.kind != "scale" for s in m.steps):
         return None
-    b = graph.call_function(_scalar_zero, (m.q, m.score_dtype))
+    views = any(s.kind == "view" for s in m.steps)
+    if views:
+        b = graph.call_function(_scores_zero, (m.q, m.k, m.k_transposed, m.score_dtype))
+    else:
+        b = graph.call_function(_scalar_zero, (m.q, m.score_dtype))
     for step in m.steps:
         b = _apply_step(graph, b, step)
-    return b
+    return graph.call_function(_like_scores, (b, m.q)) if views else b
 
 
 def _permute(graph: fx.Graph, node: fx.Node, perm: list[int] | None) -> fx.Node:
@@ -59,6 +81,8 @@ def splice_attention(gm: fx.GraphModule, g: Graph, m: AttentionMatch, name: str,
     gm.add_submodule(name, core)
     graph = gm.graph
     out_dtype = g.value(m.output).dtype
+    for mul in m.bypass:  # the core applies the scale: feed it the unscaled q / k
+        mul.replace_all_uses_with(scalar_input(mul))
     with graph.inserting_before(m.output):
         q = _permute(graph, m.q, m.q_perm)
         k = graph.call_function(torch.transpose, (m.k, -2, -1)) if m.k_transposed else m.k

@@ -12,7 +12,7 @@ from swapformer.errors import (
     VerificationError,
 )
 from swapformer.io import RecipeMismatchError, from_pretrained, load, save, save_pretrained
-from swapformer.rewriter import RewriteReport, explain, find_sites, rewrite
+from swapformer.rewriter import RewriteReport, explain, find_sites, prepare, rewrite
 from swapformer.sites import AttentionSite, FFNSite, ProjectionRef, Site
 from swapformer.targets import TargetConfig, available_targets
 
@@ -39,6 +39,7 @@ __all__ = [
     "find_sites",
     "from_pretrained",
     "load",
+    "prepare",
     "rewrite",
     "save",
     "save_pretrained",

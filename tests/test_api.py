@@ -129,3 +129,14 @@ def test_hf_ffn_spanning_modules_is_skipped_with_reason() -> None:
     out = swapformer.rewrite(transformers.BertModel(config).eval(), "sdpa", kinds=("attention", "ffn"))
     (skip,) = out.swapformer_report.skipped
     assert skip.site.kind == "ffn" and "not a whole module" in skip.reason
+
+
+def test_prepare_once_rewrite_many(block: CausalBlock) -> None:
+    prepared = swapformer.prepare(block, torch.randn(2, 8, 32))
+    assert [s.kind for s in prepared.sites] == ["attention", "ffn"]
+    both = prepared.rewrite("sdpa")
+    only_ffn = prepared.rewrite("sdpa", filter_fn=lambda s: s.kind == "ffn")
+    assert len(both.swapformer_report.replaced) == 2 and len(only_ffn.swapformer_report.replaced) == 1
+    assert both is not only_ffn and prepared.explain("sdpa").dry_run
+    x = torch.randn(1, 5, 32)
+    torch.testing.assert_close(both(x), only_ffn(x), rtol=1e-5, atol=1e-5)

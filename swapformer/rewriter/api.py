@@ -32,12 +32,35 @@ SiteFilter = Callable[[Site], bool]
 
 
 @dataclass
-class _Analysis:
+class Analysis:
+    """A model captured and matched once, ready to be rewritten to several targets.
+
+    Capture is the slow step (seconds to a minute for a real LLM on CPU); :func:`prepare` does it once
+    and :meth:`rewrite` / :meth:`explain` reuse it.
+    """
+
+    model: nn.Module
     captured: Captured
     detection: Detection
     reference: Any  # the original model's output on the example inputs
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] | None = None
+
+    @property
+    def sites(self) -> list[Site]:
+        return self.detection.sites
+
+    def explain(self, target: str | TargetConfig, *, filter_fn: SiteFilter | None = None,
+                **target_options: Any) -> RewriteReport:
+        report = _plan(self, resolve_target(target, **target_options), self.model, filter_fn)
+        report.dry_run = True
+        return report
+
+    def rewrite(self, target: str | TargetConfig, *, filter_fn: SiteFilter | None = None,
+                verify: bool = True, **target_options: Any) -> nn.Module:
+        return _rewrite(self, resolve_target(target, **target_options), filter_fn, verify)
+
+
 
 
 def _check_kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:
@@ -66,7 +89,15 @@ def default_example_inputs(model: nn.Module) -> Any:
     raise InputError(f"cannot build example inputs for {type(model).__name__}; pass example_inputs")
 
 
-def analyze(model: nn.Module, example_inputs: Any, kinds: tuple[str, ...]) -> _Analysis:
+def prepare(model: nn.Module, example_inputs: Any = None, *, kinds: tuple[str, ...] = KINDS) -> Analysis:
+    """Capture and match ``model`` once; rewrite the result to any number of targets.
+
+    Args and Raises: as :func:`find_sites`.
+    """
+    return analyze(model, example_inputs, kinds)
+
+
+def analyze(model: nn.Module, example_inputs: Any, kinds: tuple[str, ...]) -> Analysis:
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if example_inputs is None:
@@ -75,7 +106,7 @@ def analyze(model: nn.Module, example_inputs: Any, kinds: tuple[str, ...]) -> _A
     reference = check_inputs(model, args, kwargs)
     captured = capture(model, args, kwargs)
     probe(captured)
-    return _Analysis(captured, detect(captured, _check_kinds(kinds)), reference, args, kwargs)
+    return Analysis(model, captured, detect(captured, _check_kinds(kinds)), reference, args, kwargs)
 
 
 def find_sites(model: nn.Module, example_inputs: Any = None, *, kinds: tuple[str, ...] = KINDS) -> list[Site]:
@@ -131,7 +162,11 @@ def rewrite(model: nn.Module, target: str | TargetConfig, *, example_inputs: Any
         VerificationError: an exact target does not reproduce the original.
     """
     config = resolve_target(target, **target_options)
-    analysis = analyze(model, example_inputs, kinds)
+    return _rewrite(analyze(model, example_inputs, kinds), config, filter_fn, verify)
+
+
+def _rewrite(analysis: Analysis, config: TargetConfig, filter_fn: SiteFilter | None, verify: bool) -> nn.Module:
+    model = analysis.model
     report = _plan(analysis, config, model, filter_fn)
     weights = _weights(model)
     if hf.is_hf_model(model):
@@ -151,7 +186,7 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_buffers()), **dict(model.named_parameters())}
 
 
-def _plan(analysis: _Analysis, config: TargetConfig, model: nn.Module,
+def _plan(analysis: Analysis, config: TargetConfig, model: nn.Module,
           filter_fn: SiteFilter | None) -> RewriteReport:
     det = analysis.detection
     report = RewriteReport(target=config.name, capture=analysis.captured.strategy,
@@ -212,7 +247,7 @@ def _build_core(site: Site, config: TargetConfig, weights: dict[str, torch.Tenso
     return core_class(config, site.kind).from_site(site, config, weights)
 
 
-def _apply_graph(analysis: _Analysis, report: RewriteReport, config: TargetConfig,
+def _apply_graph(analysis: Analysis, report: RewriteReport, config: TargetConfig,
                  weights: dict[str, torch.Tensor]) -> nn.Module:
     captured, det = analysis.captured, analysis.detection
     gm = captured.gm
@@ -245,7 +280,7 @@ def _remap_match(match: Any, remap: dict) -> None:
                 s.node = remap[s.node]
 
 
-def _apply_hf(model: nn.Module, analysis: _Analysis, report: RewriteReport, config: TargetConfig,
+def _apply_hf(model: nn.Module, analysis: Analysis, report: RewriteReport, config: TargetConfig,
               weights: dict[str, torch.Tensor]) -> nn.Module:
     new = copy.deepcopy(model)
     attention = [r for r in report.replaced if r.site.kind == "attention"]

@@ -287,7 +287,7 @@ def _apply_hf(model: nn.Module, analysis: Analysis, report: RewriteReport, confi
     for rep in report.replaced:
         core = _build_core(rep.site, config, weights)
         if rep.site.kind == "attention":
-            hf.attach_attention_core(new.get_submodule(rep.site.module), core)
+            hf.attach_attention_core(new.get_submodule(rep.site.module), core, rep.site.scale)
         else:
             hf.replace_module(new, rep.site.module, hf.FFNSwap(core))
     if attention:

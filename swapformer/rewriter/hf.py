@@ -12,6 +12,7 @@ FFN sites that are a whole module (``LlamaMLP``) are replaced by a module callin
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from typing import Any
 
@@ -49,6 +50,11 @@ def swapformer_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     tq = query.shape[-2]
     if state is not None:
         key, value = key[..., -tq:, :], value[..., -tq:, :]
+    scaling, site_scale = kwargs.get("scaling"), getattr(module, "_swapformer_scale", None)
+    if scaling is not None and site_scale and not math.isclose(scaling, site_scale, rel_tol=1e-6):
+        # the host scaled q upstream (OPT: q_proj(x) * scale, then scaling=1.0): the site's scale
+        # already counts that factor, so the core must see the unscaled q
+        query = query * (scaling / site_scale)
     bias = _bias_from_hf_mask(attention_mask, query.dtype)
     position_bias = kwargs.get("position_bias")  # T5 passes its relative bias beside the mask
     if position_bias is not None:
@@ -101,8 +107,9 @@ def _clear_context(module: nn.Module, args: tuple, kwargs: dict, output: Any) ->
     module._swapformer_context = {}
 
 
-def attach_attention_core(attn: nn.Module, core: nn.Module) -> None:
+def attach_attention_core(attn: nn.Module, core: nn.Module, scale: float | None = None) -> None:
     attn.add_module("swapformer_core", core)
+    attn._swapformer_scale = scale
     attn.register_forward_pre_hook(_capture_context, with_kwargs=True)
     attn.register_forward_hook(_clear_context, with_kwargs=True)
 

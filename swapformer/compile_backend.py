@@ -75,6 +75,8 @@ class SwapformerBackend:
                 continue
             name = graph_apply.core_attr_name(site.name)
             core = self._build(site, weights)
+            # Dynamo's graph already fixed the mode: dropout runs only where the host's did
+            core.train(bool(getattr(det.matches[site.name], "dropout_active", False)))
             splice = graph_apply.splice_attention if site.kind == "attention" else graph_apply.splice_ffn
             splice(gm, det.graph, det.matches[site.name], name, core)
             report.replaced.append(Replacement(site, self.config.name, type(core).__name__, name, "graph"))

@@ -54,6 +54,7 @@ class AttentionMatch:
     score_dtype: torch.dtype = torch.float32
     score_shape: tuple[int, ...] = ()  # of the q·kᵀ product (probe)
     dropout: float = 0.0
+    dropout_active: bool = False
     softcap: float | None = None
     causal_flag: bool = False  # sdpa is_causal=True
     kv_repeat: int = 1
@@ -97,8 +98,9 @@ def match_softmax_attention(g: Graph, sm: fx.Node) -> AttentionMatch | NoMatch:
     found = _forward_to_pv(g, sm)
     if not found:
         return found
-    pv, dropout = found
-    m = AttentionMatch(anchor=sm, output=pv, q=sm, k=sm, v=sm, dropout=dropout, form="matmul-softmax")
+    pv, (dropout, active) = found
+    m = AttentionMatch(anchor=sm, output=pv, q=sm, k=sm, v=sm, dropout=dropout, dropout_active=active,
+                       form="matmul-softmax")
     if len(sm.users) > 1:
         m.notes.append("attention probabilities are also used elsewhere (returned weights); kept for them")
     if (err := _read_pv(g, m, pv)) is not None:
@@ -109,22 +111,23 @@ def match_softmax_attention(g: Graph, sm: fx.Node) -> AttentionMatch | NoMatch:
     return _read_qk(g, m, back)
 
 
-def _forward_to_pv(g: Graph, sm: fx.Node) -> tuple[fx.Node, float] | NoMatch:
+def _forward_to_pv(g: Graph, sm: fx.Node) -> tuple[fx.Node, tuple[float, bool]] | NoMatch:
     """The probs·values product fed by the softmax through casts, dropout and views."""
-    found = _products_after(g, sm, 0.0, depth=6)
+    found = _products_after(g, sm, (0.0, False), depth=6)
     if len(found) != 1:
         return NoMatch("softmax %s feeds %d value products, not one", sm.name, len(found))
     return found[0]
 
 
-def _products_after(g: Graph, node: fx.Node, dropout: float, depth: int) -> list[tuple[fx.Node, float]]:
+def _products_after(g: Graph, node: fx.Node, dropout: tuple[float, bool], depth: int
+                    ) -> list[tuple[fx.Node, tuple[float, bool]]]:
     out: list[tuple[fx.Node, float]] = []
     for user in node.users:
         op = g.op(user)
         if op == "matmul" and user.args[0] is node or op == "einsum" and user.args[1][0] is node:
             out.append((user, dropout))
         elif depth > 0 and (op in _PASS_PROBS or op == "getitem"):
-            p = _dropout_p(g, user) if op == "dropout" else dropout
+            p = (_dropout_p(g, user), _dropout_runs(g, user)) if op == "dropout" else dropout
             out += _products_after(g, user, p, depth - 1)
     return out
 
@@ -134,6 +137,13 @@ def _dropout_p(g: Graph, node: fx.Node) -> float:
         return float(g.gm.get_submodule(node.target).p)
     p = arg(node, 1, "p", 0.5)
     return float(p) if isinstance(p, (int, float)) else 0.0
+
+
+def _dropout_runs(g: Graph, node: fx.Node) -> bool:
+    """Whether a dropout node is active (its training flag; eval-mode dropouts stay in some graphs)."""
+    if node.op == "call_module":
+        return g.gm.get_submodule(node.target).training
+    return arg(node, 2, "train", node.kwargs.get("training", True)) is not False
 
 
 def _read_pv(g: Graph, m: AttentionMatch, pv: fx.Node) -> NoMatch | None:
@@ -365,6 +375,7 @@ def match_sdpa(g: Graph, node: fx.Node) -> AttentionMatch | NoMatch:
     mask = arg(node, 3, "attn_mask")
     m = AttentionMatch(anchor=node, output=node, q=q, k=k, v=v, form="sdpa")
     m.dropout = float(arg(node, 4, "dropout_p", 0.0) or 0.0)
+    m.dropout_active = m.dropout > 0
     m.causal_flag = bool(arg(node, 5, "is_causal", False))
     scale = node.kwargs.get("scale")
     m.scale = float(scale) if scale is not None else 1.0 / math.sqrt(g.shape(q)[-1])

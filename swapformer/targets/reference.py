@@ -4,8 +4,9 @@ Nothing here is a target. The functions encode the conventions of :mod:`swapform
 (core tensors are ``[B, H, T, D]``; kernels take ``[B, T, H, D]``) and the few decisions every
 target makes the same way:
 
-* ``bias`` for causal-only targets is read as *causal + key padding*: a key is padding when the last
-  query row of the mask cannot see it (true for Hugging Face masks with left or right padding).
+* ``bias`` for causal-only targets is read as *causal + key padding*: a key is padding when its own
+  query row cannot see it (Hugging Face masks with left or right padding, with or without a window;
+  see :func:`key_keep_from_bias`). Other mask content is not representable by these targets.
 * the decoding ``state`` dict always carries ``"pos"``, the number of tokens seen so far.
 """
 
@@ -42,23 +43,31 @@ def repeat_kv(x: torch.Tensor, groups: int, dim: int = 1) -> torch.Tensor:
 
 
 def key_keep_from_bias(bias: torch.Tensor | None, batch: int, tk: int) -> torch.Tensor | None:
-    """``[B, Tk]`` bool, False for padded keys, or None when every key is real.
+    """``[B, Tk]`` bool, False for padded keys among the call's last ``tk`` keys, or None if all real.
 
-    Reads the last query row of the mask: in a causal + padding mask that row sees every real key,
-    whether the batch is left- or right-padded.
+    Key ``j`` is real when its own query row sees it (the diagonal of a causal mask) and that row sees
+    no later key. The second condition catches padding rows that a host "unmasked" (filled with
+    zeros so SDPA does not return NaN); reading the diagonal rather than the last row keeps keys that
+    a sliding-window mask hides from later queries.
     """
     if bias is None:
         return None
-    row = bias[..., -1, :]
-    if row.dtype == torch.bool:
-        keep = row
-    else:
-        # Hugging Face masks use finfo.min rather than -inf
-        keep = row > torch.finfo(row.dtype).min / 2
-    while keep.dim() < 3:
+    keep = bias_to_keep(bias)
+    while keep.dim() < 4:
         keep = keep.unsqueeze(0)
-    keep = keep.any(dim=1).expand(batch, keep.shape[-1])[:, -tk:]
-    return None if bool(keep.all()) else keep
+    keep = keep.any(dim=1)  # [B | 1, Tq, Tk] (heads agree on padding)
+    tq_b, tk_b = keep.shape[-2:]
+    if tq_b < tk:
+        # a broadcast row: only the last-row reading is possible
+        real = keep[:, -1, tk_b - tk :]
+    else:
+        rows = keep[:, tq_b - tk :]  # the rows of this call's tokens, bottom-right aligned
+        cols = torch.arange(tk_b - tk, tk_b, device=keep.device)
+        diag = rows[:, torch.arange(tk, device=keep.device), cols]
+        later = torch.arange(tk_b, device=keep.device)[None, :] > cols[:, None]
+        real = diag & ~(rows & later).any(-1)
+    real = real.expand(batch, tk)
+    return None if bool(real.all()) else real
 
 
 def bias_to_keep(bias: torch.Tensor) -> torch.Tensor:

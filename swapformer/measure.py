@@ -1,0 +1,85 @@
+"""Side-by-side speed and memory measurements of an original and its converted models.
+
+Timings alternate between the models round by round and report medians, so machine noise hits all of
+them alike; ratios are the number to read, not absolute times.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Speed:
+    prefill_tokens_per_s: float
+    decode_ms_per_token: float | None
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def decode_seconds(model: nn.Module, input_ids: torch.Tensor, steps: int) -> float:
+    """Mean seconds per greedy decode step with the model's cache, after a prefill of ``input_ids``."""
+    out = model(input_ids=input_ids, use_cache=True)
+    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=token, past_key_values=past, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - start) / steps
+
+
+@torch.no_grad()
+def compare_speed(models: Mapping[str, nn.Module], input_ids: torch.Tensor, *, decode_steps: int = 8,
+                  rounds: int = 3) -> dict[str, Speed]:
+    """Prefill tokens/s and decode ms/token of each causal LM, measured in alternating rounds."""
+    prefill: dict[str, list[float]] = {name: [] for name in models}
+    decode: dict[str, list[float]] = {name: [] for name in models}
+    for m in models.values():
+        m(input_ids=input_ids)  # warm-up
+    for _ in range(rounds):
+        for name, m in models.items():
+            prefill[name].append(timed(lambda m=m: m(input_ids=input_ids, use_cache=False)))
+            if decode_steps:
+                decode[name].append(decode_seconds(m, input_ids, decode_steps))
+    tokens = input_ids.numel()
+    return {
+        name: Speed(tokens / statistics.median(prefill[name]),
+                    1000 * statistics.median(decode[name]) if decode_steps else None)
+        for name in models
+    }
+
+
+def kv_cache_bytes(model: nn.Module, context: int, batch: int = 1) -> int:
+    """Bytes of a dense KV cache for ``context`` tokens of a Hugging Face decoder."""
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * config.num_hidden_layers * batch * heads * head_dim * context * itemsize
+
+
+def state_bytes(model: nn.Module, context: int) -> int | None:
+    """Decode-state bytes of a converted model: the sum over its cores (None if a core cannot say)."""
+    report = getattr(model, "swapformer_report", None)
+    if report is None:
+        return None
+    total = 0
+    for rep in report.replaced:
+        core = model.get_submodule(rep.core_name)
+        size = getattr(core, "state_bytes", None)
+        if size is None:
+            return None
+        total += int(size(context))
+    return total

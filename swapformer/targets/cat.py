@@ -1,0 +1,520 @@
+"""``"cat"``: compress-and-attend attention (CAT, seeds §3) in place of softmax attention.
+
+Query ``t`` in chunk ``c = t // C`` attends, with one softmax, to::
+
+    sink (optional)  ∪  compressed chunks 0 .. c−1  ∪  raw tokens cC .. t of its own chunk
+
+Two modes (``CatConfig.mode``):
+
+* ``"retrofit"`` (default for ``from_site``): the host's post-RoPE ``q, k, v`` are used for the in-chunk
+  tokens and the query; only the compressor is new. Chunk ``c`` is summarised per kv head by
+  ``kc = k̄_c + k̄_c A_k + a_k``, ``vc = v̄_c + v̄_c A_v + a_v`` with ``k̄_c, v̄_c`` the mean of the chunk's
+  keys/values and ``A, a`` zero at the start, so the start is exact mean pooling (the output map is the
+  host's: position t is answered at t). With ``C ≥ T`` it is the host's causal attention (plus the
+  sink if enabled). The compressor does not depend on C, so the chunk size can change per call
+  (:meth:`CatAttention.set_chunk_size`, powers of two up to ``max_chunk_size`` in adaptive mode).
+* ``"layer"``: the drop-in layer of seeds 3.2 (``cat_layer``), built on ``hidden`` alone: chunk
+  summaries ``f_c = W_c vec(x_cC .. x_cC+C−1) + b_c`` (width ``w = width_factor · d_model``), token
+  slots ``x W_E``, a learned dummy ``s_0``; sequence ``[s_0, chunk 0, s_1, chunk 1, …, s_K]`` with every
+  s-slot at RoPE position 0 and tokens at 1..C; tokens see earlier s-slots and their own chunk causally,
+  s-slots see s-slots only; multi-head attention of width ``w`` (head dim 64, optional q/k RMSNorm,
+  fused ``W_qkv``, ``W_o``); output map: the last token of chunk c is answered by ``s_{c+1}``; then
+  ``final_proj`` to the host's ``H·Dv`` (the caller applies the host ``o_proj``). Adaptive: one dummy
+  per chunk size, ``W_c`` learned at ``C_max`` and resized linearly along the token axis for smaller C
+  (the seed resizes the flattened weight bilinearly). ``from_site`` widens the host function-preservingly
+  where it can (seeds 3.6): ``W_E = [I | 0]``, host Wq/Wk/Wv into the first H heads (kv heads repeated,
+  biases dropped), ``W_o``/``final_proj`` select them; then the first chunk reproduces the host when
+  the host uses half-split RoPE with ``rope_base`` (minus the dummy sink).
+
+Decoding state — retrofit: compressed chunks, the current chunk's raw keys/values, ``pos``; layer:
+s-slot keys/values, the current chunk's token keys/values and inputs, ``pos``. Padding: retrofit
+skips padded keys (masked mean, masked attention); the layer ignores masks (right padding is exact).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swapformer.errors import ConfigError, InputError
+from swapformer.sites import AttentionSite, Site
+from swapformer.targets.base import TargetConfig, TargetModule, register_target
+from swapformer.targets.reference import (
+    attention_site_problem,
+    check_full_call,
+    from_kernel_layout,
+    key_keep_from_bias,
+    masked_sdpa,
+    projection_weight,
+    repeat_kv,
+    require_hidden,
+    site_model_dim,
+    state_pos,
+    to_kernel_layout,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CatConfig(TargetConfig):
+    """Options of the ``"cat"`` target.
+
+    Args:
+        mode: ``"retrofit"`` (host q/k/v + learned compressor) or ``"layer"`` (the seed's cat_layer).
+        chunk_size: chunk length C.
+        max_chunk_size: adaptive mode when > 0: C may be set per call to any power of two up to it.
+        sink: retrofit: learn a sink key/value visible to every query (the layer always has its dummy).
+        correction: retrofit: learn the linear correction of the mean-pooled chunk keys/values.
+        width_factor: layer: decoder width as a multiple of d_model (the seed uses 2).
+        head_dim: layer: head width of the wide attention (0 = the site's head dim, else 64).
+        qk_norm: layer: RMSNorm on queries and keys per head.
+        rope_base: layer: RoPE base of the in-chunk positions.
+    """
+
+    name = "cat"
+    mode: Literal["retrofit", "layer"] = "retrofit"
+    chunk_size: int = 16
+    max_chunk_size: int = 0
+    sink: bool = False
+    correction: bool = True
+    width_factor: int = 2
+    head_dim: int = 0
+    qk_norm: bool = False
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("retrofit", "layer"):
+            raise ConfigError(f"cat mode must be 'retrofit' or 'layer', got {self.mode!r}")
+        if self.chunk_size < 1:
+            raise ConfigError(f"cat chunk_size must be >= 1, got {self.chunk_size}")
+        if self.max_chunk_size:
+            if not _is_power_of_two(self.max_chunk_size) or not _is_power_of_two(self.chunk_size):
+                raise ConfigError("adaptive cat needs power-of-two chunk_size and max_chunk_size, got "
+                                  f"{self.chunk_size} and {self.max_chunk_size}")
+            if self.chunk_size > self.max_chunk_size:
+                raise ConfigError(f"cat chunk_size {self.chunk_size} exceeds max_chunk_size "
+                                  f"{self.max_chunk_size}")
+        if self.width_factor < 1 or self.head_dim < 0:
+            raise ConfigError("cat width_factor must be >= 1 and head_dim >= 0")
+
+
+def _check_chunk_size(config: CatConfig, chunk_size: int, fixed: int | None) -> None:
+    if config.max_chunk_size:
+        if not _is_power_of_two(chunk_size) or chunk_size > config.max_chunk_size:
+            raise ConfigError(f"adaptive cat chunk size must be a power of two <= "
+                              f"{config.max_chunk_size}, got {chunk_size}")
+    elif fixed is not None and chunk_size != fixed:
+        raise ConfigError(f"this cat layer was built for chunk size {fixed}; set max_chunk_size "
+                          "for adaptive chunk sizes")
+    elif chunk_size < 1:
+        raise ConfigError(f"cat chunk size must be >= 1, got {chunk_size}")
+
+
+def _chunk_means(x: torch.Tensor, chunk: int, keep: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Per-chunk mean of ``x [B, T, Hkv, D]`` over real tokens -> ``([B, N, Hkv, D], has_real [B, N])``."""
+    b, t = x.shape[:2]
+    n = -(-t // chunk)
+    w = x.new_ones(b, t) if keep is None else keep.to(x.dtype)
+    pad = n * chunk - t
+    xs = F.pad(x * w[..., None, None], (0, 0, 0, 0, 0, pad)).view(b, n, chunk, *x.shape[2:])
+    counts = F.pad(w, (0, pad)).view(b, n, chunk).sum(-1)
+    means = xs.sum(2) / counts.clamp_min(1)[..., None, None]
+    return means, counts > 0
+
+
+@register_target(CatConfig)
+class CatAttention(TargetModule):
+    """Retrofit CAT core (host q/k/v + mean-pooling compressor); ``from_site`` also builds the layer."""
+
+    site_kind = "attention"
+    stateful = True
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float | None = None,
+        config: CatConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or CatConfig()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale if scale is not None else head_dim**-0.5
+        self.chunk_size = self.config.chunk_size
+        hkv, d = num_kv_heads, head_dim
+        if self.config.correction:
+            self.k_corr = nn.Parameter(torch.zeros(hkv, d, d))
+            self.v_corr = nn.Parameter(torch.zeros(hkv, d, d))
+            self.k_corr_bias = nn.Parameter(torch.zeros(hkv, d))
+            self.v_corr_bias = nn.Parameter(torch.zeros(hkv, d))
+        self.sink_k = nn.Parameter(torch.zeros(hkv, d)) if self.config.sink else None
+        self.sink_v = nn.Parameter(torch.zeros(hkv, d)) if self.config.sink else None
+
+    @classmethod
+    def unsupported(cls, site: Site, config: TargetConfig) -> str | None:
+        reason = attention_site_problem(site, needs_width=getattr(config, "mode", "") == "layer")
+        if reason is None and site.value_dim not in (0, site.head_dim):
+            return "value head width differs from the key head width"
+        return reason
+
+    @classmethod
+    def from_site(
+        cls, site: Site, config: TargetConfig, weights: Mapping[str, torch.Tensor]
+    ) -> TargetModule:
+        assert isinstance(site, AttentionSite) and isinstance(config, CatConfig)
+        if config.mode == "layer":
+            return CatLayer.from_site(site, config, weights)
+        return cls(site.num_heads, site.num_kv_heads or site.num_heads, site.head_dim, site.scale,
+                   config)
+
+    def set_chunk_size(self, chunk_size: int) -> None:
+        """Chunk length used from the next call on (adaptive mode: a power of two <= max)."""
+        _check_chunk_size(self.config, chunk_size, None)
+        self.chunk_size = chunk_size
+
+    def compress(self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, chunk: int):
+        """``(kc, vc, real)``: one summary per chunk of ``k, v [B, T, Hkv, D]`` (kernel layout)."""
+        kc, real = _chunk_means(k, chunk, keep)
+        vc, _ = _chunk_means(v, chunk, keep)
+        if self.config.correction:
+            kc = kc + torch.einsum("bnhd,hde->bnhe", kc, self.k_corr.to(kc.dtype)) + self.k_corr_bias
+            vc = vc + torch.einsum("bnhd,hde->bnhe", vc, self.v_corr.to(vc.dtype)) + self.v_corr_bias
+        return kc.to(k.dtype), vc.to(v.dtype), real
+
+    def _sink(self, dtype: torch.dtype):
+        if self.sink_k is None:
+            return None, None
+        return self.sink_k.to(dtype), self.sink_v.to(dtype)
+
+    def _dense(self, q, k, v, kc, vc, real, keep, chunk: int, start: int = 0):
+        """Masked SDPA over ``[sink | kc | k]`` (kernel layout in/out); keys start at ``start``."""
+        b, tq, tk, n, dev = q.shape[0], q.shape[1], k.shape[1], kc.shape[1], q.device
+        qpos = torch.arange(tk - tq, tk, device=dev) + start
+        kpos = torch.arange(tk, device=dev) + start
+        tok = (kpos[None] <= qpos[:, None]) & (kpos[None] // chunk == qpos[:, None] // chunk)
+        comp = torch.arange(n, device=dev)[None] < (qpos[:, None] // chunk)
+        mask = torch.cat([comp, tok], 1)[None].expand(b, -1, -1)
+        mask = mask & torch.cat([real, keep if keep is not None else real.new_ones(b, tk)], 1)[:, None]
+        keys, vals = torch.cat([kc, k], 1), torch.cat([vc, v], 1)
+        sink_k, sink_v = self._sink(q.dtype)
+        if sink_k is not None:
+            keys = torch.cat([sink_k.expand(b, 1, -1, -1), keys], 1)
+            vals = torch.cat([sink_v.expand(b, 1, -1, -1), vals], 1)
+            mask = torch.cat([mask.new_ones(b, tq, 1), mask], 2)
+        out = masked_sdpa(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
+                          mask[:, None], self.scale)
+        return out.transpose(1, 2)
+
+    def _full(self, q, k, v, keep):
+        from swapformer.kernels.cat import cat_attention
+
+        kc, vc, real = self.compress(k, v, keep, self.chunk_size)
+        if keep is not None:
+            return self._dense(q, k, v, kc, vc, real, keep, self.chunk_size)
+        sink_k, sink_v = self._sink(q.dtype)
+        return cat_attention(q, k, v, kc, vc, chunk_size=self.chunk_size, scale=self.scale,
+                             sink_k=sink_k, sink_v=sink_v)
+
+    def _fill_state(self, k, v, keep, state):
+        """State after a prefill from position 0: finished chunks compressed, the rest raw."""
+        c = self.chunk_size
+        done = (k.shape[1] // c) * c
+        kc, vc, real = self.compress(k[:, :done], v[:, :done], None if keep is None else keep[:, :done], c)
+        state.update(kc=kc, vc=vc, real=real, ck=k[:, done:], cv=v[:, done:],
+                     ckeep=(keep[:, done:] if keep is not None
+                            else k.new_ones(k.shape[0], k.shape[1] - done, dtype=torch.bool)),
+                     pos=k.shape[1], chunk_size=c)
+
+    def _decode_segment(self, q, k, v, keep, state):
+        """Tokens that all fall in the current chunk: attend, append, compress when it fills."""
+        c, start = state["chunk_size"], state["pos"]
+        ck, cv = torch.cat([state["ck"], k], 1), torch.cat([state["cv"], v], 1)
+        ckeep = torch.cat([state["ckeep"], keep], 1)
+        chunk_start = start - state["ck"].shape[1]
+        out = self._dense(q, ck, cv, state["kc"], state["vc"], state["real"], ckeep, c, chunk_start)
+        state.update(ck=ck, cv=cv, ckeep=ckeep, pos=start + q.shape[1])
+        if state["pos"] % c == 0:
+            kc, vc, real = self.compress(ck, cv, ckeep, c)
+            state.update(kc=torch.cat([state["kc"], kc], 1), vc=torch.cat([state["vc"], vc], 1),
+                         real=torch.cat([state["real"], real], 1), ck=ck[:, :0], cv=cv[:, :0],
+                         ckeep=ckeep[:, :0])
+        return out
+
+    def _decode(self, q, k, v, keep, state):
+        if state.get("chunk_size", self.chunk_size) != self.chunk_size:
+            raise InputError("the cat chunk size changed during decoding; start a new state")
+        if keep is None:
+            keep = torch.ones(q.shape[0], q.shape[1], dtype=torch.bool, device=q.device)
+        if state_pos(state) == 0:
+            out = self._full(q, k, v, None if bool(keep.all()) else keep)
+            self._fill_state(k, v, keep, state)
+            return out
+        outs, i = [], 0
+        while i < q.shape[1]:
+            n = min(q.shape[1] - i, state["chunk_size"] - state["pos"] % state["chunk_size"])
+            outs.append(self._decode_segment(q[:, i:i + n], k[:, i:i + n], v[:, i:i + n],
+                                             keep[:, i:i + n], state))
+            i += n
+        return torch.cat(outs, 1)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        hidden: torch.Tensor | None = None,
+        state: dict | None = None,
+    ) -> torch.Tensor:
+        groups_ok = self.num_heads % k.shape[1] == 0
+        if not groups_ok:
+            raise InputError(f"{self.num_heads} query heads do not split over {k.shape[1]} kv heads")
+        keep = key_keep_from_bias(bias, q.shape[0], k.shape[-2])
+        qk, kk, vk = to_kernel_layout(q), to_kernel_layout(k), to_kernel_layout(v)
+        if state is None:
+            check_full_call(q, k, self.target_name)
+            return from_kernel_layout(self._full(qk, kk, vk, keep))
+        return from_kernel_layout(self._decode(qk, kk, vk, keep, state))
+
+    def flops_per_token(self, context_len: int) -> int:
+        """Attention over the visible compressed chunks + own chunk, plus the amortised compressor."""
+        c, h, d, hkv = self.chunk_size, self.num_heads, self.head_dim, self.num_kv_heads
+        visible = min(context_len, context_len // c + c) + (self.sink_k is not None)
+        compress = 2 * hkv * d + (4 * hkv * d * d // c if self.config.correction else 0)
+        return 4 * h * d * visible + compress
+
+    def state_bytes(self, context_len: int) -> int:
+        """Compressed chunks + the current chunk's raw keys/values, fp32."""
+        rows = min(context_len, context_len // self.chunk_size + self.chunk_size)
+        return rows * 2 * self.num_kv_heads * self.head_dim * 4
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
+    """Half-split RoPE of ``x [B, T, H, D]`` at positions ``pos [T]``."""
+    d = x.shape[-1]
+    inv = base ** (-torch.arange(0, d // 2, device=x.device, dtype=torch.float32) * 2 / d)
+    ang = pos.to(torch.float32)[:, None] * inv[None]  # [T, D/2]
+    cos = torch.cat([ang.cos(), ang.cos()], -1)[None, :, None].to(x.dtype)
+    sin = torch.cat([ang.sin(), ang.sin()], -1)[None, :, None].to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class CatLayer(TargetModule):
+    """The seed's drop-in CAT layer (seeds 3.2), reading only ``hidden``; see the module docstring."""
+
+    # built through CatAttention.from_site (mode="layer"), so not registered itself
+    target_name = "cat"
+    site_kind = "attention"
+    stateful = True
+
+    def __init__(
+        self,
+        d_model: int,
+        out_heads: int,
+        out_head_dim: int,
+        config: CatConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or CatConfig(mode="layer")
+        self.d_model, self.out_heads, self.out_head_dim = d_model, out_heads, out_head_dim
+        self.width = self.config.width_factor * d_model
+        self.head_dim = self.config.head_dim or 64
+        if self.width % self.head_dim:
+            raise ConfigError(f"cat layer width {self.width} is not a multiple of head_dim {self.head_dim}")
+        self.num_heads = self.width // self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.chunk_size = self.config.chunk_size
+        c_max = self.config.max_chunk_size or self.config.chunk_size
+        n_sizes = int(math.log2(c_max)) + 1 if self.config.max_chunk_size else 1
+        self.compressor = nn.Linear(c_max * d_model, self.width)
+        self.expand = nn.Linear(d_model, self.width, bias=False)
+        self.dummy = nn.Parameter(torch.randn(n_sizes, self.width) * 0.02)
+        self.qkv = nn.Linear(self.width, 3 * self.width, bias=False)
+        self.wo = nn.Linear(self.width, self.width, bias=False)
+        self.final = nn.Linear(self.width, out_heads * out_head_dim, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim) if self.config.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim) if self.config.qk_norm else None
+
+    @classmethod
+    def from_site(
+        cls, site: Site, config: TargetConfig, weights: Mapping[str, torch.Tensor]
+    ) -> CatLayer:
+        assert isinstance(site, AttentionSite) and isinstance(config, CatConfig)
+        if not config.head_dim:
+            config = dataclasses.replace(config, head_dim=site.head_dim)
+        layer = cls(site_model_dim(site, weights), site.num_heads, site.value_dim or site.head_dim, config)
+        # in the host's dtype before copying, so the embedded host weights are not rounded
+        layer = layer.to(weights[site.q_proj.weight].dtype) if site.q_proj is not None else layer
+        layer.scale = site.scale
+        layer.widen_from_host(site, weights)
+        return layer
+
+    def widen_from_host(self, site: AttentionSite, weights: Mapping[str, torch.Tensor]) -> None:
+        """Seeds 3.6: embed the host's Wq/Wk/Wv into the first heads and route them to the output."""
+        qw, kw, vw = (projection_weight(r, weights) for r in (site.q_proj, site.k_proj, site.v_proj))
+        h, hd, dm = site.num_heads, self.head_dim, self.d_model
+        if None in (qw, kw, vw) or site.head_dim != hd or h * hd > self.width:
+            logger.info("cat layer at %s: host weights not embedded (shapes do not line up)", site.name)
+            return
+        groups = h // (site.num_kv_heads or h)
+        kw_rep = repeat_kv(kw[0].view(-1, hd, dm), groups, dim=0).reshape(h * hd, dm)
+        vw_rep = repeat_kv(vw[0].view(-1, hd, dm), groups, dim=0).reshape(h * hd, dm)
+        w = self.width
+        with torch.no_grad():
+            self.expand.weight.zero_()
+            self.expand.weight[:dm] = torch.eye(dm)
+            self.qkv.weight.zero_()
+            for i, part in enumerate((qw[0], kw_rep, vw_rep)):
+                self.qkv.weight[i * w : i * w + h * hd, :dm] = part
+            self.wo.weight.copy_(torch.eye(w))
+            self.final.weight.zero_()
+            self.final.weight[:, : h * hd] = torch.eye(h * hd)
+
+    def set_chunk_size(self, chunk_size: int) -> None:
+        """Chunk length used from the next call on (adaptive layers only)."""
+        _check_chunk_size(self.config, chunk_size, None if self.config.max_chunk_size else
+                          self.config.chunk_size)
+        self.chunk_size = chunk_size
+
+    def _compressor_weight(self, chunk: int) -> torch.Tensor:
+        w = self.compressor.weight
+        c_max = w.shape[1] // self.d_model
+        if chunk == c_max:
+            return w
+        # resize along the token axis only: [w, C_max, d] -> [w, C, d]
+        taps = w.view(self.width, c_max, self.d_model).permute(0, 2, 1)
+        taps = F.interpolate(taps, size=chunk, mode="linear", align_corners=False)
+        return taps.permute(0, 2, 1).reshape(self.width, chunk * self.d_model)
+
+    def _dummy(self, chunk: int) -> torch.Tensor:
+        return self.dummy[int(math.log2(chunk)) if self.config.max_chunk_size else 0]
+
+    def _heads(self, z: torch.Tensor, pos: torch.Tensor | None):
+        """``z [B, T, w]`` -> roped/normed ``q, k, v`` as ``[B, T, nh, hd]``."""
+        b, t, _ = z.shape
+        q, k, v = self.qkv(z).view(b, t, 3, self.num_heads, self.head_dim).unbind(2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if pos is not None:
+            q, k = _rope(q, pos, self.config.rope_base), _rope(k, pos, self.config.rope_base)
+        return q, k, v
+
+    def _slots(self, x_chunks: torch.Tensor, chunk: int) -> torch.Tensor:
+        """``[B, N, C·d]`` chunk inputs -> s-slot inputs ``[B, N, w]`` (``f_c``)."""
+        return F.linear(x_chunks, self._compressor_weight(chunk).to(x_chunks.dtype),
+                        self.compressor.bias.to(x_chunks.dtype))
+
+    def _parallel(self, x: torch.Tensor) -> torch.Tensor:
+        from swapformer.kernels.cat import cat_attention
+
+        b, t, d = x.shape
+        c = self.chunk_size
+        n = -(-t // c)
+        xp = F.pad(x, (0, 0, 0, n * c - t))
+        s_in = torch.cat([self._dummy(c).to(x.dtype).expand(b, 1, -1),
+                          self._slots(xp.view(b, n, c * d), c)], 1)  # [B, N+1, w]
+        qs, ks, vs = self._heads(s_in, None)
+        pos = torch.arange(n * c, device=x.device) % c + 1
+        qt, kt, vt = self._heads(self.expand(xp), pos)
+        o_tok = cat_attention(qt, kt, vt, ks[:, 1:], vs[:, 1:], chunk_size=c,
+                              scale=self.scale, sink_k=ks[0, 0], sink_v=vs[0, 0])
+        o_s = F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2),
+                                             vs.transpose(1, 2), is_causal=True,
+                                             scale=self.scale).transpose(1, 2)
+        # output map: the last token of chunk c is answered by s_{c+1}
+        o = o_tok.view(b, n, c, self.num_heads, self.head_dim).clone()
+        o[:, :, c - 1] = o_s[:, 1:]
+        return o.view(b, n * c, self.width)[:, :t]
+
+    def _project_out(self, o: torch.Tensor) -> torch.Tensor:
+        b, t, _ = o.shape
+        y = self.final(self.wo(o)).view(b, t, self.out_heads, self.out_head_dim)
+        return y.transpose(1, 2)
+
+    def _init_state(self, x: torch.Tensor, state: dict) -> None:
+        """State after a prefill of ``x`` from position 0 (chunks compressed, the rest raw)."""
+        b, t, d = x.shape
+        c = self.chunk_size
+        n = t // c
+        s_in = torch.cat([self._dummy(c).to(x.dtype).expand(b, 1, -1),
+                          self._slots(x[:, : n * c].reshape(b, n, c * d), c)], 1)
+        _, ks, vs = self._heads(s_in, None)
+        rest = x[:, n * c :]
+        _, kt, vt = self._heads(self.expand(rest), torch.arange(rest.shape[1], device=x.device) + 1)
+        state.update(sk=ks, sv=vs, tk=kt, tv=vt, x=rest, pos=t, chunk_size=c)
+
+    def _step(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        """One token ``x [B, 1, d]`` at position ``state["pos"]`` -> attention output ``[B, 1, w]``."""
+        c, p = state["chunk_size"], state["pos"]
+        j = p % c
+        q, k, v = self._heads(self.expand(x), torch.tensor([j + 1], device=x.device))
+        tk, tv, xs = (torch.cat([state[n], new], 1) for n, new in (("tk", k), ("tv", v), ("x", x)))
+        if j < c - 1:
+            keys, vals = torch.cat([state["sk"], tk], 1), torch.cat([state["sv"], tv], 1)
+            state.update(tk=tk, tv=tv, x=xs)
+        else:
+            b, d = x.shape[0], x.shape[-1]
+            q, ks, vs = self._heads(self._slots(xs.reshape(b, 1, c * d), c), None)
+            keys, vals = torch.cat([state["sk"], ks], 1), torch.cat([state["sv"], vs], 1)
+            state.update(sk=keys, sv=vals, tk=tk[:, :0], tv=tv[:, :0], x=xs[:, :0])
+        state["pos"] = p + 1
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2),
+                                           vals.transpose(1, 2), scale=self.scale)
+        return o.transpose(1, 2).reshape(x.shape[0], 1, self.width)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        hidden: torch.Tensor | None = None,
+        state: dict | None = None,
+    ) -> torch.Tensor:
+        hidden = require_hidden(hidden, "cat")
+        x = hidden.to(self.expand.weight.dtype)
+        if state is None or state_pos(state) == 0:
+            o = self._parallel(x)
+            if state is not None:
+                self._init_state(x, state)
+            return self._project_out(o).to(hidden.dtype)
+        if state["chunk_size"] != self.chunk_size:
+            raise InputError("the cat chunk size changed during decoding; start a new state")
+        o = torch.cat([self._step(x[:, i : i + 1], state) for i in range(x.shape[1])], 1)
+        return self._project_out(o).to(hidden.dtype)
+
+    def flops_per_token(self, context_len: int) -> int:
+        """Dense projections, the amortised compressor and the attention over s-slots + own chunk."""
+        w, c, d = self.width, self.chunk_size, self.d_model
+        dense = 2 * d * w + 2 * w * 3 * w + 2 * w * w + 2 * w * self.out_heads * self.out_head_dim
+        compress = (2 * c * d * w + 2 * w * 3 * w) // c
+        visible = min(context_len, context_len // c + c) + 1
+        return dense + compress + 4 * w * visible
+
+    def state_bytes(self, context_len: int) -> int:
+        """s-slot and current-chunk keys/values plus the chunk's inputs, fp32."""
+        c = self.chunk_size
+        rows = context_len // c + 1 + min(c, context_len)
+        return (rows * 2 * self.width + c * self.d_model) * 4
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())

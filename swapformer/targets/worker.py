@@ -1,0 +1,300 @@
+"""``"worker"``: worker-sparse attention and FFN (WorkerTransformer, seeds §1) at a pretrained block.
+
+Worker set of a call covering positions ``p0 .. p0+T-1`` with interval ``k``::
+
+    W = { t : t mod k = k−1 } ∪ { p0+T−1 }        (the last position is always a worker)
+
+Attention core (``q, k, v`` are the host's, post-RoPE)::
+
+    [k'|v']_t = β + a₀⊙[k|v]_{t−2} + a₁⊙[k|v]_{t−1} + a₂⊙[k|v]_t     causal depthwise conv, all t
+    o_w = 2 σ(x_w W_G) ⊙ Σ_{j≤w} softmax_j(scale · q_w·k'_j) v'_j         w ∈ W (per head, GQA)
+    o_t = 0                                                                t ∉ W
+
+Mapping: the seed convolves the residual stream before the norm and the projections; a core only
+sees the projected ``k, v``, so the conv runs on them instead (the same map at the identity taps, and
+a linear token mixer either way). The gate reads ``hidden`` (the block input) and multiplies the
+per-head output before the host ``o_proj``; the factor 2 stands in for the seed's ``W_O ← 2·Wo``.
+Start (seeds 1.3): taps ``(0, 0, 1)``, ``β = 0``, ``W_G = 0`` — at ``k = 1`` exactly the host's causal
+attention; for ``k > 1`` no start preserves the host (non-worker rows stop being updated).
+
+FFN core: ``y_t = FFN(x_t)`` for ``t ∈ W`` and ``y_t = 0`` otherwise, with the host FFN copied.
+Residual stream: a non-worker row gets ``x + o_proj(0) + 0``, i.e. it is not updated except for the
+host's o_proj bias (zero in Llama-family hosts), so as in the seed it stays (close to) its embedding
+and acts only as a key/value source. Positions: without a ``state`` the FFN core counts from 0.
+
+Decoding (seeds 1.2, "exact cached form" at core level): ``state`` keeps the conv'd keys/values of every
+past token, the last two raw ``[k|v]`` rows (conv inputs) and ``pos``. Each step's last token is a
+transient worker, so step ``t`` equals the full forward of the prefix ``0..t`` at its last position,
+and equals the full forward of any longer input at residue positions (the seed's prefix inconsistency
+for non-residue positions is by design).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from swapformer.errors import ConfigError, InputError
+from swapformer.sites import AttentionSite, FFNSite, Site
+from swapformer.targets.base import TargetConfig, TargetModule, register_target
+from swapformer.targets.reference import (
+    HostFFN,
+    attention_site_problem,
+    check_full_call,
+    ffn_site_problem,
+    from_kernel_layout,
+    key_keep_from_bias,
+    masked_sdpa,
+    require_hidden,
+    site_model_dim,
+    state_pos,
+    to_kernel_layout,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorkerConfig(TargetConfig):
+    """Options of the ``"worker"`` target.
+
+    Args:
+        interval: worker interval k (every k-th position and the last are workers; 1 = all).
+        conv_kernel: taps of the causal depthwise conv on keys/values (the seed uses 3).
+        gate: learn the output gate ``2 σ(x W_G)`` (False: no gate, output as the host).
+    """
+
+    name = "worker"
+    interval: int = 4
+    conv_kernel: int = 3
+    gate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.interval < 1:
+            raise ConfigError(f"worker interval must be >= 1, got {self.interval}")
+        if self.conv_kernel < 1:
+            raise ConfigError(f"worker conv_kernel must be >= 1, got {self.conv_kernel}")
+
+
+def worker_positions(start: int, length: int, interval: int, device: torch.device) -> torch.Tensor:
+    """Absolute worker positions among ``start .. start+length-1`` (residues plus the last)."""
+    t = torch.arange(start, start + length, device=device)
+    is_worker = (t % interval == interval - 1) | (t == start + length - 1)
+    return t[is_worker]
+
+
+@register_target(WorkerConfig)
+class WorkerAttention(TargetModule):
+    """Worker-sparse attention core; see the module docstring."""
+
+    site_kind = "attention"
+    stateful = True
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        d_model: int,
+        scale: float | None = None,
+        config: WorkerConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or WorkerConfig()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.d_model = d_model
+        self.scale = scale if scale is not None else head_dim**-0.5
+        channels = 2 * num_kv_heads * head_dim
+        taps = torch.zeros(channels, self.config.conv_kernel)
+        taps[:, -1] = 1.0
+        self.conv_weight = nn.Parameter(taps)
+        self.conv_bias = nn.Parameter(torch.zeros(channels))
+        self.gate = nn.Linear(d_model, num_heads * head_dim, bias=False) if self.config.gate else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+
+    @classmethod
+    def unsupported(cls, site: Site, config: TargetConfig) -> str | None:
+        reason = attention_site_problem(site, needs_width=True)
+        if reason is None and site.value_dim not in (0, site.head_dim):
+            return "value head width differs from the key head width"
+        return reason
+
+    @classmethod
+    def from_site(
+        cls, site: Site, config: TargetConfig, weights: Mapping[str, torch.Tensor]
+    ) -> WorkerAttention:
+        assert isinstance(site, AttentionSite) and isinstance(config, WorkerConfig)
+        return cls(site.num_heads, site.num_kv_heads or site.num_heads, site.head_dim,
+                   site_model_dim(site, weights), site.scale, config)
+
+    def _mix(self, k: torch.Tensor, v: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, ...]:
+        """Conv over ``[k|v]`` rows ``[B, T, 2·Hkv·D]``, continuing from the state's last raw rows."""
+        from swapformer.kernels.worker import causal_dwconv
+
+        b, t, hkv, d = k.shape
+        raw = torch.cat([k.reshape(b, t, -1), v.reshape(b, t, -1)], dim=-1)
+        keep_rows = self.config.conv_kernel - 1
+        if state is not None and "conv_in" in state:
+            raw = torch.cat([state["conv_in"], raw], dim=1)
+        u = causal_dwconv(raw, self.conv_weight.to(raw.dtype), self.conv_bias.to(raw.dtype))[:, -t:]
+        if state is not None:
+            state["conv_in"] = raw[:, raw.shape[1] - min(keep_rows, raw.shape[1]):]
+        k2, v2 = u.split(hkv * d, dim=-1)
+        return k2.reshape(b, t, hkv, d), v2.reshape(b, t, hkv, d)
+
+    def _cache(self, k, v, keep, state):
+        """Append this call's keys/values (and padding flags) to the state; return the full ones."""
+        if state is None:
+            return k, v, keep
+        if "k" in state:
+            k, v = torch.cat([state["k"], k], 1), torch.cat([state["v"], v], 1)
+            old = state.get("keep")
+            if old is not None or keep is not None:
+                b, t_old = old.shape[0] if old is not None else k.shape[0], state["k"].shape[1]
+                old = old if old is not None else k.new_ones(b, t_old, dtype=torch.bool)
+                new = keep if keep is not None else k.new_ones(b, k.shape[1] - t_old, dtype=torch.bool)
+                keep = torch.cat([old, new], 1)
+        state["k"], state["v"], state["keep"] = k, v, keep
+        return k, v, keep
+
+    def _workers(self, start: int, t: int, keep: torch.Tensor | None, device: torch.device):
+        """Worker positions of the call, and per-row flags when padding makes them differ by row.
+
+        With right padding the forced-last worker of a row is its last real token, not position
+        ``T-1``: those positions join the union, and ``rows [B, W]`` says which row each serves.
+        """
+        idx = worker_positions(start, t, self.config.interval, device)
+        if keep is None:
+            return idx, None
+        pos = torch.arange(start, start + t, device=device)
+        last_real = torch.where(keep, pos, -1).amax(dim=1)  # [B]
+        residue = pos % self.config.interval == self.config.interval - 1
+        per_row = residue[None] | (pos[None] == last_real[:, None])  # [B, T]
+        if bool((per_row[:, idx - start].all(0)).all()) and bool(per_row.sum(1).eq(len(idx)).all()):
+            return idx, None
+        union = per_row.any(0)
+        return pos[union], per_row[:, union]
+
+    def _attend(self, q_w, k, v, idx, keep):
+        from swapformer.kernels.worker import worker_attention
+
+        if keep is None:
+            return worker_attention(q_w, k, v, idx, scale=self.scale)
+        # padded keys: the kernel has no mask, use SDPA with causal ∧ key-padding rows
+        mask = (torch.arange(k.shape[1], device=k.device)[None, :] <= idx[:, None])[None, None]
+        mask = mask & keep[:, None, None, :]
+        out = masked_sdpa(q_w.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
+        return out.transpose(1, 2)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        hidden: torch.Tensor | None = None,
+        state: dict | None = None,
+    ) -> torch.Tensor:
+        if state is None:
+            check_full_call(q, k, self.target_name)
+        if self.gate is not None:
+            hidden = require_hidden(hidden, self.target_name)
+        b, h, t, _ = q.shape
+        start = state_pos(state)
+        keep = key_keep_from_bias(bias, b, t)
+        k2, v2 = self._mix(to_kernel_layout(k), to_kernel_layout(v), state)
+        k_all, v_all, keep_all = self._cache(k2, v2, keep, state)
+        idx, rows = self._workers(start, t, keep, q.device)
+        o_w = self._attend(to_kernel_layout(q)[:, idx - start], k_all, v_all, idx, keep_all)
+        if self.gate is not None:
+            g = 2.0 * torch.sigmoid(self.gate(hidden[:, idx - start].to(q.dtype)))
+            o_w = o_w * g.view(b, -1, h, self.head_dim)
+        if rows is not None:
+            o_w = o_w * rows[:, :, None, None]
+        out = o_w.new_zeros(b, t, h, self.head_dim)
+        out[:, idx - start] = o_w
+        if state is not None:
+            state["pos"] = start + t
+        return from_kernel_layout(out)
+
+    def flops_per_token(self, context_len: int) -> int:
+        """Average per token: conv on every row; attention and gate on 1/interval of the rows."""
+        h, d, k = self.num_heads, self.head_dim, self.config.interval
+        conv = 2 * self.config.conv_kernel * self.conv_bias.numel()
+        attend = 4 * h * d * context_len
+        gate = 0 if self.gate is None else 2 * self.d_model * h * d + h * d
+        return conv + (attend + gate) // k
+
+    def state_bytes(self, context_len: int) -> int:
+        """Full (conv'd) KV cache of every past token plus the conv's last raw rows, fp32."""
+        rows = context_len + self.config.conv_kernel - 1
+        return rows * self.conv_bias.numel() * 4
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+@register_target(WorkerConfig)
+class WorkerFFN(TargetModule):
+    """Host FFN applied at worker rows only; 0 elsewhere (see the module docstring)."""
+
+    site_kind = "ffn"
+    stateful = True
+
+    def __init__(
+        self,
+        d_model: int,
+        hidden_size: int,
+        activation: str = "gelu",
+        gated: bool = False,
+        bias: bool = True,
+        config: WorkerConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or WorkerConfig()
+        self.ffn = HostFFN(d_model, hidden_size, activation, gated, bias)
+
+    @classmethod
+    def unsupported(cls, site: Site, config: TargetConfig) -> str | None:
+        return ffn_site_problem(site)
+
+    @classmethod
+    def from_site(
+        cls, site: Site, config: TargetConfig, weights: Mapping[str, torch.Tensor]
+    ) -> WorkerFFN:
+        assert isinstance(site, FFNSite) and isinstance(config, WorkerConfig)
+        host = HostFFN.from_site(site, weights)
+        core = cls(host.up.in_features, host.up.out_features, site.activation, site.gated,
+                   config=config)
+        core.ffn = host
+        return core
+
+    def forward(self, x: torch.Tensor, *, state: dict | None = None) -> torch.Tensor:
+        if x.dim() < 2:
+            raise InputError("the worker FFN needs a token axis: x must be [..., T, d_model]")
+        start, t = state_pos(state), x.shape[-2]
+        local = worker_positions(start, t, self.config.interval, x.device) - start
+        y = x.new_zeros(x.shape[:-1] + (self.ffn.down.out_features,))
+        y[..., local, :] = self.ffn(x[..., local, :]).to(y.dtype)
+        if state is not None:
+            state["pos"] = start + t
+        return y
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def flops_per_token(self, context_len: int = 0) -> int:
+        return self.ffn.flops_per_token() // self.config.interval
+
+    def state_bytes(self, context_len: int = 0) -> int:
+        return 0
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+

@@ -1,0 +1,43 @@
+"""Shared target helpers: reading key padding out of host masks."""
+
+from __future__ import annotations
+
+import torch
+from target_helpers import padding_bias
+
+from swapformer.targets.reference import key_keep_from_bias, uniform_gate_bias
+
+
+def test_right_padding_is_read_from_an_hf_mask():
+    keep = key_keep_from_bias(padding_bias([6, 4], 6), 2, 6)
+    assert keep.tolist() == [[True] * 6, [True] * 4 + [False] * 2]
+
+
+def test_left_padding_with_unmasked_rows():
+    # hosts fill fully masked (left-pad) rows with zeros so SDPA does not return NaN
+    t, pad = 6, 2
+    real = torch.arange(t) >= pad
+    keep = torch.ones(t, t).tril().bool() & real[None, :]
+    keep[:pad] = True
+    bias = torch.zeros(1, 1, t, t).masked_fill(~keep, float("-inf"))
+    assert key_keep_from_bias(bias, 1, t).tolist() == [[False] * pad + [True] * (t - pad)]
+
+
+def test_sliding_window_mask_is_not_padding():
+    t = 8
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    window = (j <= i) & (i - j < 3)
+    assert key_keep_from_bias(window[None, None], 1, t) is None
+    assert key_keep_from_bias(None, 1, t) is None
+
+
+def test_decode_call_reads_the_new_keys_only():
+    bias = torch.zeros(2, 1, 1, 5)
+    bias[1, ..., 4] = float("-inf")
+    # one new token whose key is padding in row 1 (its own row hides it)
+    assert key_keep_from_bias(bias, 2, 1).tolist() == [[True], [False]]
+
+
+def test_uniform_gate_bias_range():
+    u = torch.sigmoid(uniform_gate_bias(16, torch.Generator().manual_seed(0)))
+    assert u.min() >= 1 / 16 - 1e-6 and u.max() <= 1 - 1 / 16 + 1e-6

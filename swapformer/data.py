@@ -86,7 +86,8 @@ def as_documents(data: Any, tokenizer: Any = None) -> list[torch.Tensor]:
     if isinstance(data, torch.Tensor):
         return _tensor_documents(data)
     if isinstance(data, (str, Path)):
-        return tokenize_documents(_read_texts(Path(data)), _need(tokenizer, "text files"))
+        tokenizer = _need(tokenizer, "text files")
+        return tokenize_documents(_read_texts(Path(data)), tokenizer)
     if hasattr(data, "column_names"):
         return _dataset_documents(data, tokenizer)
     if isinstance(data, Iterable):

@@ -12,11 +12,13 @@ generate a sample. One table goes to stdout; the table, a JSON file and a plot g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,24 +119,36 @@ def run_target(name: str, prepared: Any, teacher: nn.Module, data: tuple, args: 
     tokenizer, train, heldout = data
     row = Row(name)
     try:
-        student = prepared.rewrite(name, **DEFAULT_TARGETS.get(name, {}))
+        with phase(f"{name}: rewrite"):
+            student = prepared.rewrite(name, **DEFAULT_TARGETS.get(name, {}))
     except Exception as exc:  # one target failing must not hide the others: recorded in the table
         log.exception("rewrite to %s failed", name)
         row.error = f"{type(exc).__name__}: {exc}"
         return row
     report = student.swapformer_report
     row.replaced, row.skipped = len(report.replaced), len(report.skipped)
-    row.ppl_before = perplexity(student, heldout)
-    row.calib_tokens, row.calib_seconds = calibrate(student, teacher, train, args)
-    row.ppl_after = perplexity(student, heldout) if row.calib_tokens else row.ppl_before
-    speed = compare_speed({"original": teacher, name: student}, heldout[:1, :args.eval_len], decode_steps=8)
+    with phase(f"{name}: perplexity before calibration"):
+        row.ppl_before = perplexity(student, heldout)
+    with phase(f"{name}: calibration"):
+        row.calib_tokens, row.calib_seconds = calibrate(student, teacher, train, args)
+    with phase(f"{name}: perplexity after calibration"):
+        row.ppl_after = perplexity(student, heldout) if row.calib_tokens else row.ppl_before
+    with phase(f"{name}: speed vs the original"):
+        speed = compare_speed({"original": teacher, name: student}, heldout[:1, :args.eval_len], decode_steps=8)
     row.prefill_ratio = speed[name].prefill_tokens_per_s / speed["original"].prefill_tokens_per_s
     row.decode_ratio = speed["original"].decode_ms_per_token / speed[name].decode_ms_per_token
-    context = 2048
-    state = state_bytes(student, context)
+    state = state_bytes(student, 2048)
     row.state_ratio = state / baseline["kv_bytes"] if state is not None else None
-    row.sample = sample(student, tokenizer, args.sample_tokens)
+    with phase(f"{name}: sample"):
+        row.sample = sample(student, tokenizer, args.sample_tokens)
     return row
+
+
+@contextlib.contextmanager
+def phase(what: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    log.info("%s: %.1fs", what, time.perf_counter() - start)
 
 
 def fmt(value: float | None, spec: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 from torch import nn
@@ -53,7 +54,10 @@ def add_lora(model: nn.Module, targets: list[str], *, rank: int, alpha: float | 
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
                         lora_dropout=dropout, target_modules=list(targets), bias="none")
     logger.info("LoRA r=%d on %d modules", rank, len(targets))
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft probes transformers' deprecated gradient-checkpointing attribute.
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config)
 
 
 def is_lora_parameter(name: str) -> bool:

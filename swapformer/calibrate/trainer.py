@@ -23,7 +23,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from swapformer.calibrate.checkpoint import Checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from swapformer.calibrate.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from swapformer.calibrate.config import CalibrationConfig, Stage
 from swapformer.calibrate.dist import (
     DistContext,
@@ -169,8 +175,6 @@ class _Calibration:
         self.calibrated: set[int] = set()
         self._flags = {id(p): p.requires_grad for p in student.parameters()}
 
-    # -- the run -------------------------------------------------------------------------------
-
     def run(self) -> CalibrationResult:
         t0 = time.perf_counter()
         self.base.to(self.device)
@@ -185,6 +189,9 @@ class _Calibration:
                 results.append(self._stage(i, stage, ckpt if i == start else None, done=i < start))
             if ckpt is not None and start >= len(self.config.stages):
                 self._load_tensors(ckpt)
+        except BaseException:
+            self._abort()
+            raise
         finally:
             self.base.train(student_mode)
             if self.teacher is not None:
@@ -195,6 +202,13 @@ class _Calibration:
             heldout=self.splits.heldout, eval_perplexity=self._evaluate(model),
             resumed_from_step=ckpt.state["global_step"] if ckpt else None,
         )
+
+    def _abort(self) -> None:
+        """After an error: take the LoRA adapters out (unmerged) and restore requires_grad."""
+        if self.peft is not None:
+            self.peft.unload()
+            self.peft = None
+        self._restore_flags(self.base)
 
     def _prepare_teacher(self) -> bool:
         if self.teacher is None:
@@ -229,10 +243,13 @@ class _Calibration:
         model: nn.Module = self.base
         if self.peft is not None:
             model = merge_lora(self.peft) if self.config.merge_lora else self.peft
+        self._restore_flags(model)
+        return model
+
+    def _restore_flags(self, model: nn.Module) -> None:
         for p in model.parameters():
             if id(p) in self._flags:
                 p.requires_grad_(self._flags[id(p)])
-        return model
 
     def _evaluate(self, model: nn.Module) -> float | None:
         heldout = self.splits.heldout
@@ -244,8 +261,6 @@ class _Calibration:
         except InputError as e:
             logger.info("no held-out perplexity: %s", e)
             return None
-
-    # -- parameters ------------------------------------------------------------------------------
 
     def _ensure_lora(self, index: int) -> None:
         if self.peft is not None:
@@ -281,8 +296,6 @@ class _Calibration:
         with torch.no_grad():
             for name, value in ckpt.tensors.items():
                 params[name].copy_(value)
-
-    # -- checkpoints -----------------------------------------------------------------------------
 
     def _resume_checkpoint(self) -> Checkpoint | None:
         if not (self.config.resume and self.config.checkpoint_dir):
@@ -388,7 +401,7 @@ class _StageRun:
                 if loss is None:
                     retries += 1
                     failed_at = self.step if failed_at is None else max(failed_at, self.step)
-                    self._rollback(good, retries)
+                    self._rollback(good, retries, failed_at)
                     continue
                 good = before or good
                 self.step += 1
@@ -412,7 +425,7 @@ class _StageRun:
         loss.backward()
         average_gradients(self.params, cal.ctx)
         norm = _grad_norm(self.params)
-        mean_loss, mean_norm = all_reduce_mean([float(loss), float(norm)], cal.ctx, cal.device)
+        mean_loss, mean_norm = all_reduce_mean([float(loss.detach()), float(norm)], cal.ctx, cal.device)
         if not (math.isfinite(mean_loss) and math.isfinite(mean_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return None
@@ -440,14 +453,12 @@ class _StageRun:
             cal.checkpoint(self.index, self.step, self.lr_scale, self.optimizer.state_dict())
         cal.maybe_crash()
 
-    # -- losses --------------------------------------------------------------------------------
-
     def _transfer_loss(self, hooks: TransferHooks, batch: torch.Tensor) -> torch.Tensor:
         losses = hooks.run(lambda: call_model(self.cal.base, batch))
         window = self.config.log_every
         for name, value in losses.items():
             recent = self._site_sums.setdefault(name, [])
-            recent.append(float(value))
+            recent.append(float(value.detach()))
             del recent[:-window]
         return self.stage.loss_scale * torch.stack(list(losses.values())).mean()
 
@@ -463,18 +474,16 @@ class _StageRun:
             loss = loss + self.stage.lm_weight * lm_loss(logits, batch)
         return loss
 
-    # -- rollback ------------------------------------------------------------------------------
-
     def _snapshot(self) -> _Snapshot:
         return _Snapshot(step=self.step, global_step=self.cal.global_step, position=self.cal.position,
                          params=[p.detach().clone() for p in self.params],
                          optimizer=copy.deepcopy(self.optimizer.state_dict()))
 
-    def _rollback(self, good: _Snapshot, retries: int) -> None:
+    def _rollback(self, good: _Snapshot, retries: int, failed_at: int) -> None:
         self.result.rollbacks += 1
         if retries > self.config.nan_retries:
             raise CalibrationDiverged(
-                f"{self.stage.kind} stage: non-finite loss or gradients at step {self.step + 1} "
+                f"{self.stage.kind} stage: non-finite loss or gradients at step {failed_at + 1} "
                 f"persisted after {self.config.nan_retries} rollbacks (lr lowered to "
                 f"{self.stage.peak_lr() * self.lr_scale:.3g}); lower lr, check the inputs, or use "
                 "autocast_dtype=None")
@@ -483,8 +492,8 @@ class _StageRun:
             for p, value in zip(self.params, good.params):
                 p.copy_(value)
         self.optimizer.load_state_dict(copy.deepcopy(good.optimizer))
-        logger.warning("%s step %d: non-finite loss or gradients; rolled back to step %d, lr x%.3g",
-                       self.stage.kind, self.step + 1, good.step, self.lr_scale)
+        logger.warning("%s step %d: non-finite loss or gradients; rolled back to before step %d, "
+                       "lr x%.3g", self.stage.kind, self.step + 1, good.step + 1, self.lr_scale)
         self.step = good.step
         self.cal.global_step = good.global_step
         self.cal.position = good.position

@@ -31,28 +31,36 @@ def timed(fn: Callable[[], Any]) -> float:
 @torch.no_grad()
 def decode_seconds(model: nn.Module, input_ids: torch.Tensor, steps: int) -> float:
     """Mean seconds per greedy decode step with the model's cache, after a prefill of ``input_ids``."""
+    return prefill_and_decode(model, input_ids, steps)[1]
+
+
+@torch.no_grad()
+def prefill_and_decode(model: nn.Module, input_ids: torch.Tensor, steps: int) -> tuple[float, float]:
+    """(seconds of a cached prefill of ``input_ids``, mean seconds per following greedy decode step)."""
+    start = time.perf_counter()
     out = model(input_ids=input_ids, use_cache=True)
+    prefill = time.perf_counter() - start
     past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(steps):
         out = model(input_ids=token, past_key_values=past, use_cache=True)
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return (time.perf_counter() - start) / steps
+    return prefill, (time.perf_counter() - start) / max(steps, 1)
 
 
 @torch.no_grad()
 def compare_speed(models: Mapping[str, nn.Module], input_ids: torch.Tensor, *, decode_steps: int = 8,
-                  rounds: int = 3) -> dict[str, Speed]:
-    """Prefill tokens/s and decode ms/token of each causal LM, measured in alternating rounds."""
+                  rounds: int = 2) -> dict[str, Speed]:
+    """Prefill tokens/s and decode ms/token of each causal LM (with its cache), in alternating rounds."""
     prefill: dict[str, list[float]] = {name: [] for name in models}
     decode: dict[str, list[float]] = {name: [] for name in models}
     for m in models.values():
-        m(input_ids=input_ids)  # warm-up
+        prefill_and_decode(m, input_ids[:, :8], 1)  # warm-up
     for _ in range(rounds):
         for name, m in models.items():
-            prefill[name].append(timed(lambda m=m: m(input_ids=input_ids, use_cache=False)))
-            if decode_steps:
-                decode[name].append(decode_seconds(m, input_ids, decode_steps))
+            p, d = prefill_and_decode(m, input_ids, decode_steps)
+            prefill[name].append(p)
+            decode[name].append(d)
     tokens = input_ids.numel()
     return {
         name: Speed(tokens / statistics.median(prefill[name]),

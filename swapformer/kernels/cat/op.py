@@ -32,13 +32,13 @@ def cat_attention_op(
 
         return tri.cat_fwd(q, k, v, kc, vc, sink_k, sink_v, chunk_size, scale)
     o, lse = naive_cat_attention(q, k, v, kc, vc, chunk_size, scale, sink_k, sink_v, return_lse=True)
-    return o, lse.float()
+    return o.contiguous(), lse.float().contiguous()
 
 
 @cat_attention_op.register_fake
 def _(q, k, v, kc, vc, sink_k, sink_v, chunk_size, scale, backend):
     B, T, H, _ = q.shape
-    return torch.empty_like(q), q.new_empty(B, H, T, dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(B, H, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("swapformer::cat_attention_bwd", mutates_args=())
@@ -69,19 +69,19 @@ def cat_attention_bwd_op(
         fn = lambda q, k, v, kc, vc: naive_cat_attention(q, k, v, kc, vc, chunk_size, scale)
         _, vjp = torch.func.vjp(fn, q, k, v, kc, vc)
         zeros = q.new_zeros(Hkv, D)
-        return tuple(g.clone() for g in vjp(do)) + (zeros, zeros.clone())
+        return tuple(g.contiguous() for g in vjp(do)) + (zeros, zeros.clone())
     fn = lambda *a: naive_cat_attention(*a[:5], chunk_size, scale, a[5], a[6])
     _, vjp = torch.func.vjp(fn, q, k, v, kc, vc, sink_k, sink_v)
-    return tuple(g.clone() for g in vjp(do))
+    return tuple(g.contiguous() for g in vjp(do))
 
 
 @cat_attention_bwd_op.register_fake
 def _(do, q, k, v, kc, vc, sink_k, sink_v, o, lse, chunk_size, scale, backend):
     Hkv, D = k.shape[2], k.shape[3]
-    grads = tuple(torch.empty_like(x) for x in (q, k, v, kc, vc))
+    grads = tuple(x.new_empty(x.shape) for x in (q, k, v, kc, vc))
     if sink_k is None:
         return grads + (q.new_empty(Hkv, D), q.new_empty(Hkv, D))
-    return grads + (torch.empty_like(sink_k), torch.empty_like(sink_v))
+    return grads + (sink_k.new_empty(sink_k.shape), sink_v.new_empty(sink_v.shape))
 
 
 def _setup_context(ctx, inputs, output):

@@ -47,8 +47,13 @@ def naive_elita_attention(
         S = S + initial_state[0].to(acc)[:, None]
         Z = Z + initial_state[1].to(acc)[:, None]
     y = (Q[..., None] * S + D[..., None] * va) / (Q * Z + D)[..., None]
-    final = (S[:, -1], Z[:, -1]) if output_final_state else None
-    return y.to(v.dtype), final
+    if not output_final_state:
+        return y.to(v.dtype), None
+    if v.shape[1] == 0:
+        B, _, H, V = v.shape
+        zeros = (va.new_zeros(B, H, V), va.new_zeros(B, H))
+        return y.to(v.dtype), zeros if initial_state is None else tuple(s.to(acc) for s in initial_state)
+    return y.to(v.dtype), (S[:, -1], Z[:, -1])
 
 
 def naive_elita_attention_softmax(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from swapformer.kernels.elita.naive import naive_elita_attention
+from swapformer.kernels.utils import acc_dtype
 
 Tensor = torch.Tensor
 
@@ -30,20 +31,22 @@ def elita_attention_op(
     clip: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward: ``(y [B, T, H, V], S_T [B, H, V] fp32, Z_T [B, H] fp32)``."""
+    """Forward: ``(y [B, T, H, V], S_T [B, H, V], Z_T [B, H])``, states fp32 (fp64 for fp64 inputs)."""
     if backend == "triton":
         from swapformer.kernels.elita import triton as tri
 
         return tri.elita_fwd(kappa, delta, rho, v, S0, Z0, clip)
     y, S, Z = _naive(kappa, delta, rho, v, S0, Z0, clip)
-    return y, S.float().clone(), Z.float().clone()
+    acc = acc_dtype(v.dtype)
+    # clone: with T = 0 the final sums are the initial-state tensors themselves
+    return y.contiguous(), S.to(acc).clone(), Z.to(acc).clone()
 
 
 @elita_attention_op.register_fake
 def _(kappa, delta, rho, v, S0, Z0, clip, backend):
     B, T, H, V = v.shape
-    f32 = torch.float32
-    return torch.empty_like(v), v.new_empty(B, H, V, dtype=f32), v.new_empty(B, H, dtype=f32)
+    acc = acc_dtype(v.dtype)
+    return v.new_empty(v.shape), v.new_empty(B, H, V, dtype=acc), v.new_empty(B, H, dtype=acc)
 
 
 @torch.library.custom_op("swapformer::elita_attention_bwd", mutates_args=())
@@ -63,27 +66,27 @@ def elita_attention_bwd_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward: ``(dkappa, ddelta, drho, dv, dS0, dZ0)`` (state grads zero when there is no state)."""
     B, T, H, V = v.shape
-    dS = torch.zeros(B, H, V, dtype=torch.float32, device=v.device) if dS is None else dS.float()
-    dZ = torch.zeros(B, H, dtype=torch.float32, device=v.device) if dZ is None else dZ.float()
+    acc = acc_dtype(v.dtype)
+    dS = torch.zeros(B, H, V, dtype=acc, device=v.device) if dS is None else dS.to(acc)
+    dZ = torch.zeros(B, H, dtype=acc, device=v.device) if dZ is None else dZ.to(acc)
     if backend == "triton":
         from swapformer.kernels.elita import triton as tri
 
         return tri.elita_bwd(dy, dS, dZ, kappa, delta, rho, v, S0, Z0, y, clip)
-    has_state = S0 is not None
-    if not has_state:
-        S0, Z0 = v.new_zeros(B, H, V, dtype=torch.float32), v.new_zeros(B, H, dtype=torch.float32)
+    if S0 is None:
+        S0, Z0 = v.new_zeros(B, H, V, dtype=acc), v.new_zeros(B, H, dtype=acc)
     fn = lambda *a: _naive(*a, clip)
-    _, vjp = torch.func.vjp(fn, kappa, delta, rho, v, S0.float(), Z0.float())
-    grads = vjp((dy, dS.to(S0.dtype), dZ.to(Z0.dtype)))
-    return tuple(g.clone() for g in grads)
+    _, vjp = torch.func.vjp(fn, kappa, delta, rho, v, S0.to(acc), Z0.to(acc))
+    grads = vjp((dy, dS, dZ))
+    return tuple(g.contiguous() for g in grads)
 
 
 @elita_attention_bwd_op.register_fake
 def _(dy, dS, dZ, kappa, delta, rho, v, S0, Z0, y, clip, backend):
     B, T, H, V = v.shape
-    f32 = torch.float32
-    out = tuple(torch.empty_like(x) for x in (kappa, delta, rho, v))
-    return out + (v.new_empty(B, H, V, dtype=f32), v.new_empty(B, H, dtype=f32))
+    acc = acc_dtype(v.dtype)
+    out = tuple(x.new_empty(x.shape) for x in (kappa, delta, rho, v))
+    return out + (v.new_empty(B, H, V, dtype=acc), v.new_empty(B, H, dtype=acc))
 
 
 def _setup_context(ctx, inputs, output):

@@ -74,6 +74,9 @@ def naive_fastweight_decay_chunked(
     B, T, H, K = q.shape
     V = v.shape[-1]
     acc = acc_dtype(q.dtype)
+    if T == 0:
+        S = q.new_zeros(B, H, V, K, dtype=acc) if initial_state is None else initial_state.to(acc)
+        return q.new_empty(B, 0, H, V), (S if output_final_state else None)
     C = chunk_size
     N = -(-T // C)
     pad = N * C - T

@@ -42,7 +42,7 @@ def _primitive(backend: str, chunk_size: int, recurrent: bool) -> Primitive:
             o, ht = naive_fastweight_decay_recurrent(q, k, v, f, fhat, h0, True)
         else:
             o, ht = naive_fastweight_decay_chunked(q, k, v, f, fhat, h0, True, chunk_size)
-        return o.to(out_dtype), ht
+        return o.to(out_dtype).contiguous(), ht
 
     return run
 
@@ -101,7 +101,7 @@ def _(do, dht, q, k, v, f, fhat, initial_state, o, ht, chunk_size, recurrent, ba
     B, _, H, K = q.shape
     V = v.shape[-1]
     dh0 = q.new_empty(B, H, V, K, dtype=torch.float32 if initial_state is None else initial_state.dtype)
-    return tuple(torch.empty_like(x) for x in (q, k, v, f, fhat)) + (dh0,)
+    return tuple(x.new_empty(x.shape) for x in (q, k, v, f, fhat)) + (dh0,)
 
 
 def _setup_context(ctx, inputs, output):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from swapformer.kernels.utils import acc_dtype
 from swapformer.kernels.worker.naive import naive_causal_dwconv, naive_worker_attention
 
 Tensor = torch.Tensor
@@ -30,13 +31,13 @@ def worker_attention_op(
 
         return tri.worker_fwd(q_w, k, v, worker_idx, scale)
     o = naive_worker_attention(q_w, k, v, worker_idx, scale)
-    return o, _naive_worker_lse(q_w, k, worker_idx, scale)
+    return o.contiguous(), _naive_worker_lse(q_w, k, worker_idx, scale).contiguous()
 
 
 @worker_attention_op.register_fake
 def _(q_w, k, v, worker_idx, scale, backend):
     B, W, H, _ = q_w.shape
-    return torch.empty_like(q_w), q_w.new_empty(B, H, W, dtype=torch.float32)
+    return q_w.new_empty(q_w.shape), q_w.new_empty(B, H, W, dtype=torch.float32)
 
 
 @torch.library.custom_op("swapformer::worker_attention_bwd", mutates_args=())
@@ -58,12 +59,12 @@ def worker_attention_bwd_op(
         return tri.worker_bwd(do, q_w, k, v, worker_idx, o, lse, scale)
     fn = lambda q_w, k, v: naive_worker_attention(q_w, k, v, worker_idx, scale)
     _, vjp = torch.func.vjp(fn, q_w, k, v)
-    return tuple(g.clone() for g in vjp(do))
+    return tuple(g.contiguous() for g in vjp(do))
 
 
 @worker_attention_bwd_op.register_fake
 def _(do, q_w, k, v, worker_idx, o, lse, scale, backend):
-    return torch.empty_like(q_w), torch.empty_like(k), torch.empty_like(v)
+    return q_w.new_empty(q_w.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _worker_setup(ctx, inputs, output):
@@ -90,15 +91,15 @@ def causal_dwconv_op(
         from swapformer.kernels.worker import triton as tri
 
         return tri.dwconv_fwd(x, weight, bias, worker_idx)
-    u = naive_causal_dwconv(x, weight, bias)
-    uw = u[:, worker_idx] if worker_idx is not None else u.new_empty(u.shape[0], 0, u.shape[2])
+    u = naive_causal_dwconv(x, weight, bias).contiguous()
+    uw = u[:, worker_idx].contiguous() if worker_idx is not None else u.new_empty(u.shape[0], 0, u.shape[2])
     return u, uw
 
 
 @causal_dwconv_op.register_fake
 def _(x, weight, bias, worker_idx, backend):
     W = 0 if worker_idx is None else worker_idx.shape[0]
-    return torch.empty_like(x), x.new_empty(x.shape[0], W, x.shape[2])
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], W, x.shape[2])
 
 
 @torch.library.custom_op("swapformer::causal_dwconv_bwd", mutates_args=())
@@ -123,15 +124,15 @@ def causal_dwconv_bwd_op(
         fn = lambda x, w: naive_causal_dwconv(x, w, None)
         _, vjp = torch.func.vjp(fn, x, weight)
         dx, dw = vjp(du)
-        db = du.float().sum((0, 1))
+        db = du.to(acc_dtype(du.dtype)).sum((0, 1))
     db = db.to(bias.dtype) if bias is not None else db.to(weight.dtype)
-    return dx.clone(), dw.clone(), db
+    return dx.contiguous(), dw.contiguous(), db
 
 
 @causal_dwconv_bwd_op.register_fake
 def _(du, duw, x, weight, bias, worker_idx, backend):
-    db = torch.empty_like(bias) if bias is not None else weight.new_empty(weight.shape[0])
-    return torch.empty_like(x), torch.empty_like(weight), db
+    db = bias.new_empty(bias.shape) if bias is not None else weight.new_empty(weight.shape[0])
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), db
 
 
 def _dwconv_setup(ctx, inputs, output):

@@ -17,10 +17,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from swapformer.kernels.fastweight.naive import (
-    naive_fastweight_decay_chunked,
-    naive_fastweight_decay_recurrent,
-)
+from swapformer.kernels.fastweight.chunked import chunked_fastweight_decay
+from swapformer.kernels.fastweight.naive import naive_fastweight_decay_recurrent
 from swapformer.kernels.utils import LOG_GATE_MIN, acc_dtype
 
 Tensor = torch.Tensor
@@ -41,7 +39,8 @@ def _primitive(backend: str, chunk_size: int, recurrent: bool) -> Primitive:
         if recurrent:
             o, ht = naive_fastweight_decay_recurrent(q, k, v, f, fhat, h0, True)
         else:
-            o, ht = naive_fastweight_decay_chunked(q, k, v, f, fhat, h0, True, chunk_size)
+            # the factorised chunked form: same math as the naive spec, without [C, C, D] tensors
+            o, ht = chunked_fastweight_decay(q, k, v, f, fhat, h0, True)
         return o.to(out_dtype).contiguous(), ht
 
     return run

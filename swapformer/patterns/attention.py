@@ -124,7 +124,7 @@ def _products_after(g: Graph, node: fx.Node, dropout: tuple[float, bool], depth:
     out: list[tuple[fx.Node, float]] = []
     for user in node.users:
         op = g.op(user)
-        if op == "matmul" and user.args[0] is node or op == "einsum" and user.args[1][0] is node:
+        if op == "matmul" and user.args[0] is node or op == "einsum" and einsum_operands(user)[0] is node:
             out.append((user, dropout))
         elif depth > 0 and (op in _PASS_PROBS or op == "getitem"):
             p = (_dropout_p(g, user), _dropout_runs(g, user)) if op == "dropout" else dropout
@@ -159,16 +159,21 @@ def _read_pv(g: Graph, m: AttentionMatch, pv: fx.Node) -> NoMatch | None:
     d_i = [c for c in v_idx if c not in p_idx]
     if len(d_i) != 1 or set(v_idx) != set(batch) | {k_i, d_i[0]} or set(out_idx) != set(batch) | {q_i, d_i[0]}:
         return NoMatch("einsum %s is not probs·values", pv.name)
-    m.v = pv.args[1][1]
+    m.v = einsum_operands(pv)[1]
     m.v_perm = [v_idx.index(c) for c in [*batch, k_i, d_i[0]]]
     canon = [*batch, q_i, d_i[0]]
     m.out_perm = [canon.index(c) for c in out_idx]
     return None
 
 
+def einsum_operands(node: fx.Node) -> list:
+    """ATen passes einsum operands as one list; torch-level graphs (Dynamo) as separate arguments."""
+    return list(node.args[1]) if isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
+
+
 def _einsum_spec(node: fx.Node) -> tuple[tuple[str, str], str] | None:
-    eq, operands = node.args[0], node.args[1]
-    if not isinstance(eq, str) or len(operands) != 2 or "..." in eq:
+    eq, operands = node.args[0], einsum_operands(node)
+    if not isinstance(eq, str) or len(operands) != 2 or "->" not in eq or "..." in eq:
         return None
     lhs, out = eq.replace(" ", "").split("->")
     a, b = lhs.split(",")
@@ -293,7 +298,7 @@ def _read_qk(g: Graph, m: AttentionMatch, prod: fx.Node) -> AttentionMatch | NoM
         err = _read_qk_einsum(m, prod, spec)
         if err is not None:
             return err
-        a, b = prod.args[1]
+        a, b = einsum_operands(prod)
         m.form = "einsum-softmax"
     m.q, m.k = a, b
     m.k_transposed = op != "einsum"

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from zoo import CASES
 
 import swapformer
 from swapformer.targets.base import TargetModule
-from zoo import CASES
 
 TARGETS = {
     "window": {"window": 4, "sinks": 1},

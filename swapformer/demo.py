@@ -62,12 +62,12 @@ class Row:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m swapformer.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated targets")
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps per calibration stage")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps per calibration stage")
     p.add_argument("--seq-len", type=int, default=128, help="calibration sequence length")
     p.add_argument("--batch-size", type=int, default=2, help="calibration batch size")
     p.add_argument("--eval-len", type=int, default=256, help="perplexity window length")
-    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches of 2 windows")
-    p.add_argument("--sample-tokens", type=int, default=20)
+    p.add_argument("--eval-batches", type=int, default=2, help="held-out batches of 2 windows")
+    p.add_argument("--sample-tokens", type=int, default=16)
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     return p.parse_args(argv)
 

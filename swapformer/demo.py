@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=2, help="held-out batches of 2 windows")
     p.add_argument("--sample-tokens", type=int, default=16)
     p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("--write-results", type=Path, metavar="RESULTS_MD",
+                   help="also append the table, with date, machine and command, to this markdown file")
     return p.parse_args(argv)
 
 
@@ -223,7 +225,23 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(
         {"teacher_ppl": teacher_ppl, "rows": [dataclasses.asdict(r) for r in rows], "minutes": minutes}, indent=2))
     plot(rows, teacher_ppl, args.out / "quality_vs_speed.png")
+    if args.write_results:
+        append_results(args.write_results, report, argv)
     return 0
+
+
+def append_results(path: Path, report: str, argv: list[str] | None) -> None:
+    import datetime
+    import os
+    import platform
+
+    command = "python -m swapformer.demo " + " ".join(sys.argv[1:] if argv is None else argv)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    header = (f"\n## SmolLM2-135M: every target, brief calibration (demo)\n\n{datetime.date.today()}, "
+              f"{platform.machine()} CPU, {os.cpu_count()} cores (1-min load {load:.1f} at the end), "
+              f"torch {torch.__version__}, fp32. Command: `{command}`\n\n")
+    with open(path, "a") as f:
+        f.write(header + report + "\n")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,10 @@ from tests.zoo import ZOO  # noqa: E402
 def inductor_fused(model: torch.nn.Module, inputs) -> int:
     """How many attention patterns Inductor's fuse_attention pass rewrote while compiling ``model``."""
     from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
 
+    # a cache hit skips Inductor's pattern passes and would count 0 fusions
+    inductor_config.force_disable_caches = True
     torch._dynamo.reset()
     counters.clear()
     args, kwargs = normalize_inputs(inputs)

@@ -282,8 +282,8 @@ def entry_targets(entry: ZooEntry, targets: list[str]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``swapformer zoo``."""
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[1],
-                                epilog="see the swapformer.zoo module docstring for the zoo file format",
+    first, _usage, _synopsis, rest = __doc__.split("\n\n", 3)
+    p = argparse.ArgumentParser(prog=PROG, description=f"{first}\n\n{rest}",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("zoo", metavar="ZOO.toml", help="the zoo file")
     p.add_argument("--target", "-t", default="sdpa",
@@ -433,21 +433,26 @@ class _Running:
 def run_workers(work_files: list[Path], jobs: int, timeout: float | None) -> None:
     """Run one worker process per work file, ``jobs`` at a time; record crashes and timeouts."""
     queue, running, done = list(work_files), [], 0
-    while queue or running:
-        while queue and len(running) < jobs:
-            running.append(_start(queue.pop(0), timeout))
-        time.sleep(0.1)
-        for job in list(running):
-            rc = job.proc.poll()
-            late = rc is None and time.monotonic() - job.started > job.timeout
-            if late:
-                _kill(job.proc)
-                rc = job.proc.wait()
-            if rc is not None:
-                running.remove(job)
-                job.log_file.close()
-                done += 1
-                _finish(job, rc, late, f"[{done}/{len(work_files)}]")
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                running.append(_start(queue.pop(0), timeout))
+            time.sleep(0.1)
+            for job in list(running):
+                rc = job.proc.poll()
+                late = rc is None and time.monotonic() - job.started > job.timeout
+                if late:
+                    _kill(job.proc)
+                    rc = job.proc.wait()
+                if rc is not None:
+                    running.remove(job)
+                    job.log_file.close()
+                    done += 1
+                    _finish(job, rc, late, f"[{done}/{len(work_files)}]")
+    finally:
+        # interrupted: workers run in their own sessions and would outlive the runner
+        for job in running:
+            _kill(job.proc)
 
 
 def _start(work: Path, timeout: float | None) -> _Running:

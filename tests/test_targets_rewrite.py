@@ -80,3 +80,17 @@ def test_hf_decoder_forward_backward_generate(llama, target: str) -> None:
     assert tokens.shape == (1, 11)
     if target != "worker":  # worker is prefix-inconsistent by design (seeds §1.1)
         assert torch.equal(full, tokens[:, 6:])
+
+
+def test_stateful_cores_find_the_cache_under_other_names() -> None:
+    """GPT-NeoX hands its cache to attention as ``layer_past``: decoding must still use the core's state."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, vocab_size=100)
+    torch.manual_seed(0)
+    out = swapformer.rewrite(transformers.GPTNeoXForCausalLM(config).eval(), "fastweight")
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        tokens = out.generate(ids, max_new_tokens=4, do_sample=False)
+        full = out(tokens[:, :-1]).logits.argmax(-1)[:, 5:]
+    assert torch.equal(full, tokens[:, 6:])

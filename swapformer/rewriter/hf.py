@@ -96,7 +96,8 @@ def _capture_context(module: nn.Module, args: tuple, kwargs: dict) -> None:
     hidden = kwargs.get("hidden_states", args[0] if args else None)
     core = module.swapformer_core
     state = None
-    cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+    # the cache reaches attention modules under different names (GPT-NeoX: layer_past)
+    cache = next((kwargs[k] for k in ("past_key_values", "past_key_value", "layer_past") if kwargs.get(k) is not None), None)
     if getattr(core, "stateful", False) and cache is not None:
         store = cache.__dict__.setdefault("_swapformer_states", {})
         state = store.setdefault(id(core), {})

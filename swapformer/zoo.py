@@ -14,7 +14,7 @@ core FLOPs per token and decoding state (where the cores report them), prefill a
 both models timed in alternating rounds (:func:`swapformer.cli.bench_speed`), and perplexity on the
 Shakespeare corpus when the model has a tokenizer and logits.
 
-Each model runs in a worker process (``python -m swapformer.zoo _worker DIR/work/NAME.json``) that
+Each model runs in a worker process (``python -m swapformer.zoo _worker DIR/jobs/NAME.json``) that
 handles all of its pending targets: a crash, an out-of-memory kill or a ``--timeout`` (seconds per
 model) is recorded for the targets it left unfinished, and the batch goes on. One JSON record per
 model × target lands in ``DIR/entries/``; a rerun skips the recorded ones (``--retry-failed`` redoes
@@ -408,7 +408,7 @@ def _identity(entry: ZooEntry) -> dict[str, Any]:
 
 
 def _work_file(out: Path, zoo: Zoo, entry: ZooEntry, todo: list[str], args: argparse.Namespace) -> Path:
-    """Write what the worker needs to know about ``entry`` to ``DIR/work/<name>.json``."""
+    """Write what the worker needs to know about ``entry`` to ``DIR/jobs/<name>.json``."""
     options = {t: {**zoo.target_options.get(t, {}), **entry.settings.get("options", {}).get(t, {})}
                for t in todo}
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
@@ -416,7 +416,7 @@ def _work_file(out: Path, zoo: Zoo, entry: ZooEntry, todo: list[str], args: argp
             "out": str(out.resolve()), "calibrate_tokens": args.calibrate_tokens,
             "nproc": args.nproc, "threads": threads,
             "timeout": args.timeout or entry.settings.get("timeout") or DEFAULTS["timeout"]}
-    path = out / "work" / f"{_slug(entry.name)}.json"
+    path = out / "jobs" / f"{_slug(entry.name)}.json"
     write_json(path, work)
     return path
 
@@ -903,7 +903,7 @@ def _calibrate_torchrun(rec: dict[str, Any], built: Built, student: Any, target:
     from safetensors.torch import load_file
 
     entry = ZooEntry(**work["entry"])
-    base = Path(work["out"]) / "work" / f"{_slug(entry.name)}__{target}"
+    base = Path(work["out"]) / "jobs" / f"{_slug(entry.name)}__{target}"
     job = {"entry": work["entry"], "target": target, "options": work["target_options"].get(target, {}),
            "tokens": int(work["calibrate_tokens"]), "weights": f"{base}.calib.safetensors",
            "result": f"{base}.calib.json"}

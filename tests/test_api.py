@@ -140,3 +140,21 @@ def test_prepare_once_rewrite_many(block: CausalBlock) -> None:
     assert both is not only_ffn and prepared.explain("sdpa").dry_run
     x = torch.randn(1, 5, 32)
     torch.testing.assert_close(both(x), only_ffn(x), rtol=1e-5, atol=1e-5)
+
+
+class InPlaceBiasAttention(nn.Module):
+    """Scores edited in place after the product (MViTv2's relative positions): dataflow alone would lie."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        att = q @ k.transpose(-2, -1)
+        att[:, :, 1:, 1:] = att[:, :, 1:, 1:] + 1.0
+        return att.softmax(dim=-1) @ v
+
+
+def test_scores_modified_in_place_are_not_claimed() -> None:
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    model = InPlaceBiasAttention().eval()
+    report = swapformer.explain(model, "sdpa", (q, k, v))
+    assert not report.sites
+    out = swapformer.rewrite(model, "sdpa", example_inputs=(q, k, v))
+    torch.testing.assert_close(out(q, k, v), model(q, k, v))

@@ -13,6 +13,7 @@ the probe values of one run on the example inputs (shapes, constant masks, GQA r
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass, field
@@ -208,6 +209,9 @@ def _back_to_product(g: Graph, node: fx.Node, m: AttentionMatch) -> fx.Node | No
     steps: list[MaskStep] = []
     for _ in range(24):
         op = g.op(node)
+        if _mutated_in_place(g, node):
+            # training IR keeps in-place ops (``attn[..., sp:, sp:] = ...``): the dataflow would lie
+            return NoMatch("the scores are modified in place at %s before the softmax", node.name)
         if op in _PRODUCTS:
             m.score_dtype = g.value(node).dtype
             m.score_shape = tuple(g.value(node).shape)
@@ -218,6 +222,23 @@ def _back_to_product(g: Graph, node: fx.Node, m: AttentionMatch) -> fx.Node | No
             return nxt
         node = nxt
     return NoMatch("no q·kᵀ product found before softmax %s", m.anchor.name)
+
+
+_VIEWS = frozenset({"view", "transpose", "permute", "slice", "select", "getitem", "unsqueeze", "squeeze",
+                    "expand", "identity"})
+
+
+def _mutated_in_place(g: Graph, node: fx.Node, depth: int = 4) -> bool:
+    """Whether an in-place op writes into ``node`` or a view of it."""
+    for user in node.users:
+        schema = getattr(user.target, "_schema", None)
+        if schema is not None and schema.is_mutable and user.args and user.args[0] is node:
+            return True
+        if user.op == "call_method" and str(user.target).endswith("_") and user.args[0] is node:
+            return True
+        if depth and g.op(user) in _VIEWS and _mutated_in_place(g, user, depth - 1):
+            return True
+    return False
 
 
 def _peel_score_step(g: Graph, node: fx.Node, op: str | None, steps: list[MaskStep],
@@ -407,44 +428,57 @@ def describe(g: Graph, m: AttentionMatch) -> None:
 
 
 def _peel_gqa(g: Graph, m: AttentionMatch) -> None:
-    qs, ks = g.shape(m.q), g.shape(m.k)
-    if qs is None or ks is None or len(qs) != 4 or len(ks) != 4:
+    """Find the un-repeated K/V behind a head-wise repeat (repeat_kv, repeat_interleave, expand)."""
+    q, k, v = (_canonical(g, n, p) for n, p in ((m.q, m.q_perm), (m.k, m.k_perm), (m.v, m.v_perm)))
+    if any(t is None or t.dim() != 4 for t in (q, k, v)) or k.shape[1] != q.shape[1]:
         return
-    q_axis, k_axis, v_axis = (_head_axis(p) for p in (m.q_perm, m.k_perm, m.v_perm))
-    heads = qs[q_axis]
-    if ks[k_axis] != heads:
+    heads = q.shape[1]
+    skip = set(m.bypass)
+    k_src, v_src = _repeat_source(g, m.k, k, heads, skip), _repeat_source(g, m.v, v, heads, skip)
+    if k_src is None or v_src is None or k_src[2] != v_src[2]:
         return
-    k_src, v_src = _repeat_source(g, m.k, heads, k_axis), _repeat_source(g, m.v, heads, v_axis)
-    if k_src is None or v_src is None or g.shape(k_src)[k_axis] != g.shape(v_src)[v_axis]:
-        return
-    m.kv_repeat = heads // g.shape(k_src)[k_axis]
-    m.k, m.v = k_src, v_src
+    m.kv_repeat = heads // k_src[2]
+    (m.k, m.k_perm, _), (m.v, m.v_perm, _) = k_src, v_src
 
 
-def _head_axis(perm: list[int] | None) -> int:
-    """Where the head dim sits in a 4-D operand whose canonical layout is [B, H, T, D]."""
-    return perm[1] if perm else 1
+def _canonical(g: Graph, node: fx.Node, perm: list[int] | None) -> torch.Tensor | None:
+    value = g.value(node)
+    if not isinstance(value, torch.Tensor):
+        return None
+    return value.permute(perm) if perm else value
 
 
-_GQA_OPS = frozenset({"view", "expand", "unsqueeze", "identity", "slice", "repeat_interleave", "getitem"})
+_GQA_OPS = frozenset({"view", "expand", "unsqueeze", "identity", "slice", "repeat_interleave", "getitem",
+                      "transpose", "permute"})
 
 
-def _repeat_source(g: Graph, node: fx.Node, heads: int, axis: int) -> fx.Node | None:
-    """The tensor with fewer heads that ``node`` repeats head-wise (repeat_kv / repeat_interleave)."""
-    full = g.value(node)
-    cur = node
+def _repeat_source(g: Graph, node: fx.Node, full: torch.Tensor, heads: int, bypassed: set[fx.Node]
+                   ) -> tuple[fx.Node, list[int] | None, int] | None:
+    """(source node, permutation to [B, Hkv, T, D], Hkv) of a tensor that ``full`` repeats head-wise.
+
+    ``full`` is the repeated tensor in the [B, H, T, D] layout. The source may sit in another layout
+    (repeated before the heads were transposed into place): every dim order is tried, numerically.
+    """
+    cur, factor = node, 1.0
     for _ in range(6):
-        if g.op(cur) not in _GQA_OPS or not isinstance(cur.args[0], fx.Node):
+        if cur in bypassed:  # a scale the splice removes anyway (already counted in the site's scale)
+            cur, c = scalar_operand(g, cur)
+            factor *= c
+        elif g.op(cur) in _GQA_OPS and isinstance(cur.args[0], fx.Node):
+            cur = cur.args[0]
+        else:
             return None
-        cur = cur.args[0]
-        v = g.value(cur)
-        if not isinstance(v, torch.Tensor) or v.dim() != 4:
+        value = g.value(cur)
+        if not isinstance(value, torch.Tensor) or value.dim() != 4:
             continue
-        hk = v.shape[axis]
-        same_rest = all(v.shape[i] == full.shape[i] for i in range(4) if i != axis)
-        if hk < heads and heads % hk == 0 and same_rest:
-            if torch.equal(v.repeat_interleave(heads // hk, dim=axis), full):
-                return cur
+        for perm in itertools.permutations(range(4)):
+            cand = value.permute(perm)
+            hk = cand.shape[1]
+            if hk >= heads or heads % hk or (cand.shape[0], *cand.shape[2:]) != (full.shape[0], *full.shape[2:]):
+                continue
+            repeated = cand.repeat_interleave(heads // hk, dim=1)
+            if torch.equal(repeated, full) or (factor != 1.0 and torch.allclose(repeated * factor, full)):
+                return cur, (None if list(perm) == [0, 1, 2, 3] else list(perm)), hk
     return None
 
 

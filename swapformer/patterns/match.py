@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from swapformer.patterns.ops import SHAPE_OPS, arg, canonical, is_scalar
+from swapformer.patterns.ops import arg, canonical, is_scalar
 
 
 class NoMatch:
@@ -99,18 +99,6 @@ class Graph:
         return False
 
 
-def through(g: Graph, node: fx.Node, ops: frozenset[str]) -> fx.Node:
-    """Follow single-input ops in ``ops`` backwards from ``node``."""
-    while g.op(node) in ops and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
-def single_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
 def scalar_operand(g: Graph, node: fx.Node) -> tuple[fx.Node, float] | None:
     """For ``x * c``, ``c * x`` or ``x / c`` with scalar ``c``: (x, factor)."""
     op = g.op(node)
@@ -150,21 +138,3 @@ def is_last_two_swap(g: Graph, node: fx.Node) -> fx.Node | None:
         return src
     return None
 
-
-def ancestors_within(g: Graph, start: fx.Node, ops: frozenset[str], limit: int = 64) -> list[fx.Node]:
-    """Nodes reachable backwards from ``start`` through ops in ``ops`` (breadth first)."""
-    out: list[fx.Node] = []
-    frontier = [start]
-    seen: set[fx.Node] = set()
-    while frontier and len(seen) < limit:
-        node = frontier.pop(0)
-        if node in seen:
-            continue
-        seen.add(node)
-        out.append(node)
-        if g.op(node) in ops:
-            frontier += [a for a in node.all_input_nodes]
-    return out
-
-
-SHAPE_AND_CAST = SHAPE_OPS

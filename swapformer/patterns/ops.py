@@ -143,7 +143,3 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
 
 def is_scalar(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes]

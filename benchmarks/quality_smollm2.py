@@ -4,11 +4,14 @@ and wall time the calibration took.
 
     python benchmarks/quality_smollm2.py --targets fastweight,elita --tokens 100000 --write
     python benchmarks/quality_smollm2.py --targets '' --eval-batches 16        # teacher only
+    python benchmarks/quality_smollm2.py --eval-corpora wiki                   # needs `pip install gensim`
     python benchmarks/quality_smollm2.py --device cuda --autocast bfloat16 --tokens 20000000
 
-Held-out perplexity is token-weighted over ``--eval-batches`` batches of ``--seq-len``-token
-sequences: every 20th packed sequence of the corpus (``--eval-fraction 0.05``), never trained on.
-The table goes to stdout; ``--write`` appends it to ``benchmarks/RESULTS.md``.
+Calibration uses ``--corpus``; held-out perplexity is measured on it and on every ``--eval-corpora``
+entry (out of domain: never calibrated on), token-weighted over ``--eval-batches`` batches of
+``--seq-len``-token sequences: every 20th packed sequence (``--eval-fraction 0.05``), never trained on.
+Targets in ``--as-is`` (default: window, which has no new parameters) are only evaluated.
+The table so far is logged after each target; ``--write`` appends the final one to RESULTS.md.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,11 +43,10 @@ DEFAULT_TARGETS = "fastweight,elita,cat,worker,window"
 
 @dataclass
 class Row:
-    corpus: str
     model: str
     sites: str = ""
-    ppl_rewrite: float | None = None
-    ppl_calibrated: float | None = None
+    ppl_rewrite: dict[str, float] = field(default_factory=dict)
+    ppl_calibrated: dict[str, float] = field(default_factory=dict)
     tokens: int = 0
     seconds: float = 0.0
     notes: str = ""
@@ -53,7 +55,9 @@ class Row:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated targets ('' = teacher only)")
-    p.add_argument("--corpora", default="shakespeare", help="comma-separated: shakespeare, wiki")
+    p.add_argument("--corpus", default="shakespeare", help="calibration corpus (also evaluated)")
+    p.add_argument("--eval-corpora", default="", help="comma-separated extra held-out corpora, e.g. wiki")
+    p.add_argument("--as-is", default="window", help="comma-separated targets evaluated without calibration")
     p.add_argument("--tokens", type=int, default=100_000, help="calibration token budget per target")
     p.add_argument("--transfer-share", type=float, default=0.5, help="share of --tokens for transfer")
     p.add_argument("--seq-len", type=int, default=512)
@@ -82,6 +86,11 @@ def held_out_ppl(model: torch.nn.Module, splits: TokenSplits, args: argparse.Nam
                           max_batches=args.eval_batches)
 
 
+def held_out_ppls(model: torch.nn.Module, corpora: dict[str, TokenSplits],
+                  args: argparse.Namespace) -> dict[str, float]:
+    return {name: held_out_ppl(model, splits, args) for name, splits in corpora.items()}
+
+
 def _autocast(args: argparse.Namespace) -> contextlib.AbstractContextManager:
     if args.autocast is None:
         return contextlib.nullcontext()
@@ -97,10 +106,10 @@ def calibration_config(args: argparse.Namespace) -> CalibrationConfig:
                              autocast_dtype=args.autocast, seed=args.seed, log_every=25)
 
 
-def run_target(target: str, teacher, splits: TokenSplits, corpus: str, args: argparse.Namespace) -> Row:
+def run_target(target: str, teacher, corpora: dict[str, TokenSplits], args: argparse.Namespace) -> Row:
     from swapformer import rewrite
 
-    row = Row(corpus, target)
+    row = Row(target)
     try:
         student = rewrite(copy.deepcopy(teacher).cpu(), target)
     except Exception as e:  # report the failure in the table and go on with the other targets
@@ -110,12 +119,15 @@ def run_target(target: str, teacher, splits: TokenSplits, corpus: str, args: arg
     report = student.swapformer_report
     row.sites = f"{len(report.replaced)}/{len(report.sites)}"
     student.to(args.device)
-    row.ppl_rewrite = held_out_ppl(student, splits, args)
+    row.ppl_rewrite = held_out_ppls(student, corpora, args)
+    if target in args.as_is.split(","):
+        row.notes = "not calibrated (--as-is)"
+        return row
     t0 = time.perf_counter()
-    result = calibrate(student, teacher, splits, calibration_config(args))
+    result = calibrate(student, teacher, corpora[args.corpus], calibration_config(args))
     row.seconds = time.perf_counter() - t0
     row.tokens = result.tokens
-    row.ppl_calibrated = held_out_ppl(result.model, splits, args)
+    row.ppl_calibrated = held_out_ppls(result.model, corpora, args)
     row.notes = "; ".join(s.describe().split(":")[0] + f" loss {s.first_loss:.3g}->{s.last_loss:.3g}"
                           for s in result.stages if s.losses)
     return row
@@ -143,27 +155,31 @@ def _fmt(x: float | None) -> str:
 def markdown(rows: list[Row], teacher_ppl: dict[str, float], args: argparse.Namespace) -> str:
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     command = "python " + shlex.join([sys.argv[0], *sys.argv[1:]])
+    corpora = list(teacher_ppl)
+    ppl_heads = " | ".join(f"{c} as is | {c} calibrated | {c} × teacher" for c in corpora)
     lines = [
         f"### SmolLM2-135M quality, {date}",
         "",
         f"- machine: {machine()}; device {args.device}"
         + (f", autocast {args.autocast}" if args.autocast else ""),
         f"- command: `{command}`",
-        f"- held-out perplexity: {args.eval_batches} x {args.batch_size} sequences of {args.seq_len} "
-        f"tokens (every {round(1 / args.eval_fraction)}th packed sequence); calibration: "
-        f"{args.transfer_share:.0%} transfer (lr {args.transfer_lr:g}), rest KL distill + LoRA "
-        f"r={args.lora_rank} (lr {args.distill_lr:g})",
+        f"- calibrated on {args.corpus}; held-out perplexity on {', '.join(corpora)}: {args.eval_batches} x "
+        f"{args.batch_size} sequences of {args.seq_len} tokens each (every {round(1 / args.eval_fraction)}th "
+        f"packed sequence); calibration: {args.transfer_share:.0%} transfer (lr {args.transfer_lr:g}), rest KL "
+        f"distill + LoRA r={args.lora_rank} (lr {args.distill_lr:g}), batch {args.batch_size} x {args.seq_len}",
         "",
-        "| corpus | model | sites | ppl as is | ppl calibrated | × teacher | calib tokens | calib s | notes |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        f"| model | sites | {ppl_heads} | calib tokens | calib s | notes |",
+        "|---|---|" + "---:|---:|---:|" * len(corpora) + "---:|---:|---|",
     ]
-    for corpus, ppl in teacher_ppl.items():
-        lines.append(f"| {corpus} | teacher | - | {ppl:.2f} | - | 1.000 | - | - | |")
+    teacher_cells = " | ".join(f"{teacher_ppl[c]:.2f} | - | 1.000" for c in corpora)
+    lines.append(f"| teacher | - | {teacher_cells} | - | - | |")
     for r in rows:
-        best = r.ppl_calibrated if r.ppl_calibrated is not None else r.ppl_rewrite
-        ratio = "-" if best is None else f"{best / teacher_ppl[r.corpus]:.3f}"
-        lines.append(f"| {r.corpus} | {r.model} | {r.sites} | {_fmt(r.ppl_rewrite)} | {_fmt(r.ppl_calibrated)} "
-                     f"| {ratio} | {r.tokens:,} | {r.seconds:.0f} | {r.notes} |")
+        cells = []
+        for c in corpora:
+            best = r.ppl_calibrated.get(c, r.ppl_rewrite.get(c))
+            ratio = "-" if best is None else f"{best / teacher_ppl[c]:.3f}"
+            cells.append(f"{_fmt(r.ppl_rewrite.get(c))} | {_fmt(r.ppl_calibrated.get(c))} | {ratio}")
+        lines.append(f"| {r.model} | {r.sites} | {' | '.join(cells)} | {r.tokens:,} | {r.seconds:.0f} | {r.notes} |")
     return "\n".join(lines) + "\n"
 
 
@@ -174,16 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     teacher, tokenizer = load_smollm2()
     teacher.to(args.device)
     targets = [t for t in args.targets.split(",") if t]
+    names = [args.corpus] + [c for c in args.eval_corpora.split(",") if c and c != args.corpus]
+    corpora = {name: load_splits(name, tokenizer, args) for name in names}
+    t0 = time.perf_counter()
+    teacher_ppl = held_out_ppls(teacher, corpora, args)
+    log.info("teacher perplexity %s (%.0f s)", teacher_ppl, time.perf_counter() - t0)
     rows: list[Row] = []
-    teacher_ppl: dict[str, float] = {}
-    for corpus in [c for c in args.corpora.split(",") if c]:
-        splits = load_splits(corpus, tokenizer, args)
-        t0 = time.perf_counter()
-        teacher_ppl[corpus] = held_out_ppl(teacher, splits, args)
-        log.info("%s: teacher perplexity %.3f (%.0f s)", corpus, teacher_ppl[corpus], time.perf_counter() - t0)
-        for target in targets:
-            rows.append(run_target(target, teacher, splits, corpus, args))
-            log.info("%s", rows[-1])
+    for target in targets:
+        rows.append(run_target(target, teacher, corpora, args))
+        log.info("table so far:\n%s", markdown(rows, teacher_ppl, args))
     table = markdown(rows, teacher_ppl, args)
     print(table)
     if args.write:

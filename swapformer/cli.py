@@ -552,10 +552,13 @@ def _bench_inputs(model: nn.Module, recipe: dict[str, Any], args: argparse.Names
     """Prefill inputs and their token count: random ids for LMs, else the recorded example inputs."""
     from swapformer import io
 
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
     if vocab:
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen)
+        if getattr(config, "is_encoder_decoder", False):  # T5-style: the same ids on both sides
+            return {"input_ids": ids, "decoder_input_ids": ids}, ids.numel()
         return {"input_ids": ids}, ids.numel()
     spec = recipe["rewrite"]["example_inputs"]
     inputs = io.build_inputs(spec, model)

@@ -36,14 +36,25 @@ def decode_seconds(model: nn.Module, input_ids: torch.Tensor, steps: int) -> flo
 
 @torch.no_grad()
 def prefill_and_decode(model: nn.Module, input_ids: torch.Tensor, steps: int) -> tuple[float, float]:
-    """(seconds of a cached prefill of ``input_ids``, mean seconds per following greedy decode step)."""
+    """(seconds of a cached prefill of ``input_ids``, mean seconds per following greedy decode step).
+
+    Encoder-decoder models (``config.is_encoder_decoder``) get ``input_ids`` on both sides for the
+    prefill; decode steps then reuse the encoder's output and extend the decoder side.
+    """
+    encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     start = time.perf_counter()
-    out = model(input_ids=input_ids, use_cache=True)
+    if encoder_decoder:
+        out = model(input_ids=input_ids, decoder_input_ids=input_ids, use_cache=True)
+        step_inputs = {"encoder_outputs": (out.encoder_last_hidden_state,)}
+    else:
+        out = model(input_ids=input_ids, use_cache=True)
+        step_inputs = {}
     prefill = time.perf_counter() - start
+    token_name = "decoder_input_ids" if encoder_decoder else "input_ids"
     past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
+        out = model(**{token_name: token}, **step_inputs, past_key_values=past, use_cache=True)
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     return prefill, (time.perf_counter() - start) / max(steps, 1)
 

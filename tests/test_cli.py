@@ -183,3 +183,20 @@ def test_hf_convert_calibrate_and_bench(hf_dir: Path, corpus: Path, tmp_path: Pa
                           "--corpus", str(corpus), "--ppl-batches", "2"], capsys)
     assert code == 0, err
     assert "decode ms/token (2 tokens)" in out and "perplexity (text.txt" in out
+
+
+def test_bench_encoder_decoder_prefills_and_decodes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    transformers = pytest.importorskip("transformers")
+    base = tmp_path / "tiny-t5"
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                   num_decoder_layers=1, num_heads=4, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(base)
+    out_dir = tmp_path / "t5-window"
+    code, _, err = run(["convert", str(base), "-t", "window", "--option", "window=8", "--out", str(out_dir)],
+                       capsys)
+    assert code == 0, err
+    code, out, err = run(["bench", str(out_dir), "--seq-len", "16", "--repeats", "1", "--decode-tokens", "2",
+                          "--ppl-batches", "0"], capsys)
+    assert code == 0, err
+    assert "prefill tokens/s" in out and "decode ms/token (2 tokens)" in out

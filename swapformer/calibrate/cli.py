@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--resume", action="store_true", default=None)
     opt.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     out = p.add_argument_group("output")
-    out.add_argument("--save", help="safetensors path for the calibrated student's state dict "
-                                    "('{rank}' in the path: every rank writes its own)")
+    out.add_argument("--save", help="safetensors path for the calibrated student's state dict, tied "
+                                    "weights once (load with safetensors.torch.load_model; '{rank}' in "
+                                    "the path: every rank writes its own)")
     out.add_argument("--result-json", help="write the run summary as JSON (rank 0)")
     out.add_argument("--threads", type=int, help="torch intra-op threads")
     return p
@@ -177,12 +178,13 @@ def load_data(spec: str, tokenizer: Any) -> Any:
 
 def save_outputs(args: argparse.Namespace, result: Any, rank: int) -> None:
     if args.save and ("{rank}" in args.save or rank == 0):
-        from safetensors.torch import save_file
+        from safetensors.torch import save_model
 
         path = Path(args.save.format(rank=rank))
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
-        save_file(state, str(path))
+        # save_model keeps one name per shared storage: tied weights (embedding = LM head) would make
+        # save_file refuse the state dict
+        save_model(result.model, str(path))
     if args.result_json and rank == 0:
         summary = {"stages": [dataclasses.asdict(s) for s in result.stages], "tokens": result.tokens,
                    "seconds": result.seconds, "eval_perplexity": result.eval_perplexity,

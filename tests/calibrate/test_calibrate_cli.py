@@ -32,3 +32,29 @@ def test_load_factory_from_file_and_module(tmp_path):
         load_factory(f"{path}:missing")
     with pytest.raises(InputError, match="MODULE:FACTORY"):
         load_factory("nocolon")
+
+
+def test_save_writes_tied_weights_once_and_loads_back(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import load_file, load_model
+
+    from swapformer.calibrate.cli import save_outputs
+
+    class TiedLM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = TiedLM()
+    path = tmp_path / "out" / "student.safetensors"
+    args = build_parser().parse_args(["--save", str(path)])
+    save_outputs(args, SimpleNamespace(model=model), rank=0)
+    assert len(load_file(str(path))) == 1
+    fresh = TiedLM()
+    load_model(fresh, str(path))
+    assert fresh.head.weight is fresh.embed.weight
+    assert torch.equal(fresh.embed.weight, model.embed.weight)

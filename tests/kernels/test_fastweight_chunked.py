@@ -1,4 +1,4 @@
-"""The factorised CPU chunked form equals the step-by-step reference, and falls back when decays are deep."""
+"""The factorised CPU chunked form equals the step-by-step reference, also when decays are deep."""
 
 from __future__ import annotations
 
@@ -20,10 +20,26 @@ def _inputs(T: int, gate_shift: float, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("T", [1, 15, 16, 33, 70])
-@pytest.mark.parametrize("gate_shift", [2.0, -3.0, -12.0])  # open, uniform-init-like, deep (fallback)
+@pytest.mark.parametrize("gate_shift", [2.0, -3.0, -12.0, -70.0])  # open, uniform-init-like, deep, clamped
 def test_chunked_matches_recurrence(T: int, gate_shift: float) -> None:
     q, k, v, f, fhat, h0 = _inputs(T, gate_shift)
     o, s = chunked_fastweight_decay(q, k, v, f, fhat, h0, True)
     o_ref, s_ref = naive_fastweight_decay_recurrent(q, k, v, f, fhat, h0, True)
     torch.testing.assert_close(o, o_ref, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(s, s_ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("gate_shift", [-9.0, -12.0])  # chunk decays past the fp32 range
+def test_deep_decays_in_float32_take_the_float64_factorised_path(gate_shift: float, monkeypatch) -> None:
+    from swapformer.kernels.fastweight import chunked
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("fell back to the pairwise reference")
+
+    monkeypatch.setattr(chunked, "naive_fastweight_decay_chunked", no_fallback)
+    q, k, v, f, fhat, h0 = (x.float() for x in _inputs(70, gate_shift))
+    o, s = chunked.chunked_fastweight_decay(q, k, v, f, fhat, h0, True)
+    o_ref, s_ref = naive_fastweight_decay_recurrent(*(x.double() for x in (q, k, v, f, fhat, h0)), True)
+    assert o.dtype == torch.float32 and s.dtype == torch.float32
+    torch.testing.assert_close(o.double(), o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.double(), s_ref, rtol=1e-5, atol=1e-5)

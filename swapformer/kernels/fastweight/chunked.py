@@ -8,9 +8,12 @@ log gates from the chunk start::
         + e^{a_i} ⊙ S (q_i ⊙ e^{b_i})
 
 with ``m`` the chunk's middle step, so every chunk is two small matmuls instead of ``[C, C, D]``
-exponentials. Each factor is at most ``e^{range/2}`` where ``range`` is the chunk's total log decay;
-chunks are short (16), and when some chunk decays by more than ``e^{-MAX_RANGE}`` the whole call falls
-back to the exact pairwise reference, so nothing overflows.
+exponentials. Each factor is at most ``e^{range/2}`` where ``range`` is the chunk's total log decay.
+Chunks are short (16); when some chunk decays by more than ``e^{-MAX_RANGE[fp32]}`` the call runs in
+float64 (still two matmuls, about 2x the fp32 time), and only beyond ``MAX_RANGE[fp64]`` (gates clamped at
+``e^{LOG_GATE_MIN}`` never get there with 16-step chunks) on the exact pairwise reference, which is
+an order of magnitude slower. Trained gates do close (calibration drives some to ~1e-4), so the float64
+step is what keeps deep-decay calls fast.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from swapformer.kernels.fastweight.naive import naive_fastweight_decay_chunked
 from swapformer.kernels.utils import acc_dtype, log_gate
 
 CHUNK = 16
-MAX_RANGE = 120.0  # factors reach e^{range/2} ≤ e^60 ≈ 1e26, far from float32 overflow
+# largest chunk log decay per working dtype: factors reach e^{range/2} (fp32 overflows past e^88,
+# fp64 past e^709), with margin for the sums of K products
+MAX_RANGE = {torch.float32: 120.0, torch.float64: 1200.0}
 
 
 def chunked_fastweight_decay(
@@ -40,20 +45,32 @@ def chunked_fastweight_decay(
     split = lambda x: F.pad(x, (0, 0, 0, 0, 0, pad)).view(B, N, CHUNK, H, -1).permute(0, 3, 1, 2, 4)
     a = split(log_gate(f)).cumsum(3)  # [B, H, N, C, V]
     b = split(log_gate(fhat)).cumsum(3)  # [B, H, N, C, K]
-    if -min(float(a[..., -1, :].min()), float(b[..., -1, :].min())) > MAX_RANGE:
+    work = _working_dtype(a, b, acc)
+    if work is None:
         return naive_fastweight_decay_chunked(q, k, v, f, fhat, initial_state, output_final_state, CHUNK)
-    qs, ks, vs = (split(x.to(acc)) for x in (q, k, v))
+    if work != acc:
+        a, b = split(log_gate(f.to(work))).cumsum(3), split(log_gate(fhat.to(work))).cumsum(3)
+    qs, ks, vs = (split(x.to(work)) for x in (q, k, v))
     mid = CHUNK // 2
     a_mid, b_mid = a[:, :, :, mid : mid + 1], b[:, :, :, mid : mid + 1]
     q_rel, k_rel, v_rel = qs * (b - b_mid).exp(), ks * (b_mid - b).exp(), vs * (a_mid - a).exp()
     causal = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).tril()
     # entries above the diagonal may overflow (their true decay is > 1): they are masked out
     scores = (q_rel @ k_rel.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [B, H, N, C, C]
-    states = _chunk_states(a, b, ks, vs, initial_state, acc)  # [B, H, N + 1, V, K]
+    states = _chunk_states(a, b, ks, vs, initial_state, work)  # [B, H, N + 1, V, K]
     inter = (qs * b.exp()) @ states[:, :, :-1].transpose(-1, -2)  # S_n (q_i e^{b_i}): [B, H, N, C, V]
     o = (a - a_mid).exp() * (scores @ v_rel) + a.exp() * inter
     o = o.permute(0, 2, 3, 1, 4).reshape(B, N * CHUNK, H, V)[:, :T]
-    return o.to(q.dtype), (states[:, :, -1].clone() if output_final_state else None)
+    return o.to(q.dtype), (states[:, :, -1].to(acc).clone() if output_final_state else None)
+
+
+def _working_dtype(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.dtype | None:
+    """``acc`` if the chunks' decays fit it, float64 if they fit that, else None (pairwise fallback)."""
+    depth = -min(float(a[..., -1, :].min()), float(b[..., -1, :].min()))
+    for dtype in (acc, torch.float64):
+        if depth <= MAX_RANGE.get(dtype, 0.0):
+            return dtype
+    return None
 
 
 def _chunk_states(a, b, k, v, initial_state, acc) -> torch.Tensor:

@@ -5,6 +5,8 @@ and wall time the calibration took.
     python benchmarks/quality_smollm2.py --targets fastweight,elita --tokens 100000 --write
     python benchmarks/quality_smollm2.py --targets '' --eval-batches 16        # teacher only
     python benchmarks/quality_smollm2.py --eval-corpora wiki                   # needs `pip install gensim`
+    python benchmarks/quality_smollm2.py --targets fastweight -o fastweight:feature_map=elu1 \
+        -o fastweight:normalize=true                                           # target options
     python benchmarks/quality_smollm2.py --device cuda --autocast bfloat16 --tokens 20000000
 
 Calibration uses ``--corpus``; held-out perplexity is measured on it and on every ``--eval-corpora``
@@ -58,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--corpus", default="shakespeare", help="calibration corpus (also evaluated)")
     p.add_argument("--eval-corpora", default="", help="comma-separated extra held-out corpora, e.g. wiki")
     p.add_argument("--as-is", default="window", help="comma-separated targets evaluated without calibration")
+    p.add_argument("-o", "--option", action="append", default=[], metavar="TARGET:KEY=VALUE",
+                   help="a target option (value read as JSON), e.g. fastweight:normalize=true; repeatable")
     p.add_argument("--tokens", type=int, default=100_000, help="calibration token budget per target")
     p.add_argument("--transfer-share", type=float, default=0.5, help="share of --tokens for transfer")
     p.add_argument("--seq-len", type=int, default=512)
@@ -72,6 +76,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write", action="store_true", help=f"append the table to {RESULTS}")
     return p.parse_args(argv)
+
+
+def target_options(args: argparse.Namespace) -> dict[str, dict]:
+    """``{target: {key: value}}`` from the ``--option TARGET:KEY=VALUE`` arguments."""
+    from swapformer.cli import parse_option
+
+    options: dict[str, dict] = {}
+    for text in args.option:
+        target, colon, rest = text.partition(":")
+        if not colon:
+            raise SystemExit(f"--option expects TARGET:KEY=VALUE, got {text!r}")
+        key, value = parse_option(rest)
+        options.setdefault(target, {})[key] = value
+    return options
 
 
 def load_splits(corpus: str, tokenizer, args: argparse.Namespace) -> TokenSplits:
@@ -109,9 +127,10 @@ def calibration_config(args: argparse.Namespace) -> CalibrationConfig:
 def run_target(target: str, teacher, corpora: dict[str, TokenSplits], args: argparse.Namespace) -> Row:
     from swapformer import rewrite
 
-    row = Row(target)
+    options = target_options(args).get(target, {})
+    row = Row(target + "".join(f", {k}={v}" for k, v in options.items()))
     try:
-        student = rewrite(copy.deepcopy(teacher).cpu(), target)
+        student = rewrite(copy.deepcopy(teacher).cpu(), target, **options)
     except Exception as e:  # report the failure in the table and go on with the other targets
         log.exception("rewrite to %s failed", target)
         row.notes = f"rewrite failed: {type(e).__name__}: {str(e)[:120]}"

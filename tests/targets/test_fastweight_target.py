@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from target_helpers import attention_site, build, hypothesis_settings, qkv_inputs, randomize
 
+from swapformer.errors import ConfigError
 from swapformer.targets.fastweight import FastWeightAttention, FastWeightConfig
 
 D_MODEL = 24
@@ -27,7 +28,7 @@ def _open_gates(core: FastWeightAttention) -> None:
 @given(length=st.integers(1, 20), chunk=st.sampled_from([1, 4, 16]), seed=st.integers(0, 2**16))
 def test_open_gates_identity_map_is_unnormalised_linear_attention(length, chunk, seed):
     site, weights = attention_site(d_model=D_MODEL)
-    core = build("fastweight", site, weights, chunk_size=chunk)
+    core = build("fastweight", site, weights, feature_map="identity", chunk_size=chunk)
     _open_gates(core)
     q, k, v, h = qkv_inputs(site, 2, length, D_MODEL, seed=seed)
     out = core(q, k, v, hidden=h)
@@ -61,9 +62,9 @@ def _reference(core: FastWeightAttention, q, k, v, hidden):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"feature_map": "relu"}, {"feature_map": "elu1", "normalize": True},
+    [{"feature_map": "identity"}, {"feature_map": "relu", "normalize": False}, {},
      {"feature_map": "hedgehog", "hedgehog_dim": 6, "normalize": True, "chunk_size": 8}],
-    ids=["identity", "relu", "elu1-norm", "hedgehog-norm"],
+    ids=["identity", "relu", "default-elu1-norm", "hedgehog-norm"],
 )
 def test_matches_python_recurrence(options):
     site, weights = attention_site(d_model=D_MODEL)
@@ -94,7 +95,16 @@ def test_uniform_gate_init_spreads_gates():
 
 
 def test_explicit_sizes_constructor_and_stats():
-    core = FastWeightAttention(9, 3, 64, 64, d_model=576, config=FastWeightConfig(feature_map="hedgehog"))
+    core = FastWeightAttention(9, 3, 64, 64, d_model=576,
+                               config=FastWeightConfig(feature_map="hedgehog", normalize=False))
     assert core.key_dim == 128
     assert core.state_bytes(8192) == core.state_bytes(16) == 9 * 64 * 128 * 4
     assert core.flops_per_token(512) == core.flops_per_token(8192)
+
+
+def test_default_is_normalised_elu1_and_identity_turns_the_normaliser_off():
+    assert (FastWeightConfig().feature_map, FastWeightConfig().normalize) == ("elu1", True)
+    assert FastWeightConfig(feature_map="identity").normalize is False
+    assert FastWeightConfig(feature_map="relu").normalize is True
+    with pytest.raises(ConfigError, match="non-negative feature map"):
+        FastWeightConfig(feature_map="identity", normalize=True)

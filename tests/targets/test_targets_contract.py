@@ -25,7 +25,7 @@ D_MODEL = 24
 
 # (target, options): every mode that has its own code path
 CASES = [
-    ("fastweight", {}),
+    ("fastweight", {"feature_map": "identity"}),
     ("fastweight", {"feature_map": "hedgehog", "normalize": True, "chunk_size": 4}),
     ("fastweight", {"feature_map": "elu1", "normalize": True}),
     ("elita", {}),
@@ -160,7 +160,7 @@ def test_hidden_is_required(target):
 
 @pytest.mark.parametrize(
     ("target", "options"),
-    [("fastweight", {"feature_map": "nope"}), ("fastweight", {"normalize": True}),
+    [("fastweight", {"feature_map": "nope"}), ("fastweight", {"feature_map": "identity", "normalize": True}),
      ("fastweight", {"chunk_size": 3}), ("elita", {"clip": 0.0}), ("elita", {"linear_factor": 0}),
      ("cat", {"mode": "dense"}), ("cat", {"chunk_size": 0}), ("cat", {"chunk_size": 6, "max_chunk_size": 8}),
      ("cat", {"chunk_size": 16, "max_chunk_size": 8}), ("window", {"window": 0}),

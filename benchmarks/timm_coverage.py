@@ -169,15 +169,9 @@ def build(name: str, img_size: int) -> tuple[torch.nn.Module, int]:
     """The model at ``img_size`` if it takes one and runs at it, else at its default size."""
     import timm
 
-    kwargs = {"pretrained": False, "num_classes": 10}
-    try:
-        model = timm.create_model(name, img_size=img_size, **kwargs).eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 3, img_size, img_size))
-        return model, img_size
-    except Exception:  # noqa: BLE001 - many models take no img_size (TypeError) or fail at it
-        model = timm.create_model(name, **kwargs).eval()
-    return model, int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    from swapformer.zoo import create_timm_model
+
+    return create_timm_model(timm, name, img_size)
 
 
 def measure(row: Row, img_size: int) -> None:

@@ -4,7 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean
+# The oldest transformers the hf extra admits, installed beside the venv's own (its hub major differs).
+TF_OLDEST := 5.17.0
+TF_OLDEST_DIR := $(VENV)/tf-oldest
+HF_TESTS := tests/test_hf_generate.py tests/test_hf_models.py tests/test_targets_rewrite.py
+
+.PHONY: demo test test-slow test-hf-oldest lint bench clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	PY=$(PY) VENV=$(VENV) bash scripts/install.sh
@@ -16,6 +21,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check swapformer tests benchmarks examples
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(MAKE) test-hf-oldest
+
+$(TF_OLDEST_DIR)/.installed: $(STAMP)
+	$(BIN)/python -m pip install -q --target $(TF_OLDEST_DIR) "huggingface_hub>=1.5,<2"
+	$(BIN)/python -m pip install -q --target $(TF_OLDEST_DIR) --no-deps "transformers==$(TF_OLDEST)"
+	touch $@
+
+test-hf-oldest: $(TF_OLDEST_DIR)/.installed
+	PYTHONPATH=$(TF_OLDEST_DIR) $(BIN)/python -c "import transformers as t; assert t.__version__ == '$(TF_OLDEST)', t.__version__"
+	PYTHONPATH=$(TF_OLDEST_DIR) $(BIN)/python -m pytest -q -p no:cacheprovider $(HF_TESTS)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -19,7 +19,7 @@ from torch import nn
 
 from swapformer.errors import InputError
 from swapformer.rewriter import apply as graph_apply
-from swapformer.rewriter import hf
+from swapformer.rewriter import hf, hf_cache
 from swapformer.rewriter.capture import Captured, capture, check_inputs, normalize_inputs, probe
 from swapformer.rewriter.detect import Detection, detect
 from swapformer.rewriter.report import Replacement, RewriteReport, Skip
@@ -216,7 +216,18 @@ def _skip_reason(site: Site, config: TargetConfig, filter_fn: SiteFilter | None,
     if reason:
         return reason
     if is_hf:
-        return hf_placement_problem(site, claimed, model)
+        return hf_placement_problem(site, claimed, model) or _hf_state_problem(site, cls, model)
+    return None
+
+
+def _hf_state_problem(site: Site, cls: type[TargetModule], model: nn.Module) -> str | None:
+    """A core with decoding state lives in the model's cache, one layer per decoder attention."""
+    if site.kind != "attention" or not getattr(cls, "stateful", False):
+        return None
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "targets with a decoding state are not supported in encoder-decoder models"
+    if not isinstance(getattr(model.get_submodule(site.module), "layer_idx", None), int):
+        return "the attention module has no layer_idx to find its cache layer"
     return None
 
 
@@ -244,7 +255,20 @@ def _core_location(site: Site, is_hf: bool) -> str:
 
 
 def _build_core(site: Site, config: TargetConfig, weights: dict[str, torch.Tensor]) -> TargetModule:
-    return core_class(config, site.kind).from_site(site, config, weights)
+    core = core_class(config, site.kind).from_site(site, config, weights)
+    host = _host_weight(site, weights)
+    if host is not None:  # new parameters live where the host's do, in its dtype
+        core = core.to(device=host.device, dtype=host.dtype)
+    return core
+
+
+def _host_weight(site: Site, weights: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    refs = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj")
+    for name in refs:
+        ref = getattr(site, name, None)
+        if ref is not None and ref.weight in weights and weights[ref.weight].is_floating_point():
+            return weights[ref.weight]
+    return None
 
 
 def _apply_graph(analysis: Analysis, report: RewriteReport, config: TargetConfig,
@@ -284,12 +308,14 @@ def _apply_hf(model: nn.Module, analysis: Analysis, report: RewriteReport, confi
               weights: dict[str, torch.Tensor]) -> nn.Module:
     new = copy.deepcopy(model)
     attention = [r for r in report.replaced if r.site.kind == "attention"]
+    shared: dict = {}  # the model-wide call context: the cache in use and the 2-D padding mask
     for rep in report.replaced:
         core = _build_core(rep.site, config, weights)
         if rep.site.kind == "attention":
-            hf.attach_attention_core(new.get_submodule(rep.site.module), core, rep.site.scale)
+            hf.attach_attention_core(new.get_submodule(rep.site.module), core, rep.site.scale, shared)
         else:
             hf.replace_module(new, rep.site.module, hf.FFNSwap(core))
     if attention:
         hf.set_implementation(new)
+        hf_cache.install(new, shared)
     return new

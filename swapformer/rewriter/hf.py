@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from swapformer.rewriter import hf_cache
+from swapformer.targets.reference import key_keep_from_bias
 from swapformer.targets.sdpa import window_mask
 
 log = logging.getLogger(__name__)
@@ -46,15 +48,49 @@ def swapformer_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     if core is None:
         return _fallback(module)(module, query, key, value, attention_mask, **kwargs)
     context = getattr(module, "_swapformer_context", {})
-    state = context.get("state")
-    tq = query.shape[-2]
-    if state is not None:
-        key, value = key[..., -tq:, :], value[..., -tq:, :]
     scaling, site_scale = kwargs.get("scaling"), getattr(module, "_swapformer_scale", None)
     if scaling is not None and site_scale and not math.isclose(scaling, site_scale, rel_tol=1e-6):
         # the host scaled q upstream (OPT: q_proj(x) * scale, then scaling=1.0): the site's scale
         # already counts that factor, so the core must see the unscaled q
         query = query * (scaling / site_scale)
+    if getattr(core, "stateful", False):
+        keep = _key_keep(context.get("keep"), attention_mask, query)
+        call = hf_cache.CoreCall(query, key, value, context.get("hidden"))
+        out = hf_cache.call_core(core, call, keep, context.get("layer"))
+    else:
+        key, value, attention_mask = _valid_keys(key, value, attention_mask, context.get("layer"))
+        out = core(query, key, value, _host_bias(query, key, attention_mask, kwargs, module),
+                   hidden=context.get("hidden"))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _valid_keys(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A static host cache hands over its whole buffer (unwritten slots too, with ``mask=None`` when
+    nothing is padded): keep the keys written so far, which the layer counts."""
+    seen = layer.get_seq_length() if layer is not None else key.shape[-2]
+    if not 0 < seen < key.shape[-2]:
+        return key, value, mask
+    if mask is not None and mask.shape[-1] == key.shape[-2]:
+        mask = mask[..., :seen]
+    return key[..., :seen, :], value[..., :seen, :], mask
+
+
+def _key_keep(keep_2d: torch.Tensor | None, attention_mask: torch.Tensor | None,
+              query: torch.Tensor) -> torch.Tensor | None:
+    """``[B, Tq]`` True at this call's real tokens (None: all real), from the model's 2-D mask when
+    it was given one (its last columns are this call's tokens), else from the 4-D mask's diagonal."""
+    b, tq = query.shape[0], query.shape[-2]
+    if keep_2d is not None and keep_2d.shape[-1] >= tq:
+        keep = keep_2d[:, keep_2d.shape[-1] - tq:].expand(b, tq)
+        return None if bool(keep.all()) else keep
+    return key_keep_from_bias(_bias_from_hf_mask(attention_mask, query.dtype), b, tq)
+
+
+def _host_bias(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+               kwargs: dict, module: nn.Module) -> torch.Tensor | None:
+    """The additive bias a stateless (exact) core gets: the host mask plus T5's position bias."""
+    tq = query.shape[-2]
     bias = _bias_from_hf_mask(attention_mask, query.dtype)
     position_bias = kwargs.get("position_bias")  # T5 passes its relative bias beside the mask
     if position_bias is not None:
@@ -65,8 +101,7 @@ def swapformer_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
         bias = position_bias if bias is None else bias + position_bias
     if bias is not None and bias.shape[-1] != key.shape[-2]:
         bias = bias[..., -key.shape[-2]:]
-    out = core(query, key, value, bias, hidden=context.get("hidden"), **({"state": state} if state is not None else {}))
-    return out.transpose(1, 2).contiguous(), None
+    return bias
 
 
 def _fallback(module: nn.Module) -> Any:
@@ -94,23 +129,25 @@ def register_implementation(original: str) -> str:
 
 def _capture_context(module: nn.Module, args: tuple, kwargs: dict) -> None:
     hidden = kwargs.get("hidden_states", args[0] if args else None)
-    core = module.swapformer_core
-    state = None
-    # the cache reaches attention modules under different names (GPT-NeoX: layer_past)
-    cache = next((kwargs[k] for k in ("past_key_values", "past_key_value", "layer_past") if kwargs.get(k) is not None), None)
-    if getattr(core, "stateful", False) and cache is not None:
-        store = cache.__dict__.setdefault("_swapformer_states", {})
-        state = store.setdefault(id(core), {})
-    module._swapformer_context = {"hidden": hidden, "state": state}
+    shared = getattr(module, "_swapformer_call", {})
+    cache, layer = shared.get("cache"), None
+    stateful = getattr(module.swapformer_core, "stateful", False)
+    if cache is not None and (not stateful or isinstance(cache, hf_cache.swapformer_cache_class())):
+        layers, index = getattr(cache, "layers", []), getattr(module, "layer_idx", None)
+        layer = layers[index] if isinstance(index, int) and index < len(layers) else None
+    module._swapformer_context = {"hidden": hidden, "layer": layer, "keep": shared.get("keep")}
 
 
 def _clear_context(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
     module._swapformer_context = {}
 
 
-def attach_attention_core(attn: nn.Module, core: nn.Module, scale: float | None = None) -> None:
+def attach_attention_core(attn: nn.Module, core: nn.Module, scale: float | None = None,
+                          shared: dict | None = None) -> None:
+    """Give ``attn`` its core; ``shared`` is the model-wide call context (cache, 2-D padding mask)."""
     attn.add_module("swapformer_core", core)
     attn._swapformer_scale = scale
+    attn._swapformer_call = shared if shared is not None else {}
     attn.register_forward_pre_hook(_capture_context, with_kwargs=True)
     attn.register_forward_hook(_clear_context, with_kwargs=True)
 

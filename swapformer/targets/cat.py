@@ -298,9 +298,9 @@ class CatAttention(TargetModule):
         return 4 * h * d * visible + compress
 
     def state_bytes(self, context_len: int) -> int:
-        """Compressed chunks + the current chunk's raw keys/values, fp32."""
-        rows = min(context_len, context_len // self.chunk_size + self.chunk_size)
-        return rows * 2 * self.num_kv_heads * self.head_dim * 4
+        """Compressed chunks + the current chunk's raw keys/values (fp32), one padding flag each."""
+        rows = context_len // self.chunk_size + context_len % self.chunk_size
+        return rows * (2 * self.num_kv_heads * self.head_dim * 4 + 1)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

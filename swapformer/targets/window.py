@@ -146,7 +146,7 @@ class WindowAttention(TargetModule):
         if "k" in state:
             k = torch.cat([state["k"], k], dim=2)
             v = torch.cat([state["v"], v], dim=2)
-            k_pos = torch.cat([state["k_pos"], q_pos])
+            k_pos = torch.cat([state["k_pos"][0], q_pos])
             keep_keys = torch.cat([state["keep"], keep_new], dim=1)
         else:
             k_pos, keep_keys = q_pos, keep_new
@@ -156,7 +156,9 @@ class WindowAttention(TargetModule):
         last = start + tq - 1
         stay = (k_pos < self.sinks) | (k_pos > last + 1 - self.window)
         state["k"], state["v"] = k[:, :, stay], v[:, :, stay]
-        state["k_pos"], state["keep"], state["pos"] = k_pos[stay], keep_keys[:, stay], last + 1
+        # every state tensor is batch-first (so caches can reorder beams); positions agree across rows
+        state["k_pos"] = k_pos[stay].expand(b, -1)
+        state["keep"], state["pos"] = keep_keys[:, stay], last + 1
         return out
 
     def forward(
@@ -184,9 +186,10 @@ class WindowAttention(TargetModule):
         return sdpa_flops_per_token(self.num_heads, self.head_dim, self.value_dim, visible)
 
     def state_bytes(self, context_len: int) -> int:
-        """Cached keys/values per sequence (sinks + last window − 1 tokens), fp32."""
+        """Cached keys/values per sequence (sinks + last window − 1 tokens, fp32), with each key's
+        position (int64) and padding flag."""
         rows = min(context_len, self.window - 1 + self.sinks)
-        return rows * self.num_kv_heads * (self.head_dim + self.value_dim) * 4
+        return rows * (self.num_kv_heads * (self.head_dim + self.value_dim) * 4 + 8 + 1)
 
     def parameter_count(self) -> int:
         return 0

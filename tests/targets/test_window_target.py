@@ -51,7 +51,7 @@ def test_decode_cache_stays_bounded():
         core(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state=state)
         assert state["k"].shape[2] <= 2 + 6 - 1
     assert state["pos"] == 40
-    assert core.state_bytes(10_000) == (2 + 5) * site.num_kv_heads * 2 * site.head_dim * 4
+    assert core.state_bytes(10_000) == (2 + 5) * (site.num_kv_heads * 2 * site.head_dim * 4 + 8 + 1)
 
 
 def test_host_window_is_kept_when_smaller():

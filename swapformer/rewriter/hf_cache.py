@@ -1,0 +1,405 @@
+"""Decoding state of converted Hugging Face models, held in transformers' own ``Cache``.
+
+A replaced attention layer keeps exactly its target's state (window: sinks + window keys; fastweight /
+elita: the fixed-size memory; cat: compressed slots + the current chunk; worker: its conv'd keys and
+values) in a :class:`CoreStateLayer` of a :class:`SwapformerCache`, and no host K/V beside it: its
+``update`` hands this call's keys and values to the core and stores nothing. Layers the rewrite did
+not replace keep the layer the host's cache would have had (dynamic, sliding or static).
+
+The cache is created for the user: a forward pre-hook on the model puts a ``SwapformerCache`` in
+place of no cache (``use_cache=True``) or of an empty host cache (what ``generate()`` makes, dynamic or
+static); a host cache that already holds tokens cannot be converted and is refused.
+
+Positions and padding come from the 2-D key-padding mask, never from tensor shapes: when a call has
+padding, each sequence runs through the core on its real tokens only, with a state of its own, so
+left and right padding give each sequence exactly what it gives alone. A batch without padding runs
+in one call with one batched state.
+
+What ``generate()`` relies on is implemented on the states: ``reorder_cache`` (beams),
+``batch_select_indices`` / ``batch_repeat_interleave``, ``reset``, ``get_seq_length`` and ``crop``.
+Fixed-size states cannot be cut back, so a call of several tokens keeps the state from before its
+last :data:`REPLAY_TOKENS` tokens plus those tokens' core inputs; ``crop`` restores that state and
+replays the kept tokens (assisted and prompt-lookup decoding crop only inside their last call). The
+next single-token call drops that buffer, so a decoding cache holds the target's state alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from swapformer.errors import InputError
+
+# how far back ``crop`` can go: the tail of a multi-token call that is kept for replay
+REPLAY_TOKENS = 64
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # the forward parameter a new cache is passed under
+
+
+def _transformers_cache() -> tuple[type, type, type]:
+    from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+
+    return Cache, CacheLayerMixin, DynamicLayer
+
+
+def _map_state(state: dict, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    """Apply ``fn`` to every tensor of a state (dim 0 is the batch, by the targets' convention)."""
+    return {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def state_nbytes(state: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+@dataclasses.dataclass
+class CoreCall:
+    """The core inputs of one sequence (or of the whole batch) for one call, ``[B, H, T, D]`` etc."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    hidden: torch.Tensor | None
+
+    def tokens(self, start: int, end: int | None = None) -> CoreCall:
+        sl = slice(start, end)
+        hidden = self.hidden[:, sl] if self.hidden is not None else None
+        return CoreCall(self.q[:, :, sl], self.k[:, :, sl], self.v[:, :, sl], hidden)
+
+    @property
+    def length(self) -> int:
+        return self.q.shape[-2]
+
+
+def run_core(core: nn.Module, call: CoreCall, state: dict | None) -> torch.Tensor:
+    kwargs = {"state": state} if state is not None else {}
+    return core(call.q, call.k, call.v, None, hidden=call.hidden, **kwargs)
+
+
+def _build_layer_class() -> type:
+    _, CacheLayerMixin, _ = _transformers_cache()
+
+    class CoreStateLayer(CacheLayerMixin):
+        """The cache layer of a replaced attention: the target's state, no keys or values."""
+
+        is_sliding = False
+        is_compileable = False
+        supports_early_init = False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.is_initialized = True
+            self.seq_len = 0
+            self.state: dict = {}  # batched state while no call had padding
+            self.rows: list[dict] | None = None  # one state per sequence once a call had padding
+            self.replay: tuple[Any, Any] | None = None  # (state(s) before the tail, tail call(s))
+            self.record_past = False
+
+        def __repr__(self) -> str:
+            return f"CoreStateLayer(seq_len={self.seq_len}, bytes={self.nbytes()})"
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            return None
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            # the core consumes this call's keys and values into its own state; nothing is stored here
+            self.seq_len += key_states.shape[-2]
+            return key_states, value_states
+
+        def get_seq_length(self, *args: Any) -> int:
+            return self.seq_len
+
+        def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
+            # the host mask a dynamic layer would get; the core reads padding from the 2-D mask instead
+            return self.seq_len + query_length, 0
+
+        def get_max_length(self) -> int:
+            return -1
+
+        def get_max_cache_shape(self) -> int:
+            return -1
+
+        def nbytes(self) -> int:
+            states = self.rows if self.rows is not None else [self.state]
+            return sum(state_nbytes(s) for s in states)
+
+        def reset(self) -> None:
+            self.seq_len, self.state, self.rows, self.replay = 0, {}, None, None
+
+        def offload(self) -> None:
+            return None
+
+        def prefetch(self) -> None:
+            return None
+
+        def activate_past_recording(self) -> None:
+            self.record_past = True
+
+        @property
+        def is_croppable(self) -> bool:
+            return True
+
+        def _select(self, index: torch.Tensor) -> None:
+            if self.rows is not None:
+                self.rows = [dict(self.rows[int(i)]) for i in index.tolist()]
+            else:
+                self.state = _map_state(self.state, lambda t: t.index_select(0, index.to(t.device)))
+            self.replay = None  # a replay would restore the old batch order
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self._select(beam_idx)
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self._select(torch.as_tensor(indices).flatten())
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            n = len(self.rows) if self.rows is not None else _state_batch(self.state)
+            if n:
+                self._select(torch.arange(n).repeat_interleave(repeats))
+
+        def crop(self, tokens_to_remove: int) -> None:
+            # transformers >= 5.2x passes -n (remove n); older versions pass the length to keep
+            target = self.seq_len + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove
+            drop = self.seq_len - target
+            if tokens_to_remove == 0 or drop == 0:
+                return
+            tails = [] if self.replay is None else self.replay[1]
+            tails = tails if isinstance(tails, list) else [tails]
+            if not tails or not 0 < drop <= min(t.length for t in tails):
+                raise InputError(
+                    f"cannot crop a swapformer cache from {self.seq_len} to {target} tokens: a target "
+                    f"state can only be rolled back inside the last {REPLAY_TOKENS} tokens of its last call"
+                )
+            self.rollback(drop)
+
+        def rollback(self, drop: int) -> None:
+            """Restore the state from before the last call's tail and replay all but ``drop`` tokens."""
+            states, tails = self.replay
+            if self.rows is None:
+                self.state = dict(states)
+                if tails.length > drop:
+                    run_core(self.core, tails.tokens(0, tails.length - drop), self.state)
+            else:
+                self.rows = [dict(s) for s in states]
+                for row, call in zip(self.rows, tails):
+                    if call.length > drop:
+                        run_core(self.core, call.tokens(0, call.length - drop), row)
+            self.seq_len, self.replay = self.seq_len - drop, None
+
+    return CoreStateLayer
+
+
+def _state_batch(state: dict) -> int:
+    return next((v.shape[0] for v in state.values() if isinstance(v, torch.Tensor)), 0)
+
+
+_LAYER_CLASS: type | None = None
+
+
+def core_state_layer() -> type:
+    global _LAYER_CLASS
+    if _LAYER_CLASS is None:
+        _LAYER_CLASS = _build_layer_class()
+    return _LAYER_CLASS
+
+
+def _build_cache_class() -> type:
+    Cache, _, DynamicLayer = _transformers_cache()
+
+    class SwapformerCache(Cache):
+        """Host cache layers where the host's attention runs; :class:`CoreStateLayer` where a core does."""
+
+        def __init__(self, layers: list) -> None:
+            super().__init__(layers=layers)
+
+        @classmethod
+        def for_model(cls, cores: dict[int, nn.Module], num_layers: int, template: Any = None):
+            host = list(getattr(template, "layers", []) or [])
+            layers = []
+            for i in range(num_layers):
+                if i in cores:
+                    layer = core_state_layer()()
+                    layer.core = cores[i]
+                else:
+                    layer = host[i] if i < len(host) else DynamicLayer()
+                layers.append(layer)
+            return cls(layers)
+
+        def core_layers(self) -> list:
+            return [layer for layer in self.layers if isinstance(layer, core_state_layer())]
+
+        def nbytes(self) -> int:
+            """Bytes held by the cache: target states plus host keys/values of unreplaced layers."""
+            return cache_nbytes(self)
+
+    return SwapformerCache
+
+
+_CACHE_CLASS: type | None = None
+
+
+def cache_nbytes(cache: Any) -> int:
+    """Bytes a transformers cache holds: keys/values of host layers, states of swapformer layers."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if isinstance(layer, core_state_layer()):
+            total += layer.nbytes()
+            continue
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def swapformer_cache_class() -> type:
+    global _CACHE_CLASS
+    if _CACHE_CLASS is None:
+        _CACHE_CLASS = _build_cache_class()
+    return _CACHE_CLASS
+
+
+# --- running a core against its cache layer --------------------------------------------------------
+
+
+def call_core(core: nn.Module, call: CoreCall, keep: torch.Tensor | None, layer: Any) -> torch.Tensor:
+    """The core's output ``[B, H, T, Dv]`` for this call, reading and updating ``layer``'s state.
+
+    ``keep`` ``[B, T]`` marks real tokens (None: all real). ``layer`` is None for a call without a
+    cache (a full forward).
+    """
+    if layer is None:
+        if keep is None:
+            return run_core(core, call, None)
+        return _per_sequence(core, call, keep, [None] * call.q.shape[0])
+    if keep is None and layer.rows is None:
+        return _batched_with_replay(core, call, layer)
+    if layer.rows is None:  # first padded call: from now on every sequence has its own state
+        b = call.q.shape[0]
+        layer.rows = [_map_state(layer.state, lambda t, i=i: t[i:i + 1]) for i in range(b)]
+        layer.state = {}
+    return _per_sequence(core, call, keep, layer.rows, layer)
+
+
+def _batched_with_replay(core: nn.Module, call: CoreCall, layer: Any) -> torch.Tensor:
+    t = call.length
+    layer.replay = None
+    if t == 1:
+        return run_core(core, call, layer.state)
+    split = max(0, t - REPLAY_TOKENS)
+    outs = [run_core(core, call.tokens(0, split), layer.state)] if split else []
+    tail = call.tokens(split)
+    layer.replay = (dict(layer.state), tail)
+    outs.append(run_core(core, tail, layer.state))
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+
+def _per_sequence(core: nn.Module, call: CoreCall, keep: torch.Tensor | None, states: list,
+                  layer: Any = None) -> torch.Tensor:
+    """Each sequence alone on its real tokens (padding never reaches the core); zeros at pads."""
+    b, _, t, _ = call.q.shape
+    outs, snapshots, tails = [], [], []
+    for i in range(b):
+        idx = torch.arange(t, device=call.q.device) if keep is None else keep[i].nonzero().flatten()
+        row = CoreCall(call.q[i:i + 1, :, idx], call.k[i:i + 1, :, idx], call.v[i:i + 1, :, idx],
+                       None if call.hidden is None else call.hidden[i:i + 1, idx])
+        split = max(0, row.length - REPLAY_TOKENS) if t > 1 else row.length
+        pieces = [run_core(core, row.tokens(0, split), states[i])] if split else []
+        snapshots.append(dict(states[i]) if states[i] is not None else None)
+        tails.append(row.tokens(split))
+        if split < row.length:
+            pieces.append(run_core(core, tails[-1], states[i]))
+        out = torch.cat(pieces, dim=2) if pieces else call.q.new_zeros(1, call.q.shape[1], 0, call.v.shape[-1])
+        full = out.new_zeros(1, out.shape[1], t, out.shape[-1])
+        full[:, :, idx] = out
+        outs.append(full)
+    if layer is not None:
+        layer.replay = (snapshots, tails) if t > 1 else None
+    return torch.cat(outs, dim=0)
+
+
+# --- creating the cache for the user ----------------------------------------------------------------
+
+
+def stateful_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """``layer_idx -> core`` for every attention module whose core keeps a decoding state."""
+    layers = {}
+    for module in model.modules():
+        core = getattr(module, "swapformer_core", None)
+        if core is not None and getattr(core, "stateful", False):
+            layers[module.layer_idx] = core
+    return layers
+
+
+def find_cache(values: Any) -> Any:
+    Cache, _, _ = _transformers_cache()
+    return next((v for v in values if isinstance(v, Cache)), None)
+
+
+def install(model: nn.Module, context: dict) -> None:
+    """Give the model (and every inner model that takes a cache) the pre-hook that creates the cache."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and _cache_parameter(module) is not None:
+            module.register_forward_pre_hook(_model_pre_hook, with_kwargs=True)
+            module._swapformer_call = context
+
+
+def _cache_parameter(module: nn.Module) -> str | None:
+    params = inspect.signature(module.forward).parameters
+    return next((n for n in CACHE_ARGUMENTS if n in params), None)
+
+
+def _model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    context = module._swapformer_call
+    cores = stateful_layers(module)
+    cache = find_cache(list(bound.values()) + list(kwargs.values()))
+    mask = bound.get("attention_mask")
+    context["keep"] = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    if not cores:
+        context["cache"] = cache
+        return args, kwargs
+    use_cache = bound.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(module.config, "use_cache", False)
+    new = _own_cache(module, cores, cache, bool(use_cache))
+    if new is not cache:
+        name = _argument_holding(bound, cache) or _cache_parameter(module)
+        args, kwargs = _replace_argument(module, args, kwargs, name, new)
+    context["cache"] = new
+    return args, kwargs
+
+
+def _own_cache(module: nn.Module, cores: dict, cache: Any, use_cache: bool) -> Any:
+    cls = swapformer_cache_class()
+    if isinstance(cache, cls) or (cache is None and not use_cache):
+        return cache
+    if cache is not None and cache.get_seq_length() > 0:
+        raise InputError(
+            f"the model's attention was replaced by swapformer cores that keep their own decoding state, "
+            f"but it was given a {type(cache).__name__} that already holds {cache.get_seq_length()} tokens "
+            "of host keys/values; pass no cache (one is created) or the cache a previous call returned"
+        )
+    config = module.config.get_text_config(decoder=True)
+    return cls.for_model(cores, config.num_hidden_layers, template=cache)
+
+
+def _argument_holding(bound: dict, value: Any) -> str | None:
+    if value is None:
+        return None
+    return next((n for n, v in bound.items() if v is value), None)
+
+
+def _replace_argument(module: nn.Module, args: tuple, kwargs: dict, name: str, value: Any):
+    params = list(inspect.signature(module.forward).parameters)
+    position = params.index(name) if name in params else None
+    if position is not None and position < len(args):
+        args = args[:position] + (value,) + args[position + 1:]
+    else:
+        kwargs = {**{k: v for k, v in kwargs.items() if k not in CACHE_ARGUMENTS}, name: value}
+    return args, kwargs

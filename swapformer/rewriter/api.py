@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -203,19 +204,29 @@ def _rewrite(analysis: Analysis, config: TargetConfig, filter_fn: SiteFilter | N
 
 def _rewrite_seeded(analysis: Analysis, config: TargetConfig, filter_fn: SiteFilter | None,
                     verify: bool) -> nn.Module:
+    report = _plan(analysis, config, analysis.model, filter_fn)
+    weights = _weights(analysis.model)
+    rewritten = _build_model(analysis, report, config, weights)
+    rewritten.swapformer_report = report
+    if verify:
+        from swapformer.rewriter.verify import verify_rewrite
+
+        def rebuild(replaced: list[Replacement]) -> nn.Module:
+            # the same rewrite with only some sites replaced, to find which site fails verification
+            return _build_model(analysis, dataclasses.replace(report, replaced=replaced), config, weights)
+
+        verify_rewrite(rewritten, analysis, report, config, rebuild)
+    return rewritten
+
+
+def _build_model(analysis: Analysis, report: RewriteReport, config: TargetConfig,
+                 weights: dict[str, torch.Tensor]) -> nn.Module:
     model = analysis.model
-    report = _plan(analysis, config, model, filter_fn)
-    weights = _weights(model)
     if hf.is_hf_model(model):
         rewritten = _apply_hf(model, analysis, report, config, weights)
     else:
         rewritten = _apply_graph(analysis, report, config, weights)
-    rewritten.swapformer_report = report
     rewritten.train(model.training)  # new cores start in training mode; follow the user's model
-    if verify:
-        from swapformer.rewriter.verify import verify_rewrite
-
-        verify_rewrite(rewritten, analysis, report, config)
     return rewritten
 
 

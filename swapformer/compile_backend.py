@@ -7,8 +7,10 @@ whose object keeps one :class:`RewriteReport` per compiled graph (``.reports``, 
 Dynamo lifts parameters to graph inputs, so cores can substitute computations but cannot become
 trainable parameters of the user's module: the backend serves exact and training-free targets, and
 trained targets when given their calibrated core weights (``cores=`` a state dict or a
-``cores.safetensors`` path written by :func:`swapformer.save`). Sites inside cores of a model that was
-already rewritten are left alone.
+``cores.safetensors`` path written by :func:`swapformer.save`; a site whose weights are missing there
+raises :class:`swapformer.io.RecipeMismatchError` naming the keys and the file). A learned target
+served without ``cores=`` runs uncalibrated cores, which the backend says once in a warning. Sites
+inside cores of a model that was already rewritten are left alone.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from swapformer.errors import ConfigError
+from swapformer.io import RecipeMismatchError, read_tensors
 from swapformer.rewriter import apply as graph_apply
 from swapformer.rewriter.capture import Captured, probe
 from swapformer.rewriter.detect import detect
@@ -41,10 +45,12 @@ class SwapformerBackend:
         self.config = resolve_target(target, **target_options)
         self.kinds = tuple(kinds)
         self.cores = _load_cores(cores)
+        self.cores_source = cores if isinstance(cores, str) else "the cores= state dict"
         if inner not in ("inductor", "eager"):
-            raise ValueError(f"inner compiler must be 'inductor' or 'eager', got {inner!r}")
+            raise ConfigError(f"inner compiler must be 'inductor' or 'eager', got {inner!r}")
         self.inner = inner
         self.reports: list[RewriteReport] = []
+        self._warned_uncalibrated = False
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         report = self.rewrite_graph(gm, example_inputs)
@@ -96,8 +102,19 @@ class SwapformerBackend:
     def _build(self, site: Site, weights: Mapping[str, torch.Tensor]) -> TargetModule:
         core = core_class(self.config, site.kind).from_site(site, self.config, weights)
         if self.cores:
-            _restore_core(core, site, self.cores)
+            _restore_core(core, site, self.cores, self.cores_source)
+        elif core.new_parameters():
+            self._warn_uncalibrated()
         return core
+
+    def _warn_uncalibrated(self) -> None:
+        # once per backend: Dynamo may compile many graphs, each with many sites
+        if not self._warned_uncalibrated:
+            self._warned_uncalibrated = True
+            log.warning("swapformer backend: target %r has learned parameters but no cores= were given, "
+                        "so its cores are uncalibrated (initial values) and the outputs are not the "
+                        "model's; pass cores='<dir>/cores.safetensors' from swapformer.save",
+                        self.config.name)
 
     def explain(self) -> str:
         return "\n\n".join(f"graph {i}:\n{r}" for i, r in enumerate(self.reports))
@@ -137,18 +154,34 @@ def _load_cores(cores: Mapping[str, torch.Tensor] | str | None) -> dict[str, tor
     if cores is None:
         return {}
     if isinstance(cores, str):
-        from safetensors.torch import load_file
-
-        return load_file(cores)
+        return read_tensors(cores)
     return dict(cores)
 
 
-def _restore_core(core: TargetModule, site: Site, state: Mapping[str, torch.Tensor]) -> None:
+def _restore_core(core: TargetModule, site: Site, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load the calibrated weights of ``site`` from ``state`` into ``core``.
+
+    Raises:
+        RecipeMismatchError: ``source`` holds no weights for the site, or not all of the core's
+            (the missing and unexpected keys are named).
+    """
     prefixes = [f"{site.module}.swapformer_core.", f"{site.module}.core.",
                 graph_apply.core_attr_name(site.name) + "."]
     for prefix in prefixes:
         own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if own:
-            core.load_state_dict(own)
+            _load_exactly(core, own, f"{source}, site {site.name!r}, prefix {prefix!r}")
             return
-    raise KeyError(f"no calibrated weights for site {site.name!r} (looked for keys starting with {prefixes})")
+    raise RecipeMismatchError(f"{source} has no calibrated weights for site {site.name!r} "
+                              f"(looked for keys starting with {prefixes})")
+
+
+def _load_exactly(core: TargetModule, own: Mapping[str, torch.Tensor], where: str) -> None:
+    expected = set(core.state_dict())
+    missing, unexpected = sorted(expected - set(own)), sorted(set(own) - expected)
+    if missing or unexpected:
+        raise RecipeMismatchError(f"{where}: missing core weights {missing}, unexpected {unexpected}")
+    try:
+        core.load_state_dict(own, strict=True)
+    except RuntimeError as e:  # shapes that do not fit
+        raise RecipeMismatchError(f"{where}: the saved weights do not fit the core: {e}") from e

@@ -48,6 +48,8 @@ FORMAT_VERSION = 1
 RECIPE_FILE = "swapformer.json"
 CORES_FILE = "cores.safetensors"
 HOST_FILE = "host.safetensors"
+# top-level recipe entries load() reads, and their JSON types
+_RECIPE_KEYS: dict[str, type] = {"source": dict, "rewrite": dict, "sites": list, "files": dict}
 FILTER_SKIP = "excluded by filter_fn"
 # HF config entries that say how a model was loaded or run, not what it computes.
 _VOLATILE_CONFIG_KEYS = {
@@ -417,6 +419,7 @@ def _write_weights(model: nn.Module, out: Path, sites: list[dict[str, Any]], ski
     if changed:
         save_file(changed, str(out / HOST_FILE), metadata={"format": "pt"})
         files["host"] = HOST_FILE
+        files["host_sha256"] = _file_sha256(out / HOST_FILE)
         log.info("saved %d changed base tensors to %s", len(changed), HOST_FILE)
     elif (out / HOST_FILE).exists():
         (out / HOST_FILE).unlink()
@@ -425,10 +428,28 @@ def _write_weights(model: nn.Module, out: Path, sites: list[dict[str, Any]], ski
 
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e}") from e
     return h.hexdigest()
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file.
+
+    Raises:
+        InputError: the file is missing, unreadable or not a valid safetensors file (named).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"cannot read {path} as safetensors: {e}") from e
 
 
 # loading
@@ -451,6 +472,8 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         raise InputError(f"no {RECIPE_FILE} in {file.parent}: not a directory written by swapformer.save")
     try:
         recipe = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {file}: {e}") from e
     except json.JSONDecodeError as e:
         raise InputError(f"{file} is not valid JSON: {e}") from e
     if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
@@ -458,7 +481,54 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if recipe.get("format_version", 0) > FORMAT_VERSION:
         raise InputError(f"{file} has format version {recipe['format_version']}; this swapformer "
                          f"reads up to {FORMAT_VERSION}: upgrade swapformer")
+    missing = [k for k in _RECIPE_KEYS if not isinstance(recipe.get(k), _RECIPE_KEYS[k])]
+    if missing:
+        raise InputError(f"{file} is not a complete swapformer recipe: missing or malformed {missing}")
     return recipe
+
+
+def recipe_file(directory: Path, recipe: Mapping[str, Any], key: str) -> Path | None:
+    """The path of the file the recipe names under ``files[key]`` (``None`` when it names none).
+
+    The recipe is data read from disk: a name that is absolute, holds a path separator or is
+    ``.``/``..`` could reach outside ``directory``, so only bare file names are accepted.
+
+    Raises:
+        InputError: the name is not a bare file name.
+    """
+    name = recipe["files"].get(key)
+    if name is None and key != "cores":
+        return None
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or Path(name).name != name or Path(name).is_absolute()):
+        raise InputError(f"{directory / RECIPE_FILE} names {name!r} as its {key} file; recipe file "
+                         f"names must be bare names of files inside {directory}")
+    return directory / name
+
+
+def check_files(directory: Path, recipe: Mapping[str, Any]) -> None:
+    """Refuse weight files whose sha256 differs from the one :func:`save` recorded.
+
+    Raises:
+        InputError: a file name is not a bare name, or a file is missing or unreadable.
+        RecipeMismatchError: a file changed after saving (corruption, an edit, another save).
+    """
+    for key in ("cores", "host"):
+        path = recipe_file(directory, recipe, key)
+        if path is None:
+            continue
+        recorded = recipe["files"].get(f"{key}_sha256")
+        if recorded is None:
+            if key == "cores":
+                raise RecipeMismatchError(f"{directory / RECIPE_FILE} records no checksum of {path.name}")
+            # recipes written before host checksums existed: say so rather than pass silently
+            log.warning("%s has no recorded checksum; it is loaded unchecked", path)
+            continue
+        actual = _file_sha256(path)
+        if actual != recorded:
+            raise RecipeMismatchError(f"{path} does not match the sha256 recorded in {RECIPE_FILE} "
+                                      f"({recorded[:12]}... recorded, {actual[:12]}... now): the file "
+                                      "was corrupted or replaced after saving")
 
 
 def target_config(recipe: Mapping[str, Any]) -> TargetConfig:
@@ -497,15 +567,19 @@ def load(path: str | Path, base_model: nn.Module, *, example_inputs: Any = None,
         ``swapformer_report`` comes from the replay and its ``swapformer_recipe`` is the recipe.
 
     Raises:
-        InputError: ``path`` holds no recipe. UnknownTargetError: the target is not registered.
-        RecipeMismatchError: the base model's class, config or parameters differ from the
-            recipe's, the replay decided differently at some site, or the weights do not fit.
+        InputError: ``path`` holds no recipe, the recipe names a file outside ``path``, or a
+            file is missing or unreadable (each names the file). UnknownTargetError: the target
+            is not registered.
+        RecipeMismatchError: a weight file's sha256 differs from the recorded one, the base
+            model's class, config or parameters differ from the recipe's, the replay decided
+            differently at some site, or the weights do not fit.
     """
     from swapformer.rewriter.api import rewrite
 
     recipe = read_recipe(path)
     config = target_config(recipe)
     check_base_model(recipe, base_model)
+    check_files(recipe_dir(path), recipe)  # before the replay, the slow step
     inputs = example_inputs if example_inputs is not None else build_inputs(
         recipe["rewrite"]["example_inputs"], base_model)
     log.info("replaying %s on %s", config.name, type(base_model).__name__)
@@ -592,10 +666,8 @@ def check_decisions(recorded: list[dict[str, Any]], replayed: list[dict[str, Any
 
 
 def _load_weights(model: nn.Module, path: Path, recipe: Mapping[str, Any]) -> None:
-    from safetensors.torch import load_file
-
     files = recipe["files"]
-    state = load_file(str(path / files["cores"]))
+    state = read_tensors(recipe_file(path, recipe, "cores"))
     for s in recipe["sites"]:
         if s["decision"] == "replaced":
             _load_core(model, s["core_name"], state)
@@ -603,8 +675,9 @@ def _load_weights(model: nn.Module, path: Path, recipe: Mapping[str, Any]) -> No
                                             for s in recipe["sites"] if s["decision"] == "replaced")]
     if leftover:
         raise RecipeMismatchError(f"{files['cores']} holds tensors of no replaced site: {leftover[:4]}")
-    if files.get("host"):
-        _load_host(model, load_file(str(path / files["host"])))
+    host = recipe_file(path, recipe, "host")
+    if host is not None:
+        _load_host(model, read_tensors(host))
 
 
 def _load_core(model: nn.Module, core_name: str, state: Mapping[str, torch.Tensor]) -> None:

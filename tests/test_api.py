@@ -39,6 +39,24 @@ class CausalBlock(nn.Module):
         return x + self.down(F.gelu(self.up(x)))
 
 
+class DropoutBlock(CausalBlock):
+    """CausalBlock with dropout on the attention probabilities and on the block output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn_drop = nn.Dropout(0.3)
+        self.out_drop = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = self.attn_drop(att.masked_fill(self.tril[:, :, :t, :t] == 0, float("-inf")).softmax(dim=-1))
+        x = x + self.out_drop(self.proj((att @ v).transpose(1, 2).reshape(b, t, c)))
+        return x + self.down(F.gelu(self.up(x)))
+
+
 @pytest.fixture
 def block() -> CausalBlock:
     torch.manual_seed(0)
@@ -46,7 +64,7 @@ def block() -> CausalBlock:
 
 
 def test_sites_describe_the_block(block: CausalBlock) -> None:
-    sites = swapformer.find_sites(block, torch.randn(2, 8, 32))
+    sites = swapformer.find_sites(block, torch.randn(2, 8, 32), kinds=("attention", "ffn"))
     attn, ffn = [s for s in sites if s.kind == "attention"], [s for s in sites if s.kind == "ffn"]
     assert len(attn) == 1 and len(ffn) == 1
     a = attn[0]
@@ -132,7 +150,7 @@ def test_hf_ffn_spanning_modules_is_skipped_with_reason() -> None:
 
 
 def test_prepare_once_rewrite_many(block: CausalBlock) -> None:
-    prepared = swapformer.prepare(block, torch.randn(2, 8, 32))
+    prepared = swapformer.prepare(block, torch.randn(2, 8, 32), kinds=("attention", "ffn"))
     assert [s.kind for s in prepared.sites] == ["attention", "ffn"]
     both = prepared.rewrite("sdpa")
     only_ffn = prepared.rewrite("sdpa", filter_fn=lambda s: s.kind == "ffn")
@@ -158,3 +176,86 @@ def test_scores_modified_in_place_are_not_claimed() -> None:
     assert not report.sites
     out = swapformer.rewrite(model, "sdpa", example_inputs=(q, k, v))
     torch.testing.assert_close(out(q, k, v), model(q, k, v))
+
+
+# options, defaults and RNG
+
+
+def test_config_instance_with_unknown_option_is_a_config_error() -> None:
+    from swapformer.targets.window import WindowConfig
+
+    with pytest.raises(ConfigError, match=r"no option\(s\) \['windw'\]; its options are .*'sinks'.*'window'"):
+        swapformer.targets.resolve_target(WindowConfig(), windw=3)
+    assert swapformer.targets.resolve_target(WindowConfig(), window=3).window == 3
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(window=2.5), r"'window' must be an int, got 2\.5"),
+    (dict(sinks=True), r"'sinks' must be an int, got True"),
+    (dict(window="8"), r"'window' must be an int, got '8'"),
+])
+def test_window_options_are_type_checked(options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        swapformer.targets.resolve_target("window", **options)
+
+
+def test_every_registered_config_checks_its_field_types() -> None:
+    """Each config subclass must run TargetConfig.__post_init__: a wrong type is refused for every field."""
+    import dataclasses
+    import typing
+
+    for name in swapformer.available_targets():
+        cls = type(swapformer.targets.resolve_target(name))
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            with pytest.raises(ConfigError, match=repr(field.name)):
+                cls(**{field.name: object()})
+            if hints[field.name] is float:  # ints are accepted for floats, and stored as floats
+                value = getattr(cls(**{field.name: 1}), field.name)
+                assert type(value) is float and value == 1.0
+
+
+def test_literal_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"'mode' must be one of 'retrofit', 'layer', got 'fast'"):
+        swapformer.targets.resolve_target("cat", mode="fast")
+    with pytest.raises(ConfigError, match="'feature_map' must be one of"):
+        swapformer.targets.resolve_target("fastweight", feature_map=1)
+
+
+def test_every_verb_defaults_to_attention_sites(block: CausalBlock) -> None:
+    import inspect
+
+    from swapformer.rewriter import api
+
+    x = torch.randn(2, 8, 32)
+    for verb in (swapformer.find_sites, swapformer.prepare, swapformer.explain, swapformer.rewrite):
+        assert inspect.signature(verb).parameters["kinds"].default == ("attention",), verb.__name__
+    assert api.DEFAULT_KINDS == ("attention",)
+    assert [s.kind for s in swapformer.find_sites(block, x)] == ["attention"]
+    assert [s.kind for s in swapformer.prepare(block, x).sites] == ["attention"]
+    assert [r.site.kind for r in swapformer.explain(block, "sdpa", x).replaced] == ["attention"]
+    assert [r.site.kind for r in swapformer.rewrite(block, "sdpa", example_inputs=x).swapformer_report.replaced] == [
+        "attention"]
+
+
+def test_rewrite_leaves_the_global_rng_alone_and_is_reproducible(block: CausalBlock) -> None:
+    x = torch.randn(2, 8, 32)
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    first = swapformer.rewrite(block, "fastweight", example_inputs=x, verify=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    again = swapformer.rewrite(block, "fastweight", example_inputs=x, verify=False)
+    other = swapformer.rewrite(block, "fastweight", example_inputs=x, verify=False, seed=1)
+    new = [n for n, _ in first.named_parameters() if "swapformer_cores" in n]
+    params = lambda m: dict(m.named_parameters())
+    assert new and all(torch.equal(params(first)[n], params(again)[n]) for n in new)
+    assert not all(torch.equal(params(first)[n], params(other)[n]) for n in new)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_rewrite_of_a_model_in_training_mode_leaves_the_global_rng_alone() -> None:
+    torch.manual_seed(0)
+    model, x = DropoutBlock().train(), torch.randn(2, 8, 32)
+    state = torch.get_rng_state()
+    swapformer.rewrite(model, "window", example_inputs=x, window=4)
+    assert torch.equal(torch.get_rng_state(), state)

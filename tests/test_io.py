@@ -232,3 +232,76 @@ def test_hf_load_refuses_another_config(hf_saved: tuple[nn.Module, Path], hf_bas
     other = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
     with pytest.raises(io.RecipeMismatchError, match="rope_parameters"):
         io.load(hf_saved[1], other)
+
+
+# damaged or hostile checkpoints
+
+
+def _copy_saved(src: Path, dst: Path) -> Path:
+    for name in (io.RECIPE_FILE, io.CORES_FILE):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def test_flipped_bit_in_cores_is_refused(saved_sdpa: tuple[nn.Module, Path], base: TinyLM, tmp_path: Path) -> None:
+    path = _copy_saved(saved_sdpa[1], tmp_path)
+    data = bytearray((path / io.CORES_FILE).read_bytes())
+    data[-1] ^= 0x01  # a tensor byte: safetensors alone would load it without complaint
+    (path / io.CORES_FILE).write_bytes(bytes(data))
+    with pytest.raises(io.RecipeMismatchError, match=r"cores\.safetensors does not match the sha256"):
+        io.load(path, base)
+
+
+def test_truncated_cores_with_matching_checksum_is_a_named_error(saved_sdpa: tuple[nn.Module, Path],
+                                                                 base: TinyLM, tmp_path: Path) -> None:
+    path = _copy_saved(saved_sdpa[1], tmp_path)
+    cores = path / io.CORES_FILE
+    cores.write_bytes(cores.read_bytes()[:100])
+    recipe = io.read_recipe(path)
+    recipe["files"]["cores_sha256"] = io._file_sha256(cores)  # as if saved truncated
+    (path / io.RECIPE_FILE).write_text(json.dumps(recipe))
+    with pytest.raises(InputError, match=r"cannot read .*cores\.safetensors as safetensors"):
+        io.load(path, base)
+
+
+def test_missing_cores_and_broken_recipe_are_named(saved_sdpa: tuple[nn.Module, Path], base: TinyLM,
+                                                   tmp_path: Path) -> None:
+    path = _copy_saved(saved_sdpa[1], tmp_path)
+    (path / io.CORES_FILE).unlink()
+    with pytest.raises(InputError, match=r"cannot read .*cores\.safetensors"):
+        io.load(path, base)
+    (path / io.RECIPE_FILE).write_text('{"format": "swapformer-recipe", "format_version": 1}')
+    with pytest.raises(InputError, match=r"swapformer\.json is not a complete swapformer recipe.*files"):
+        io.load(path, base)
+    (path / io.RECIPE_FILE).write_bytes(b"\xff\xfe{")
+    with pytest.raises(InputError, match=r"swapformer\.json"):
+        io.load(path, base)
+
+
+@pytest.mark.parametrize("name", ["../cores.safetensors", "/etc/passwd", "sub/cores.safetensors", "..", "",
+                                  "a\\b"])
+def test_recipe_file_names_must_stay_in_the_directory(saved_sdpa: tuple[nn.Module, Path], base: TinyLM,
+                                                      tmp_path: Path, name: str) -> None:
+    path = _copy_saved(saved_sdpa[1], tmp_path)
+    recipe = io.read_recipe(path)
+    recipe["files"]["cores"] = name
+    (path / io.RECIPE_FILE).write_text(json.dumps(recipe))
+    with pytest.raises(InputError, match="must be bare names"):
+        io.load(path, base)
+
+
+def test_host_file_is_checksummed(saved_sdpa: tuple[nn.Module, Path], base: TinyLM, tmp_path: Path) -> None:
+    model = saved_sdpa[0]
+    with torch.no_grad():
+        model.get_parameter("head.bias").add_(1.0)
+    try:
+        io.save(model, tmp_path, base_model=base)
+    finally:
+        with torch.no_grad():
+            model.get_parameter("head.bias").sub_(1.0)
+    assert io.read_recipe(tmp_path)["files"]["host_sha256"]
+    data = bytearray((tmp_path / io.HOST_FILE).read_bytes())
+    data[-1] ^= 0x01
+    (tmp_path / io.HOST_FILE).write_bytes(bytes(data))
+    with pytest.raises(io.RecipeMismatchError, match=r"host\.safetensors does not match"):
+        io.load(tmp_path, base)

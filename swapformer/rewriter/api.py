@@ -8,9 +8,11 @@ All checks run before anything is built, and the user's model is never modified.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,10 @@ from swapformer.targets.base import TargetConfig, TargetModule, core_class, reso
 
 log = logging.getLogger(__name__)
 KINDS = ("attention", "ffn")
+# Every verb defaults to attention sites only (as the CLI, the compile backend and the zoo do):
+# replacing FFNs changes much more of a model and is asked for explicitly.
+DEFAULT_KINDS: tuple[str, ...] = ("attention",)
+DEFAULT_SEED = 0
 SiteFilter = Callable[[Site], bool]
 
 
@@ -57,8 +63,8 @@ class Analysis:
         return report
 
     def rewrite(self, target: str | TargetConfig, *, filter_fn: SiteFilter | None = None,
-                verify: bool = True, **target_options: Any) -> nn.Module:
-        return _rewrite(self, resolve_target(target, **target_options), filter_fn, verify)
+                verify: bool = True, seed: int = DEFAULT_SEED, **target_options: Any) -> nn.Module:
+        return _rewrite(self, resolve_target(target, **target_options), filter_fn, verify, seed)
 
 
 
@@ -89,12 +95,27 @@ def default_example_inputs(model: nn.Module) -> Any:
     raise InputError(f"cannot build example inputs for {type(model).__name__}; pass example_inputs")
 
 
-def prepare(model: nn.Module, example_inputs: Any = None, *, kinds: tuple[str, ...] = KINDS) -> Analysis:
+def prepare(model: nn.Module, example_inputs: Any = None, *,
+            kinds: tuple[str, ...] = DEFAULT_KINDS) -> Analysis:
     """Capture and match ``model`` once; rewrite the result to any number of targets.
 
-    Args and Raises: as :func:`find_sites`.
+    Args and Raises: as :func:`find_sites` (``kinds`` defaults to attention sites only).
     """
     return analyze(model, example_inputs, kinds)
+
+
+@contextlib.contextmanager
+def own_rng(seed: int) -> Iterator[None]:
+    """Run a block on forked RNG state seeded with ``seed``: the caller's global generators are
+    exactly as before afterwards, and the block draws the same numbers on every call."""
+    # Only CUDA devices already in use are forked and seeded: torch.manual_seed would queue a
+    # seeding of an uninitialised CUDA that runs later, outside the fork, on the caller's state.
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        for device in devices:
+            torch.cuda.default_generators[device].manual_seed(seed)
+        yield
 
 
 def analyze(model: nn.Module, example_inputs: Any, kinds: tuple[str, ...]) -> Analysis:
@@ -103,20 +124,24 @@ def analyze(model: nn.Module, example_inputs: Any, kinds: tuple[str, ...]) -> An
     if example_inputs is None:
         example_inputs = default_example_inputs(model)
     args, kwargs = normalize_inputs(example_inputs)
-    reference = check_inputs(model, args, kwargs)
-    captured = capture(model, args, kwargs)
-    probe(captured)
+    # a model in training mode draws dropout masks while it is run and captured
+    with own_rng(DEFAULT_SEED):
+        reference = check_inputs(model, args, kwargs)
+        captured = capture(model, args, kwargs)
+        probe(captured)
     return Analysis(model, captured, detect(captured, _check_kinds(kinds)), reference, args, kwargs)
 
 
-def find_sites(model: nn.Module, example_inputs: Any = None, *, kinds: tuple[str, ...] = KINDS) -> list[Site]:
-    """Detect the attention and FFN sites of ``model``.
+def find_sites(model: nn.Module, example_inputs: Any = None, *,
+               kinds: tuple[str, ...] = DEFAULT_KINDS) -> list[Site]:
+    """Detect the sites of ``model`` (attention sites unless ``kinds`` says otherwise).
 
     Args:
         model: any ``nn.Module`` (plain, nanoGPT/timm style, torch.nn built-ins, HF transformers v5).
         example_inputs: a tensor, a tuple of positional args, or a dict of kwargs the model runs on;
             optional for Hugging Face models.
-        kinds: which site kinds to look for.
+        kinds: which site kinds to look for; default ``("attention",)`` as in every verb, pass
+            ``("attention", "ffn")`` for FFN sites too.
 
     Returns:
         The sites in graph order, each with a stable name ``"<module>:<index>"``.
@@ -129,9 +154,12 @@ def find_sites(model: nn.Module, example_inputs: Any = None, *, kinds: tuple[str
 
 
 def explain(model: nn.Module, target: str | TargetConfig, example_inputs: Any = None, *,
-            kinds: tuple[str, ...] = ("attention",), filter_fn: SiteFilter | None = None,
+            kinds: tuple[str, ...] = DEFAULT_KINDS, filter_fn: SiteFilter | None = None,
             **target_options: Any) -> RewriteReport:
-    """Dry run of :func:`rewrite`: every site, what would replace it, what would be skipped and why."""
+    """Dry run of :func:`rewrite`: every site, what would replace it, what would be skipped and why.
+
+    Arguments as :func:`rewrite` (``kinds`` defaults to attention sites only).
+    """
     config = resolve_target(target, **target_options)
     analysis = analyze(model, example_inputs, kinds)
     report = _plan(analysis, config, model, filter_fn)
@@ -140,17 +168,20 @@ def explain(model: nn.Module, target: str | TargetConfig, example_inputs: Any = 
 
 
 def rewrite(model: nn.Module, target: str | TargetConfig, *, example_inputs: Any = None,
-            kinds: tuple[str, ...] = ("attention",), filter_fn: SiteFilter | None = None,
-            verify: bool = True, **target_options: Any) -> nn.Module:
+            kinds: tuple[str, ...] = DEFAULT_KINDS, filter_fn: SiteFilter | None = None,
+            verify: bool = True, seed: int = DEFAULT_SEED, **target_options: Any) -> nn.Module:
     """Return a copy of ``model`` whose detected sites run ``target``'s implementation.
 
     Args:
         model: the model to convert; it is not modified.
         target: a registry name (``"sdpa"``, ``"window"``, ``"fastweight"``, ...) or a target config.
         example_inputs: inputs to capture the graph with (optional for Hugging Face models).
-        kinds: site kinds to replace (``"attention"``, ``"ffn"``).
+        kinds: site kinds to replace: ``"attention"``, ``"ffn"``; default ``("attention",)``.
         filter_fn: ``filter_fn(site) -> bool`` selects which sites to replace.
         verify: run the result once; for the exact ``"sdpa"`` target also compare with the original.
+        seed: seeds the initial values of the cores' new parameters. The rewrite runs on its own
+            forked RNG state, so the same call gives the same model and the caller's global RNG
+            state is left exactly as it was.
         target_options: options of the target's config (``window=64``, ``chunk_size=16``, ...).
 
     Returns:
@@ -162,23 +193,40 @@ def rewrite(model: nn.Module, target: str | TargetConfig, *, example_inputs: Any
         VerificationError: an exact target does not reproduce the original.
     """
     config = resolve_target(target, **target_options)
-    return _rewrite(analyze(model, example_inputs, kinds), config, filter_fn, verify)
+    return _rewrite(analyze(model, example_inputs, kinds), config, filter_fn, verify, seed)
 
 
-def _rewrite(analysis: Analysis, config: TargetConfig, filter_fn: SiteFilter | None, verify: bool) -> nn.Module:
+def _rewrite(analysis: Analysis, config: TargetConfig, filter_fn: SiteFilter | None, verify: bool,
+             seed: int) -> nn.Module:
+    with own_rng(seed):
+        return _rewrite_seeded(analysis, config, filter_fn, verify)
+
+
+def _rewrite_seeded(analysis: Analysis, config: TargetConfig, filter_fn: SiteFilter | None,
+                    verify: bool) -> nn.Module:
+    report = _plan(analysis, config, analysis.model, filter_fn)
+    weights = _weights(analysis.model)
+    rewritten = _build_model(analysis, report, config, weights)
+    rewritten.swapformer_report = report
+    if verify:
+        from swapformer.rewriter.verify import verify_rewrite
+
+        def rebuild(replaced: list[Replacement]) -> nn.Module:
+            # the same rewrite with only some sites replaced, to find which site fails verification
+            return _build_model(analysis, dataclasses.replace(report, replaced=replaced), config, weights)
+
+        verify_rewrite(rewritten, analysis, report, config, rebuild)
+    return rewritten
+
+
+def _build_model(analysis: Analysis, report: RewriteReport, config: TargetConfig,
+                 weights: dict[str, torch.Tensor]) -> nn.Module:
     model = analysis.model
-    report = _plan(analysis, config, model, filter_fn)
-    weights = _weights(model)
     if hf.is_hf_model(model):
         rewritten = _apply_hf(model, analysis, report, config, weights)
     else:
         rewritten = _apply_graph(analysis, report, config, weights)
-    rewritten.swapformer_report = report
     rewritten.train(model.training)  # new cores start in training mode; follow the user's model
-    if verify:
-        from swapformer.rewriter.verify import verify_rewrite
-
-        verify_rewrite(rewritten, analysis, report, config)
     return rewritten
 
 

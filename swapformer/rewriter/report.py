@@ -53,6 +53,7 @@ class RewriteReport:
     replaced: list[Replacement] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     max_abs_diff: float | None = None  # of the verify step, when one ran
+    verify_tolerance: float | None = None  # what an exact target's max_abs_diff was held to
     dry_run: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,5 +90,6 @@ def format_report(report: RewriteReport) -> str:
     out += [line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
     out.append(f"{len(report.replaced)} replaced, {len(report.skipped)} skipped, {len(report.sites)} sites")
     if report.max_abs_diff is not None:
-        out.append(f"verify: max |Δ| = {report.max_abs_diff:.3g}")
+        bound = f" (tolerance {report.verify_tolerance:.3g})" if report.verify_tolerance is not None else ""
+        out.append(f"verify: max |Δ| = {report.max_abs_diff:.3g}{bound}")
     return "\n".join(out)

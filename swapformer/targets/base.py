@@ -20,8 +20,11 @@ host's parameter names to tensors (copy them; never share storage with the host)
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, Union
 
 import torch
 from torch import nn
@@ -38,8 +41,88 @@ class TargetConfig:
     exact: ClassVar[bool] = False  # the rewrite must reproduce the host to float tolerance
     version: int = 1
 
+    def __post_init__(self) -> None:
+        """Check every field against its annotation; subclasses call this before their own checks.
+
+        ``int`` fields take ints but not bools, ``float`` fields take ints (stored as floats),
+        ``Literal`` fields take one of their values, unions take any member.
+
+        Raises:
+            ConfigError: naming the option, the type it must have and the value given.
+        """
+        hints = _field_hints(type(self))
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            hint = hints[field.name]
+            if not _matches(value, hint):
+                raise ConfigError(f"{self.name or type(self).__name__} option {field.name!r} must be "
+                                  f"{_describe_type(hint)}, got {value!r} ({type(value).__name__})")
+            if _accepts_float_only(hint) and isinstance(value, int):
+                # frozen: store the int given for a float option as the float it stands for
+                object.__setattr__(self, field.name, float(value))
+
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.name, **dataclasses.asdict(self)}
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    # the target modules use `from __future__ import annotations`: resolve the strings once per class
+    return typing.get_type_hints(cls)
+
+
+def _union_args(hint: Any) -> tuple[Any, ...] | None:
+    origin = typing.get_origin(hint)
+    return typing.get_args(hint) if origin is Union or origin is types.UnionType else None
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the annotation ``hint`` (the forms target configs use)."""
+    if hint is Any:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    members = _union_args(hint)
+    if members is not None:
+        return any(_matches(value, m) for m in members)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin in (tuple, list):
+        if not isinstance(value, origin):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+        return not args or all(_matches(v, args[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(origin or hint, type):
+        return isinstance(value, origin or hint)
+    raise TypeError(f"TargetConfig cannot check fields annotated {hint!r}; use the forms _matches knows")
+
+
+def _accepts_float_only(hint: Any) -> bool:
+    members = _union_args(hint) or (hint,)
+    return float in members and int not in members
+
+
+def _describe_type(hint: Any) -> str:
+    members = _union_args(hint)
+    if members is not None:
+        return " or ".join(_describe_type(m) for m in members)
+    if hint is type(None):
+        return "None"
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if hint is float:
+        return "a number"
+    if hint in (int, bool, str):
+        return f"{'an' if hint is int else 'a'} {hint.__name__}"
+    return repr(hint)
 
 
 class TargetModule(nn.Module):
@@ -85,10 +168,17 @@ def available_targets() -> list[str]:
 
 
 def resolve_target(target: str | TargetConfig, **options: Any) -> TargetConfig:
-    """Turn a registry name plus options, or a config instance, into a config instance."""
+    """Turn a registry name plus options, or a config instance (plus overrides), into a config.
+
+    Raises:
+        UnknownTargetError: ``target`` is neither a registered name nor a config.
+        ConfigError: an option the target does not have (the valid ones are listed), or a value
+            of the wrong type or out of range.
+    """
     _load_builtin_targets()
     if isinstance(target, TargetConfig):
         if options:
+            _check_option_names(type(target), options)
             return dataclasses.replace(target, **options)
         return target
     if not isinstance(target, str):
@@ -100,13 +190,17 @@ def resolve_target(target: str | TargetConfig, **options: Any) -> TargetConfig:
             f"unknown target {target!r}; available targets: {', '.join(available_targets())}"
         )
     cls = _CONFIGS[target]
+    _check_option_names(cls, options)
+    return cls(**options)
+
+
+def _check_option_names(cls: type[TargetConfig], options: Mapping[str, Any]) -> None:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - fields)
     if unknown:
         raise ConfigError(
-            f"target {target!r} has no option(s) {unknown}; its options are {sorted(fields)}"
+            f"target {cls.name!r} has no option(s) {unknown}; its options are {sorted(fields)}"
         )
-    return cls(**options)
 
 
 def core_class(config: TargetConfig, kind: str) -> type[TargetModule] | None:

@@ -95,6 +95,7 @@ class CatConfig(TargetConfig):
     rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.mode not in ("retrofit", "layer"):
             raise ConfigError(f"cat mode must be 'retrofit' or 'layer', got {self.mode!r}")
         if self.chunk_size < 1:

@@ -84,6 +84,7 @@ class ElitaConfig(TargetConfig):
     ffn_width: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.position_width < 0:
             raise ConfigError(f"elita position_width must be >= 0, got {self.position_width}")
         if not self.position_step > 0:

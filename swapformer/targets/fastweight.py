@@ -81,6 +81,7 @@ class FastWeightConfig(TargetConfig):
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.feature_map not in ("identity", "elu1", "relu", "hedgehog"):
             raise ConfigError(f"fastweight feature_map {self.feature_map!r} is not one of "
                               "'identity', 'elu1', 'relu', 'hedgehog'")

@@ -49,6 +49,7 @@ class WindowConfig(TargetConfig):
     block_size: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.window < 1:
             raise ConfigError(f"window must be >= 1, got {self.window}")
         if self.sinks < 0:

@@ -74,6 +74,7 @@ class WorkerConfig(TargetConfig):
     gate: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.interval < 1:
             raise ConfigError(f"worker interval must be >= 1, got {self.interval}")
         if self.conv_kernel < 1:

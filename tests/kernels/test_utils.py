@@ -43,3 +43,60 @@ def test_assert_close():
         assert_close("far", ref, ref * 1.1, ratio=1e-3)
     with pytest.raises(AssertionError, match="non-finite"):
         assert_close("nan", ref, torch.full_like(ref, float("nan")))
+
+
+def _cuda_like():
+    # resolve_backend reads only .is_cuda and .device: a CPU machine can still take the CUDA branch
+    from types import SimpleNamespace
+
+    return SimpleNamespace(is_cuda=True, device=torch.device("cuda"))
+
+
+def test_fallback_without_triton_is_warned_once(monkeypatch, caplog):
+    from swapformer.kernels import utils
+
+    monkeypatch.delenv("SWAPFORMER_KERNELS", raising=False)
+    monkeypatch.setattr(utils, "_ANNOUNCED", set())
+    monkeypatch.setattr(utils, "triton_status", lambda: (False, "the triton package is not installed"))
+    with caplog.at_level("INFO", logger="swapformer.kernels.utils"):
+        assert resolve_backend("auto", _cuda_like()) == "naive"
+        assert resolve_backend("auto", _cuda_like()) == "naive"
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "reference" in warnings[0].getMessage() and "not installed" in warnings[0].getMessage()
+
+
+def test_cpu_path_is_logged_once_at_info(monkeypatch, caplog):
+    from swapformer.kernels import utils
+
+    monkeypatch.delenv("SWAPFORMER_KERNELS", raising=False)
+    monkeypatch.setattr(utils, "_ANNOUNCED", set())
+    with caplog.at_level("INFO", logger="swapformer.kernels.utils"):
+        resolve_backend("auto", torch.zeros(1))
+        resolve_backend("auto", torch.zeros(1))
+    (record,) = caplog.records
+    assert record.levelname == "INFO" and "reference" in record.getMessage() and "cpu" in record.getMessage()
+
+
+def test_broken_triton_install_counts_as_unavailable(monkeypatch):
+    import importlib
+
+    from swapformer.kernels import utils
+
+    real = importlib.import_module
+
+    def fail_triton(name, *args):
+        if name == "triton":
+            raise ImportError("libcuda.so.1: cannot open shared object file")
+        return real(name, *args)
+
+    monkeypatch.setattr(utils.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(utils.importlib, "import_module", fail_triton)
+    utils.triton_status.cache_clear()
+    try:
+        usable, why = utils.triton_status()
+        assert not usable and "libcuda" in why
+        with pytest.raises(RuntimeError, match="importing triton failed.*libcuda"):
+            resolve_backend("triton", torch.zeros(1))
+    finally:
+        utils.triton_status.cache_clear()

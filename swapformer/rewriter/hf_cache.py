@@ -349,13 +349,21 @@ def install(model: nn.Module, context: dict) -> None:
             module._swapformer_call = context
 
 
+def _signature(module: nn.Module) -> inspect.Signature:
+    # read once per model class: the hook runs on every forward, decode steps included
+    return _SIGNATURES.setdefault(type(module), inspect.signature(module.forward))
+
+
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
 def _cache_parameter(module: nn.Module) -> str | None:
-    params = inspect.signature(module.forward).parameters
+    params = _signature(module).parameters
     return next((n for n in CACHE_ARGUMENTS if n in params), None)
 
 
 def _model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    bound = _signature(module).bind_partial(*args, **kwargs).arguments
     context = module._swapformer_call
     cores = stateful_layers(module)
     cache = find_cache(list(bound.values()) + list(kwargs.values()))
@@ -396,7 +404,7 @@ def _argument_holding(bound: dict, value: Any) -> str | None:
 
 
 def _replace_argument(module: nn.Module, args: tuple, kwargs: dict, name: str, value: Any):
-    params = list(inspect.signature(module.forward).parameters)
+    params = list(_signature(module).parameters)
     position = params.index(name) if name in params else None
     if position is not None and position < len(args):
         args = args[:position] + (value,) + args[position + 1:]

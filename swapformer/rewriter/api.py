@@ -263,7 +263,7 @@ def _apply_graph(analysis: Analysis, report: RewriteReport, config: TargetConfig
             graph_apply.splice_attention(new_gm, det.graph, match, rep.core_name, core)
         else:
             graph_apply.splice_ffn(new_gm, det.graph, match, rep.core_name, core)
-    return graph_apply.finish(new_gm)
+    return graph_apply.finish(graph_apply.follow_training_mode(new_gm))
 
 
 def _remap_match(match: Any, remap: dict) -> None:

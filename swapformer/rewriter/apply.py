@@ -17,6 +17,9 @@ from torch import nn
 from swapformer.patterns.attention import AttentionMatch
 from swapformer.patterns.ffn import FFNMatch
 from swapformer.patterns.match import Graph, MaskStep
+from swapformer.patterns.ops import arg, canonical
+
+_TUPLE_DROPOUTS = frozenset({torch.ops.aten.native_dropout.default})  # return (out, mask): left alone
 
 
 def core_attr_name(site_name: str) -> str:
@@ -106,8 +109,71 @@ def splice_ffn(gm: fx.GraphModule, g: Graph, f: FFNMatch, name: str, core: nn.Mo
     f.down.replace_all_uses_with(out)
 
 
+_METADATA_ASSERTS = frozenset({torch.ops.aten._assert_tensor_metadata.default})
+
+
+def _is_impure(node: fx.Node) -> bool:
+    # Random ops (dropout, the replaced SDPA call with its dropout_p) have no effect once nothing reads
+    # their result; FX keeps them by default and with them the whole old QKᵀ -> softmax chain.
+    return node.is_impure(impure_random=False)
+
+
+def _dead_asserts(graph: fx.Graph) -> list[fx.Node]:
+    """Metadata asserts (export's ``.to()`` checks) on values nothing else reads any more."""
+    dead = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in _METADATA_ASSERTS and node.args:
+            checked = node.args[0]
+            if isinstance(checked, fx.Node) and all(u.target in _METADATA_ASSERTS for u in checked.users):
+                dead.append(node)
+    return dead
+
+
+def remove_dead_code(graph: fx.Graph) -> None:
+    """Dead-code elimination that also drops unread random ops and asserts on dead values."""
+    changed = True
+    while changed:
+        changed = graph.eliminate_dead_code(is_impure_node=_is_impure)
+        for node in _dead_asserts(graph):
+            graph.erase_node(node)
+            changed = True
+
+
+def _dropout_args(node: fx.Node) -> tuple[fx.Node, float] | None:
+    """(input, p) of a functional dropout node whose training flag was fixed when it was traced."""
+    if node.op != "call_function" or canonical(node) != "dropout" or node.target in _TUPLE_DROPOUTS:
+        return None
+    p = arg(node, 1, "p", 0.5)
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    return (x, float(p)) if isinstance(x, fx.Node) and isinstance(p, (int, float)) else None
+
+
+def follow_training_mode(gm: fx.GraphModule) -> fx.GraphModule:
+    """Make every functional dropout of a captured graph follow ``gm.train()`` / ``gm.eval()``.
+
+    Capture freezes the mode of the moment into each dropout call (``aten.dropout(x, p, train)``), so a
+    model rewritten in train mode would stay random after ``.eval()`` and one rewritten in eval mode
+    would lose its dropout in ``.train()``. Each becomes an ``nn.Dropout(p)`` submodule; ``p = 0`` ones
+    are identities and go.
+    """
+    for node in list(gm.graph.nodes):
+        found = _dropout_args(node)
+        if found is None:
+            continue
+        x, p = found
+        if p == 0.0:
+            node.replace_all_uses_with(x)
+        else:
+            name = f"swapformer_dropouts.{node.name}"
+            gm.add_submodule(name, nn.Dropout(p))
+            with gm.graph.inserting_before(node):
+                node.replace_all_uses_with(gm.graph.call_module(name, (x,)))
+        gm.graph.erase_node(node)
+    return gm
+
+
 def finish(gm: fx.GraphModule) -> fx.GraphModule:
-    gm.graph.eliminate_dead_code()
+    remove_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -10,7 +10,15 @@ import warnings
 
 import pytest
 import torch
-from silent_zoo import DropoutAttention, SdpaAttention, hidden, stack
+from silent_zoo import (
+    DropoutAttention,
+    FixedMaskAttention,
+    MemoryCausalAttention,
+    RelativeBiasAttention,
+    SdpaAttention,
+    hidden,
+    stack,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from zoo import ZOO, ZooCase, call
 
@@ -86,3 +94,57 @@ def test_model_rewritten_in_train_mode_is_deterministic_after_eval() -> None:
     assert not _random(out, hidden())
     with torch.no_grad():
         torch.testing.assert_close(out(hidden()), model(hidden()), rtol=1e-5, atol=1e-5)
+
+
+# 1. fixed masks are described for every length, never from the example alone
+
+
+@pytest.mark.parametrize("mask, kind, window", [
+    ("sliding_window_24", "causal", 24),  # equals causal at the 16-token example
+    ("chunked_local_16", "bias", None),  # equals causal at 16 tokens
+    ("band_24", "bias", None),  # equals "no mask" at 16 tokens
+    ("local_strided", "bias", None),  # causal above the diagonal, holes below it
+])
+def test_fixed_mask_is_exact_at_another_length(mask: str, kind: str, window: int | None) -> None:
+    model = stack(lambda: FixedMaskAttention(mask))
+    out = swapformer.rewrite(model, "sdpa", example_inputs=hidden(16))
+    sites = out.swapformer_report.sites
+    assert [(s.mask, s.window) for s in sites] == [(kind, window)] * 2
+    for t in (16, 32, 48):
+        with torch.no_grad():
+            torch.testing.assert_close(out(hidden(t, seed=t)), model(hidden(t, seed=t)), rtol=1e-5, atol=1e-5)
+
+
+# 2. a parameter is never a constant
+
+
+def test_zero_initialised_relative_bias_table_is_kept_after_training() -> None:
+    model = stack(RelativeBiasAttention)
+    out = swapformer.rewrite(model, "sdpa", example_inputs=hidden())
+    assert [s.mask for s in out.swapformer_report.sites] == ["bias", "bias"]
+    with torch.no_grad():  # "train" the tables of both models the same way
+        for net in (model, out):
+            for name, p in net.named_parameters():
+                if name.endswith("table"):
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        assert not torch.allclose(model(hidden(24)), stack(RelativeBiasAttention)(hidden(24)))
+        torch.testing.assert_close(out(hidden(24)), model(hidden(24)), rtol=1e-5, atol=1e-5)
+
+
+# 5. is_causal with more keys than queries is aligned top-left, as PyTorch does
+
+
+def test_sdpa_is_causal_with_prepended_memory_keys_is_top_left() -> None:
+    model = stack(MemoryCausalAttention)
+    out = swapformer.rewrite(model, "sdpa", example_inputs=hidden())
+    assert all(s.causal for s in out.swapformer_report.sites)
+    for t in (16, 20):
+        with torch.no_grad():
+            torch.testing.assert_close(out(hidden(t)), model(hidden(t)), rtol=1e-5, atol=1e-5)
+
+
+def test_self_attention_sdpa_is_causal_keeps_the_fast_causal_path() -> None:
+    out = swapformer.rewrite(stack(SdpaAttention), "sdpa", example_inputs=hidden())
+    assert [s.mask for s in out.swapformer_report.sites] == ["causal", "causal"]
+    assert not any(s.notes for s in out.swapformer_report.sites)

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from swapformer.patterns.attention import AttentionMatch
+from swapformer.patterns.attention import AttentionMatch, top_left_keep
 from swapformer.patterns.ffn import FFNMatch
 from swapformer.patterns.match import Graph, MaskStep
 from swapformer.patterns.ops import arg, canonical
@@ -46,7 +46,14 @@ def _like_scores(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return b.reshape(*q.shape[:-1], b.shape[-1])
 
 
-def _apply_step(graph: fx.Graph, b: fx.Node, step: MaskStep) -> fx.Node:
+def _top_left(b: torch.Tensor, q: torch.Tensor, k: torch.Tensor, fill: float) -> torch.Tensor:
+    keep = top_left_keep(q.shape[-2], k.shape[-2], b.device)
+    return torch.where(keep, b, torch.tensor(fill, dtype=b.dtype, device=b.device))
+
+
+def _apply_step(graph: fx.Graph, b: fx.Node, step: MaskStep, qk: tuple[fx.Node, fx.Node]) -> fx.Node:
+    if step.kind == "keep-top-left":
+        return graph.call_function(_top_left, (b, *qk, step.value))
     if step.kind == "view":
         shape = step.node.args[1] if isinstance(step.node.args[1], (list, tuple)) else step.node.args[1:]
         return graph.call_function(torch.reshape, (b, tuple(shape)))
@@ -61,7 +68,7 @@ def _apply_step(graph: fx.Graph, b: fx.Node, step: MaskStep) -> fx.Node:
     return graph.call_function(torch.where, (step.node, b, step.value))
 
 
-def _bias(graph: fx.Graph, m: AttentionMatch) -> fx.Node | None:
+def _bias(graph: fx.Graph, m: AttentionMatch, qk: tuple[fx.Node, fx.Node]) -> fx.Node | None:
     if m.drop_mask or not any(s.kind != "scale" for s in m.steps):
         return None
     views = any(s.kind == "view" for s in m.steps)
@@ -70,7 +77,7 @@ def _bias(graph: fx.Graph, m: AttentionMatch) -> fx.Node | None:
     else:
         b = graph.call_function(_scalar_zero, (m.q, m.score_dtype))
     for step in m.steps:
-        b = _apply_step(graph, b, step)
+        b = _apply_step(graph, b, step, qk)
     return graph.call_function(_like_scores, (b, m.q)) if views else b
 
 
@@ -92,7 +99,7 @@ def splice_attention(gm: fx.GraphModule, g: Graph, m: AttentionMatch, name: str,
         k = _permute(graph, k, m.k_perm)
         v = _permute(graph, m.v, m.v_perm)
         kwargs = {"hidden": m.hidden} if m.hidden is not None else {}
-        out = graph.call_module(name, (q, k, v, _bias(graph, m)), kwargs)
+        out = graph.call_module(name, (q, k, v, _bias(graph, m, (q, k))), kwargs)
         out = _permute(graph, out, m.out_perm)
         if out_dtype != g.value(m.q).dtype:
             out = graph.call_method("to", (out, out_dtype))

@@ -13,9 +13,11 @@ import torch
 from silent_zoo import (
     DropoutAttention,
     FixedMaskAttention,
+    FoldedMQAAttention,
     MemoryCausalAttention,
     RelativeBiasAttention,
     SdpaAttention,
+    TupeAttention,
     hidden,
     stack,
 )
@@ -148,3 +150,26 @@ def test_self_attention_sdpa_is_causal_keeps_the_fast_causal_path() -> None:
     out = swapformer.rewrite(stack(SdpaAttention), "sdpa", example_inputs=hidden())
     assert [s.mask for s in out.swapformer_report.sites] == ["causal", "causal"]
     assert not any(s.notes for s in out.swapformer_report.sites)
+
+
+# 6. the right q·kᵀ product, or a refusal with the reason
+
+
+def test_positional_product_written_first_is_a_bias_of_the_content_product() -> None:
+    model = stack(TupeAttention)
+    out = swapformer.rewrite(model, "sdpa", example_inputs=hidden())
+    sites = out.swapformer_report.sites
+    assert [(s.num_heads, s.num_kv_heads, s.mask) for s in sites] == [(4, 4, "bias")] * 2
+    with torch.no_grad():
+        torch.testing.assert_close(out(hidden(24)), model(hidden(24)), rtol=1e-5, atol=1e-5)
+
+
+def test_heads_folded_into_the_query_length_are_refused_with_the_reason() -> None:
+    model = stack(FoldedMQAAttention)
+    out = swapformer.rewrite(model, "sdpa", example_inputs=hidden())
+    report = out.swapformer_report
+    assert not report.replaced and len(report.skipped) == 2
+    assert all("folded" in skip.reason for skip in report.skipped)
+    assert swapformer.find_sites(model, hidden(), kinds=("attention",)) == []
+    with torch.no_grad():
+        torch.testing.assert_close(out(hidden(24)), model(hidden(24)))

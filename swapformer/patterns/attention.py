@@ -80,6 +80,7 @@ class AttentionMatch:
     drop_mask: bool = False  # the mask is exactly causal/windowed and input-free: pass None instead
     hidden: fx.Node | None = None
     notes: list[str] = field(default_factory=list)
+    refused: str | None = None  # attention, but not describable exactly: reported, never replaced
     bypass: list[fx.Node] = field(default_factory=list)  # scalar muls on q/k upstream of reshapes
 
 
@@ -275,6 +276,13 @@ def _peel_score_step(g: Graph, node: fx.Node, op: str | None, steps: list[MaskSt
         if alpha != 1:
             return NoMatch("%s with alpha=%s between scores and softmax", node.name, alpha)
         sign = -1.0 if op == "sub" else 1.0
+        if _reaches_product(g, a) and _reaches_product(g, b):
+            content = _content_product(g, a, b)
+            if content is None or (content is b and op == "sub"):
+                return NoMatch("%s combines two q·kᵀ-like products that both read the input "
+                               "(content plus positional terms): not one product", node.name)
+            if content is b:
+                a, b = b, a  # TUPE: the positional product is written first
         if _reaches_product(g, a):
             steps.append(MaskStep("add", b if isinstance(b, fx.Node) else None, value=sign * _num(b)))
             if sign < 0 and isinstance(b, fx.Node):
@@ -299,6 +307,15 @@ def _peel_score_step(g: Graph, node: fx.Node, op: str | None, steps: list[MaskSt
             return b
     return NoMatch("%s (%s) between the scores and the softmax is not a scale, bias or mask",
                    node.name, op or node.target)
+
+
+def _content_product(g: Graph, a: fx.Node, b: fx.Node) -> fx.Node | None:
+    """Of two summed score-like terms, the one computed from the input; the other, computed from
+    parameters and sizes only (TUPE's positional ``pos_q · pos_kᵀ``), is an additive bias."""
+    a_in, b_in = g.depends_on_input(a), g.depends_on_input(b)
+    if a_in == b_in:
+        return None
+    return a if a_in else b
 
 
 def _num(value: object) -> float:
@@ -449,6 +466,12 @@ def describe(g: Graph, m: AttentionMatch) -> None:
     if m.kv_repeat == 1 and not m.k_transposed:
         _peel_gqa(g, m)
     bias = mask_values(g, m)
+    # with views the bias is built full-size in the view's layout and reshaped back to the scores'
+    if bias is not None and not (bias.numel() == math.prod(m.score_shape) if has_views(m)
+                                 else _broadcasts_to(bias.shape, m.score_shape)):
+        m.refused = (f"the terms added to the scores have shape {tuple(bias.shape)}, larger than the "
+                     f"q·kᵀ product {m.score_shape}: the product found is not the one attended")
+        return
     depends = any(s.node is not None and g.depends_on_input(s.node) for s in m.steps)
     learned = any(s.node is not None and g.depends_on_parameter(s.node) for s in m.steps)
     m.mask_kind, m.causal, m.window = classify_mask(bias, m, depends)
@@ -463,6 +486,12 @@ def describe(g: Graph, m: AttentionMatch) -> None:
         m.mask_kind, m.causal = "causal", True
     elif m.causal_flag:
         m.causal = True
+
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(a in (1, b) for a, b in zip(reversed(shape), reversed(target)))
 
 
 def _pattern_holds_at_every_length(g: Graph, m: AttentionMatch) -> bool:

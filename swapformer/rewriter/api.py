@@ -202,6 +202,9 @@ def _plan(analysis: Analysis, config: TargetConfig, model: nn.Module,
         cls = core_class(config, site.kind)
         where = _core_location(site, is_hf)
         report.replaced.append(Replacement(site, config.name, cls.__name__, where, "module" if is_hf else "graph"))
+    for site in det.refused:  # attention detection could not describe exactly
+        report.sites.append(site)
+        report.skipped.append(Skip(site, config.name, f"refused: {site.refused}"))
     return report
 
 

@@ -208,7 +208,7 @@ def _is_large_negative(g: Graph, value: object) -> float | None:
 def _reaches_product(g: Graph, node: object, depth: int = 12) -> bool:
     if not isinstance(node, fx.Node) or depth == 0:
         return False
-    op = g.op(node)
+    op = g.functional_op(node)
     if op in _PRODUCTS:
         return True
     if op in ("to", "mul", "div", "masked_fill", "identity", "tanh", "view"):
@@ -221,9 +221,10 @@ def _reaches_product(g: Graph, node: object, depth: int = 12) -> bool:
 def _back_to_product(g: Graph, node: fx.Node, m: AttentionMatch) -> fx.Node | NoMatch:
     """Walk from the softmax input back to the q·kᵀ product, recording the steps (outermost first)."""
     steps: list[MaskStep] = []
+    came_from: fx.Node | None = None
     for _ in range(24):
-        op = g.op(node)
-        if _mutated_in_place(g, node):
+        op = g.functional_op(node)
+        if _mutated_in_place(g, node, rebound_by=came_from):
             # training IR keeps in-place ops (``attn[..., sp:, sp:] = ...``): the dataflow would lie
             return NoMatch("the scores are modified in place at %s before the softmax", node.name)
         if op in _PRODUCTS:
@@ -236,7 +237,7 @@ def _back_to_product(g: Graph, node: fx.Node, m: AttentionMatch) -> fx.Node | No
         nxt = _peel_score_step(g, node, op, steps, m)
         if isinstance(nxt, NoMatch):
             return nxt
-        node = nxt
+        node, came_from = nxt, node
     return NoMatch("no q·kᵀ product found before softmax %s", m.anchor.name)
 
 
@@ -244,9 +245,12 @@ _VIEWS = frozenset({"view", "transpose", "permute", "slice", "select", "getitem"
                     "expand", "identity"})
 
 
-def _mutated_in_place(g: Graph, node: fx.Node, depth: int = 4) -> bool:
-    """Whether an in-place op writes into ``node`` or a view of it."""
+def _mutated_in_place(g: Graph, node: fx.Node, depth: int = 4, rebound_by: fx.Node | None = None) -> bool:
+    """Whether an in-place op writes into ``node`` or a view of it (other than ``rebound_by``, the
+    in-place step of the chain that overwrites ``node`` as its only reader: ``scores += bias``)."""
     for user in node.users:
+        if user is rebound_by and g.functional_op(user) != g.op(user):
+            continue
         schema = getattr(user.target, "_schema", None)
         if schema is not None and schema.is_mutable and user.args and user.args[0] is node:
             return True
@@ -305,8 +309,23 @@ def _peel_score_step(g: Graph, node: fx.Node, op: str | None, steps: list[MaskSt
         if _reaches_product(g, b) and (fill := _is_large_negative(g, a)) is not None:
             steps.append(MaskStep("fill", cond, fill))
             return b
+    if op == "mul" and (temp := _temperature(g, node)) is not None:
+        steps.append(MaskStep("temp", temp[1]))
+        return temp[0]
     return NoMatch("%s (%s) between the scores and the softmax is not a scale, bias or mask",
                    node.name, op or node.target)
+
+
+def _temperature(g: Graph, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``scores * t`` with ``t`` constant along the keys and free of the input: a per-head (or
+    per-query) learned temperature (XCiT, EdgeNeXt, SwinV2-cr). (scores, t) or None."""
+    for scores, t in (node.args[:2], node.args[1::-1]):
+        shape, target = g.shape(t), g.shape(scores)
+        if (isinstance(t, fx.Node) and shape is not None and target is not None and _reaches_product(g, scores)
+                and 0 < len(shape) <= len(target) and shape[-1] == 1 and _broadcasts_to(shape, target)
+                and not g.depends_on_input(t)):
+            return scores, t
+    return None
 
 
 def _content_product(g: Graph, a: fx.Node, b: fx.Node) -> fx.Node | None:
@@ -473,7 +492,8 @@ def describe(g: Graph, m: AttentionMatch) -> None:
                      f"q·kᵀ product {m.score_shape}: the product found is not the one attended")
         return
     depends = any(s.node is not None and g.depends_on_input(s.node) for s in m.steps)
-    learned = any(s.node is not None and g.depends_on_parameter(s.node) for s in m.steps)
+    learned = any(s.node is not None and g.depends_on_parameter(s.node) for s in m.steps if s.kind != "temp")
+    learned = learned or bool(temperatures(m)) and bias is not None  # a mask scaled by a learned factor
     m.mask_kind, m.causal, m.window = classify_mask(bias, m, depends)
     if learned and m.mask_kind in ("causal", "none"):
         # a parameter is never a constant: a zero-initialised bias table is trained later
@@ -482,6 +502,8 @@ def describe(g: Graph, m: AttentionMatch) -> None:
     m.drop_mask = bias is not None and not depends and not learned and m.mask_kind in ("causal", "none")
     if m.drop_mask and not _pattern_holds_at_every_length(g, m):
         m.drop_mask, m.mask_kind, m.window = False, "bias", None
+    if temperatures(m):
+        m.notes.append("learned temperature on the scores: the core gets q multiplied by it")
     if m.causal_flag and not m.steps:
         m.mask_kind, m.causal = "causal", True
     elif m.causal_flag:
@@ -601,13 +623,23 @@ def _repeat_source(g: Graph, node: fx.Node, full: torch.Tensor, heads: int, bypa
 
 def mask_values(g: Graph, m: AttentionMatch) -> torch.Tensor | None:
     """``b = f(0)``: the additive mask the steps amount to, evaluated on the probe values."""
-    if not any(s.kind != "scale" for s in m.steps):
+    if not has_mask(m):
         return None
     b = torch.zeros(m.score_shape if has_views(m) else (), dtype=m.score_dtype)
     for step in m.steps:
         operand = m.score_shape[-2:] if step.kind == "keep-top-left" else g.value(step.node)
         b = apply_step(step, b, operand)
     return b
+
+
+def has_mask(m: AttentionMatch) -> bool:
+    """Whether any step adds or fills (scales and temperatures alone leave f(0) = 0)."""
+    return any(s.kind not in ("scale", "temp") for s in m.steps)
+
+
+def temperatures(m: AttentionMatch) -> list[fx.Node]:
+    """Tensors multiplying the scores: the splice multiplies q by them (``(t·q)·kᵀ = t·(q·kᵀ)``)."""
+    return [s.node for s in m.steps if s.kind == "temp"]
 
 
 def has_views(m: AttentionMatch) -> bool:
@@ -626,6 +658,8 @@ def apply_step(step: MaskStep, b: torch.Tensor, operand: object) -> torch.Tensor
         return b.reshape(operand.shape)
     if step.kind == "scale":
         return b * step.value
+    if step.kind == "temp":
+        return b * operand
     if step.kind == "add":
         return b + (operand if operand is not None else step.value)
     if step.kind == "sub":

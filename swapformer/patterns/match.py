@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from swapformer.patterns.ops import arg, canonical, is_scalar
+from swapformer.patterns.ops import INPLACE, arg, canonical, is_scalar
 
 
 class NoMatch:
@@ -56,6 +56,14 @@ class Graph:
 
     def op(self, node: Any) -> str | None:
         return canonical(node, self.gm) if isinstance(node, fx.Node) else None
+
+    def functional_op(self, node: Any) -> str | None:
+        """Like :meth:`op`, but an in-place op that only rebinds a tensor nothing else reads
+        (``scores *= s`` right after the product) reads as its functional twin."""
+        op = self.op(node)
+        if op in INPLACE and overwrites_private(node):
+            return INPLACE[op]
+        return op
 
     def value(self, node: Any) -> Any:
         return self.values.get(node.name) if isinstance(node, fx.Node) else node
@@ -121,13 +129,30 @@ class Graph:
         return bool(stack)  # ran out of budget: assume it does
 
 
+# ops that return a new tensor (never a view or an alias of an input): overwriting one is private
+_FRESH = frozenset({"matmul", "baddbmm", "einsum", "mul", "div", "add", "sub", "neg", "masked_fill",
+                    "where", "tanh"})
+
+
+def overwrites_private(node: fx.Node, depth: int = 8) -> bool:
+    """Whether an in-place op overwrites a fresh intermediate tensor that it alone reads (not a view,
+    an input or a buffer: writing into those is seen elsewhere)."""
+    target = node.args[0] if node.args else None
+    if not isinstance(target, fx.Node) or len(target.users) != 1 or depth == 0:
+        return False
+    op = canonical(target)
+    if op in INPLACE:
+        return overwrites_private(target, depth - 1)
+    return op in _FRESH
+
+
 def _reads_size(node: fx.Node) -> bool:
     return node.op == "call_function" and "sym_size" in str(node.target)
 
 
 def scalar_operand(g: Graph, node: fx.Node) -> tuple[fx.Node, float] | None:
     """For ``x * c``, ``c * x`` or ``x / c`` with scalar ``c``: (x, factor)."""
-    op = g.op(node)
+    op = g.functional_op(node)
     if op not in ("mul", "div") or len(node.args) < 2:
         return None
     a, b = node.args[0], node.args[1]

@@ -14,10 +14,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from swapformer.patterns.attention import AttentionMatch, top_left_keep
+from swapformer.patterns.attention import AttentionMatch, has_mask, temperatures, top_left_keep
 from swapformer.patterns.ffn import FFNMatch
-from swapformer.patterns.match import Graph, MaskStep
-from swapformer.patterns.ops import arg, canonical
+from swapformer.patterns.match import Graph, MaskStep, overwrites_private
+from swapformer.patterns.ops import INPLACE, arg, canonical
 
 _TUPLE_DROPOUTS = frozenset({torch.ops.aten.native_dropout.default})  # return (out, mask): left alone
 
@@ -59,6 +59,8 @@ def _apply_step(graph: fx.Graph, b: fx.Node, step: MaskStep, qk: tuple[fx.Node, 
         return graph.call_function(torch.reshape, (b, tuple(shape)))
     if step.kind == "scale":
         return graph.call_function(operator.mul, (b, step.value))
+    if step.kind == "temp":
+        return graph.call_function(operator.mul, (b, step.node))
     if step.kind == "add":
         return graph.call_function(operator.add, (b, step.node if step.node is not None else step.value))
     if step.kind == "sub":
@@ -69,7 +71,7 @@ def _apply_step(graph: fx.Graph, b: fx.Node, step: MaskStep, qk: tuple[fx.Node, 
 
 
 def _bias(graph: fx.Graph, m: AttentionMatch, qk: tuple[fx.Node, fx.Node]) -> fx.Node | None:
-    if m.drop_mask or not any(s.kind != "scale" for s in m.steps):
+    if m.drop_mask or not has_mask(m):
         return None
     views = any(s.kind == "view" for s in m.steps)
     if views:
@@ -95,6 +97,8 @@ def splice_attention(gm: fx.GraphModule, g: Graph, m: AttentionMatch, name: str,
         mul.replace_all_uses_with(scalar_input(mul))
     with graph.inserting_before(m.output):
         q = _permute(graph, m.q, m.q_perm)
+        for temperature in temperatures(m):  # read live from the graph: it follows training
+            q = graph.call_function(operator.mul, (q, temperature))
         k = graph.call_function(torch.transpose, (m.k, -2, -1)) if m.k_transposed else m.k
         k = _permute(graph, k, m.k_perm)
         v = _permute(graph, m.v, m.v_perm)
@@ -121,7 +125,10 @@ _METADATA_ASSERTS = frozenset({torch.ops.aten._assert_tensor_metadata.default})
 
 def _is_impure(node: fx.Node) -> bool:
     # Random ops (dropout, the replaced SDPA call with its dropout_p) have no effect once nothing reads
-    # their result; FX keeps them by default and with them the whole old QKᵀ -> softmax chain.
+    # their result; FX keeps them by default and with them the whole old QKᵀ -> softmax chain. So is an
+    # in-place op on an intermediate only it reads (``scores += bias`` of a replaced site).
+    if node.op == "call_function" and not node.users and canonical(node) in INPLACE and overwrites_private(node):
+        return False
     return node.is_impure(impure_random=False)
 
 

@@ -120,7 +120,7 @@ def _folded_heads_problem(g: Graph, found: dict, q_shape: tuple[int, ...], heads
     x = g.shape(_unview(g, linear_parts(g, found["q"][0])[0]))
     if x is None or len(x) != 3:
         return None
-    if q_shape[0] == x[0] * heads and q_shape[1] == x[1]:
+    if (q_shape[0], q_shape[1]) in ((x[0] * heads, x[1]), (x[1] * heads, x[0])):  # [B, T, d] or [T, B, d]
         return None
     return (f"3-D attention with q {tuple(q_shape)} from a {tuple(x)} input and {heads} heads of the "
             "projection: the heads are not folded into the batch (folded into the query length?)")

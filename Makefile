@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint bench clean fuzz
 
 $(STAMP): pyproject.toml scripts/install.sh
 	PY=$(PY) VENV=$(VENV) bash scripts/install.sh
@@ -19,6 +19,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# Grammar fuzzing of detection through the exact target at two lengths; fails on any silent mismatch.
+N ?= 10000
+fuzz: $(STAMP)
+	$(BIN)/python benchmarks/fuzz_detect.py -n $(N)
 
 lint: $(STAMP)
 	$(BIN)/ruff check swapformer tests benchmarks examples

@@ -32,6 +32,7 @@ from zoo import ZOO, ZooCase, call
 
 import swapformer
 from swapformer.patterns.ops import canonical
+from swapformer.testing import AttentionChoices, assert_sites_match, attention_program
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -234,3 +235,26 @@ def test_sink_logits_are_left_alone_not_rewritten_wrongly() -> None:
     assert out.swapformer_report.replaced == []
     with torch.no_grad():
         torch.testing.assert_close(out(hidden(24)), model(hidden(24)))
+
+
+# 8. the new grammar axes, for users' suites too
+
+
+@pytest.mark.parametrize("mask", ["wide-window", "chunked", "band"])
+@pytest.mark.parametrize("score_mod", ["none", "temperature"])
+def test_grammar_fixed_masks_and_temperatures_are_exact_at_a_longer_length(mask: str, score_mod: str) -> None:
+    window = {"wide-window": 16, "chunked": 8, "band": 12}[mask]
+    program = attention_program(AttentionChoices(mask=mask, window=window, score_mod=score_mod, seq_len=8))
+    sites = swapformer.find_sites(program.module, program.example_inputs)
+    assert_sites_match(sites, [program.expected], kind="attention")
+    out = swapformer.rewrite(program.module, "sdpa", example_inputs=program.example_inputs)
+    longer = torch.randn(2, 24, program.module.d_q)
+    with torch.no_grad():
+        torch.testing.assert_close(out(longer), program.module(longer), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(program.module.reference(longer), program.module(longer), rtol=1e-5, atol=1e-5)
+
+
+def test_grammar_softcap_is_refused_by_the_exact_target_with_its_reason() -> None:
+    program = attention_program(AttentionChoices(mask="tril-buffer", score_mod="softcap"))
+    report = swapformer.explain(program.module, "sdpa", program.example_inputs)
+    assert not report.replaced and "soft-capping" in report.skipped[0].reason

@@ -493,7 +493,7 @@ def describe(g: Graph, m: AttentionMatch) -> None:
         return
     depends = any(s.node is not None and g.depends_on_input(s.node) for s in m.steps)
     learned = any(s.node is not None and g.depends_on_parameter(s.node) for s in m.steps if s.kind != "temp")
-    learned = learned or bool(temperatures(m)) and bias is not None  # a mask scaled by a learned factor
+    learned = learned or _mask_then_temperature(m)
     m.mask_kind, m.causal, m.window = classify_mask(bias, m, depends)
     if learned and m.mask_kind in ("causal", "none"):
         # a parameter is never a constant: a zero-initialised bias table is trained later
@@ -635,6 +635,13 @@ def mask_values(g: Graph, m: AttentionMatch) -> torch.Tensor | None:
 def has_mask(m: AttentionMatch) -> bool:
     """Whether any step adds or fills (scales and temperatures alone leave f(0) = 0)."""
     return any(s.kind not in ("scale", "temp") for s in m.steps)
+
+
+def _mask_then_temperature(m: AttentionMatch) -> bool:
+    """A mask applied before a learned temperature is scaled by it (its -inf could flip sign)."""
+    kinds = [s.kind for s in m.steps]  # in the order they are applied to the scores
+    masks = [i for i, k in enumerate(kinds) if k not in ("scale", "temp")]
+    return bool(masks) and "temp" in kinds[masks[0]:]
 
 
 def temperatures(m: AttentionMatch) -> list[fx.Node]:

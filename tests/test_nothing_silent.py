@@ -258,3 +258,17 @@ def test_grammar_softcap_is_refused_by_the_exact_target_with_its_reason() -> Non
     program = attention_program(AttentionChoices(mask="tril-buffer", score_mod="softcap"))
     report = swapformer.explain(program.module, "sdpa", program.example_inputs)
     assert not report.replaced and "soft-capping" in report.skipped[0].reason
+
+
+def test_window_wider_than_every_candidate_below_the_models_longest_length() -> None:
+    # found by the grammar: RoPE tables of 32 positions cap the length at 32, window 17 hid between
+    # the candidate lengths 17 and 33 and was described as plain causal
+    choices = AttentionChoices(projection="fused-chunk", mask="wide-window", extras="rope", num_heads=2,
+                               num_kv_heads=2, head_dim=4, scale=0.5, window=17, bias=False, seq_len=5)
+    program = attention_program(choices)
+    (site,) = swapformer.find_sites(program.module, program.example_inputs)
+    assert (site.mask, site.window) == ("causal", 17)
+    out = swapformer.rewrite(program.module, "sdpa", example_inputs=program.example_inputs)
+    x = torch.randn(2, 30, program.module.d_q)
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), program.module(x), rtol=1e-5, atol=1e-5)

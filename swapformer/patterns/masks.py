@@ -88,10 +88,19 @@ def length_assignments(sizes: tuple[Any, ...]) -> Iterator[dict[sympy.Symbol, in
     """Values for the free symbols of ``sizes`` (the score's Tq, Tk), within the ranges export proved."""
     symbols = sorted({s for size in sizes for s in _expr(size).free_symbols}, key=str)
     env = _shape_env(sizes)
-    for length in CANDIDATE_LENGTHS:
+    for length in sorted({*CANDIDATE_LENGTHS, *_upper_bounds(env, symbols)}):
         subs = {sym: length + 3 * n for n, sym in enumerate(symbols)}
         if env is None or all(_in_range(env, sym, v) for sym, v in subs.items()):
             yield subs
+
+
+def _upper_bounds(env: Any, symbols: list[sympy.Symbol]) -> list[int]:
+    """The longest lengths the model accepts (a buffer of 32 positions: 32), where export proved one:
+    a window wider than every candidate below it is only visible there."""
+    if env is None:
+        return []
+    uppers = [env.var_to_range[s].upper for s in symbols if s in env.var_to_range]
+    return [int(u) - 3 * n for n, u in enumerate(uppers) if getattr(u, "is_Integer", False)]
 
 
 def _in_range(env: Any, sym: sympy.Symbol, value: int) -> bool:

@@ -9,7 +9,7 @@ TF_OLDEST := 5.17.0
 TF_OLDEST_DIR := $(VENV)/tf-oldest
 HF_TESTS := tests/test_hf_generate.py tests/test_hf_models.py tests/test_targets_rewrite.py
 
-.PHONY: demo test test-slow test-hf-oldest lint bench clean
+.PHONY: demo test test-slow test-hf-oldest lint bench clean fuzz
 
 $(STAMP): pyproject.toml scripts/install.sh
 	PY=$(PY) VENV=$(VENV) bash scripts/install.sh
@@ -34,6 +34,11 @@ test-hf-oldest: $(TF_OLDEST_DIR)/.installed
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# Grammar fuzzing of detection through the exact target at two lengths; fails on any silent mismatch.
+N ?= 10000
+fuzz: $(STAMP)
+	$(BIN)/python benchmarks/fuzz_detect.py -n $(N)
 
 lint: $(STAMP)
 	$(BIN)/ruff check swapformer tests benchmarks examples

@@ -71,6 +71,7 @@ class AttentionSite(Site):
     o_proj: ProjectionRef | None = None
     form: str = ""  # how the source spelled it, for reports: "sdpa", "matmul-softmax", "mha", ...
     notes: tuple[str, ...] = field(default_factory=tuple)
+    refused: str | None = None  # why no target may replace it (a form detection cannot describe exactly)
 
     @property
     def gqa_groups(self) -> int:

@@ -425,7 +425,10 @@ class Program:
 
 PROJECTIONS = ("separate", "fused-split", "fused-chunk", "fused-unbind")
 SCALE_PLACEMENTS = ("scores-mul", "scores-div", "q-mul", "split-sqrt")
-MASKS = ("none", "tril-buffer", "additive-triu", "bool-where", "sdpa-causal", "window")
+MASKS = ("none", "tril-buffer", "additive-triu", "bool-where", "sdpa-causal", "window", "wide-window",
+         "chunked", "band")
+SCORE_MODS = ("none", "temperature", "softcap", "manual-softmax")
+_EXPLICIT_MASKS = ("chunked", "band")  # no causal/window pattern: passed to the core as a tensor
 HEAD_LAYOUTS = ("view-transpose", "reshape-permute", "einsum")
 GQA_FORMS = ("none", "repeat-interleave", "expand-reshape")
 SOFTMAX_DTYPES = ("same", "fp32-cast")
@@ -445,6 +448,7 @@ class AttentionChoices:
     gqa: str = "none"
     softmax: str = "same"
     extras: str = "none"
+    score_mod: str = "none"
     num_heads: int = 4
     num_kv_heads: int = 4
     head_dim: int = 8
@@ -456,7 +460,8 @@ class AttentionChoices:
     seed: int = 0
 
     def expected(self) -> dict[str, Any]:
-        causal = self.mask != "none"
+        causal = self.mask not in ("none", "band")
+        explicit = self.mask in _EXPLICIT_MASKS
         return {
             "num_heads": self.num_heads,
             "num_kv_heads": self.num_kv_heads,
@@ -464,13 +469,32 @@ class AttentionChoices:
             "value_dim": self.head_dim,
             "scale": self.scale,
             "causal": causal,
-            "window": self.window if self.mask == "window" else None,
-            "mask": "causal" if causal else "none",
+            "window": self.window if self.mask in ("window", "wide-window") else None,
+            "mask": "bias" if explicit else ("causal" if causal else "none"),
+            "softcap": _SOFTCAP if self.score_mod == "softcap" else None,
             "cross": False,
             "rope": self.extras in ("rope", "both"),
             "qk_norm": self.extras in ("qk-norm", "both"),
             "dropout": 0.0,
         }
+
+
+_SOFTCAP = 5.0
+
+
+def fixed_keep(choices: AttentionChoices, t: int, device: torch.device | None = None) -> torch.Tensor | None:
+    """Bool ``[t, t]`` (True = attend) of the grammar's fixed masks, built from the length; None: none."""
+    i = torch.arange(t, device=device)[:, None]
+    j = torch.arange(t, device=device)[None, :]
+    if choices.mask == "none":
+        return None
+    if choices.mask == "band":
+        return (i - j).abs() < choices.window
+    if choices.mask == "chunked":
+        return (j <= i) & (i // choices.window == j // choices.window)
+    if choices.mask in ("window", "wide-window"):
+        return (j <= i) & (i - j < choices.window)
+    return j <= i
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -505,6 +529,8 @@ class GrammarAttention(nn.Module):
             self.register_buffer("sin", freqs.sin(), persistent=False)
         if c.mask == "tril-buffer":
             self.register_buffer("bias", torch.tril(torch.ones(_MAX_LEN, _MAX_LEN))[None, None])
+        if c.score_mod == "temperature":  # XCiT / SwinV2-cr: a learned per-head factor on the scores
+            self.temperature = nn.Parameter(torch.linspace(0.5, 2.0, c.num_heads).view(c.num_heads, 1, 1))
 
     def _project(self, x: torch.Tensor) -> Sequence[torch.Tensor]:
         c = self.choices
@@ -588,13 +614,21 @@ class GrammarAttention(nn.Module):
         if mask == "bool-where":
             keep = torch.ones(t, t, dtype=torch.bool, device=s.device).tril()
             return torch.where(keep, s, torch.finfo(s.dtype).min)
-        if mask == "window":
-            i = torch.arange(t, device=s.device)[:, None]
-            j = torch.arange(t, device=s.device)[None, :]
-            return s.masked_fill((j > i) | (i - j >= self.choices.window), float("-inf"))
+        if mask in ("window", "wide-window", "chunked", "band"):
+            return s.masked_fill(~fixed_keep(self.choices, t, s.device), float("-inf"))
+        return s
+
+    def _modify(self, s: torch.Tensor) -> torch.Tensor:
+        if self.choices.score_mod == "temperature":
+            return s * self.temperature
+        if self.choices.score_mod == "softcap":  # Gemma 2
+            return _SOFTCAP * torch.tanh(s / _SOFTCAP)
         return s
 
     def _softmax(self, s: torch.Tensor) -> torch.Tensor:
+        if self.choices.score_mod == "manual-softmax":
+            e = (s - s.amax(dim=-1, keepdim=True)).exp()
+            return e / e.sum(dim=-1, keepdim=True)
         if self.choices.softmax == "fp32-cast":
             return F.softmax(s, dim=-1, dtype=torch.float32).to(s.dtype)
         return s.softmax(dim=-1)
@@ -609,7 +643,7 @@ class GrammarAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(
                 1, 2
             )
-        p = self._softmax(self._mask(self._scores(q, k)))
+        p = self._softmax(self._mask(self._modify(self._scores(q, k))))
         if c.heads == "einsum":
             return torch.einsum("bhqk,bkhd->bqhd", p, v)
         return (p @ v).transpose(1, 2)
@@ -625,15 +659,23 @@ class GrammarAttention(nn.Module):
         """The same attention as one SDPA call built from ``choices.expected()``."""
         want, (b, t, _) = self.choices.expected(), x.shape
         q, k, v = (y.transpose(1, 2) for y in self.heads(x))
-        keep = None
-        if want["causal"]:
-            i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
-            keep = (j <= i) & (i - j < (want["window"] or t))
+        keep = fixed_keep(self.choices, t)
+        if self.choices.score_mod == "temperature":
+            q = q * self.temperature
         gqa = want["num_kv_heads"] != want["num_heads"]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=keep, scale=want["scale"], enable_gqa=gqa
-        )
+        if self.choices.score_mod == "softcap":  # no SDPA form: written out
+            k, v = (y.repeat_interleave(q.shape[1] // y.shape[1], dim=1) for y in (k, v))
+            s = _SOFTCAP * torch.tanh(q @ k.transpose(-2, -1) * want["scale"] / _SOFTCAP)
+            s = s if keep is None else s.masked_fill(~keep, float("-inf"))
+            out = s.softmax(dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=keep, scale=want["scale"], enable_gqa=gqa
+            )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.d_q))
+
+
+_WINDOWS = {"window": (2, 4), "wide-window": (13, 24), "chunked": (3, 12), "band": (3, 16)}
 
 
 def attention_program(choices: AttentionChoices) -> Program:
@@ -668,6 +710,7 @@ def attention_programs(
     gqa: Sequence[str] = GQA_FORMS,
     softmax_dtypes: Sequence[str] = SOFTMAX_DTYPES,
     extras: Sequence[str] = EXTRAS,
+    score_mods: Sequence[str] = ("none",),
 ) -> SearchStrategy[Program]:
     """A hypothesis strategy for single-attention modules drawn from a grammar of spellings.
 
@@ -687,6 +730,12 @@ def attention_programs(
       ``separate`` and ``fused-split`` projections).
     * ``softmax_dtypes``: ``same`` or ``fp32-cast`` (softmax in float32, cast back).
     * ``extras``: ``none``, ``rope`` (half-split RoPE), ``qk-norm`` (per-head RMSNorm) or ``both``.
+    * ``score_mods`` (default ``none`` only): ``temperature`` (a learned per-head ``[H, 1, 1]``
+      factor), ``softcap`` (Gemma 2's ``c·tanh(s/c)``, which ``"sdpa"`` refuses) or
+      ``manual-softmax`` (``exp(s - max) / sum``, not detected yet).
+
+    Masks ``wide-window`` (a window wider than the example), ``chunked`` (chunk-local causal) and
+    ``band`` (``|i - j| < w``) look like plain causal or no mask at some lengths only.
 
     Sizes (heads, kv heads, head dim, scale, window, batch, length, bias, seed) are drawn too.
 
@@ -706,6 +755,7 @@ def attention_programs(
         "gqa": _options("gqa", gqa, GQA_FORMS),
         "softmax_dtypes": _options("softmax_dtypes", softmax_dtypes, SOFTMAX_DTYPES),
         "extras": _options("extras", extras, EXTRAS),
+        "score_mods": _options("score_mods", score_mods, SCORE_MODS),
     }
     if "none" not in axes["gqa"]:
         axes["projections"] = [p for p in axes["projections"] if p in _GQA_PROJECTIONS]
@@ -730,11 +780,12 @@ def attention_programs(
             gqa=gqa_form,
             softmax=pick("softmax_dtypes"),
             extras=pick("extras"),
+            score_mod=pick("score_mods") if mask != "sdpa-causal" else "none",
             num_heads=num_heads,
             num_kv_heads=draw(st.sampled_from(kv_options)),
             head_dim=head_dim,
             scale=draw(st.sampled_from([head_dim**-0.5, 0.1, 0.3])),
-            window=draw(st.integers(2, 4)) if mask == "window" else None,
+            window=draw(st.integers(*_WINDOWS[mask])) if mask in _WINDOWS else None,
             bias=draw(st.booleans()),
             seq_len=draw(st.integers(5, 12)),
             batch=draw(st.integers(1, 2)),

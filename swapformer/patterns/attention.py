@@ -14,6 +14,7 @@ the probe values of one run on the example inputs (shapes, constant masks, GQA r
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -21,6 +22,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from swapformer.patterns.masks import (
+    NEG_LARGE,
+    AtLength,
+    keep_pattern,
+    length_assignments,
+    pattern_of,
+    same_size,
+    size_at,
+    symbolic_shape,
+)
 from swapformer.patterns.match import (
     Graph,
     MaskStep,
@@ -31,7 +42,8 @@ from swapformer.patterns.match import (
 from swapformer.patterns.ops import arg
 from swapformer.patterns.projections import find_out_projection, find_projection, path_flags
 
-NEG_LARGE = -1e4  # fills at or below this are masks: exp() of them underflows to 0 in the softmax
+log = logging.getLogger(__name__)
+_MAX_MASK_ELEMENTS = 2**25  # Tq·Tk above which a fixed mask is not rebuilt at a candidate length
 _PASS_PROBS = frozenset({"to", "dropout", "identity", "view"})
 _PRODUCTS = frozenset({"matmul", "einsum", "baddbmm"})
 
@@ -54,6 +66,7 @@ class AttentionMatch:
     scale: float = 1.0
     score_dtype: torch.dtype = torch.float32
     score_shape: tuple[int, ...] = ()  # of the q·kᵀ product (probe)
+    score_sizes: tuple | None = None  # (Tq, Tk) of the scores, symbolic where the capture says so
     dropout: float = 0.0
     dropout_active: bool = False
     softcap: float | None = None
@@ -67,6 +80,7 @@ class AttentionMatch:
     drop_mask: bool = False  # the mask is exactly causal/windowed and input-free: pass None instead
     hidden: fx.Node | None = None
     notes: list[str] = field(default_factory=list)
+    refused: str | None = None  # attention, but not describable exactly: reported, never replaced
     bypass: list[fx.Node] = field(default_factory=list)  # scalar muls on q/k upstream of reshapes
 
 
@@ -194,7 +208,7 @@ def _is_large_negative(g: Graph, value: object) -> float | None:
 def _reaches_product(g: Graph, node: object, depth: int = 12) -> bool:
     if not isinstance(node, fx.Node) or depth == 0:
         return False
-    op = g.op(node)
+    op = g.functional_op(node)
     if op in _PRODUCTS:
         return True
     if op in ("to", "mul", "div", "masked_fill", "identity", "tanh", "view"):
@@ -207,20 +221,23 @@ def _reaches_product(g: Graph, node: object, depth: int = 12) -> bool:
 def _back_to_product(g: Graph, node: fx.Node, m: AttentionMatch) -> fx.Node | NoMatch:
     """Walk from the softmax input back to the q·kᵀ product, recording the steps (outermost first)."""
     steps: list[MaskStep] = []
+    came_from: fx.Node | None = None
     for _ in range(24):
-        op = g.op(node)
-        if _mutated_in_place(g, node):
+        op = g.functional_op(node)
+        if _mutated_in_place(g, node, rebound_by=came_from):
             # training IR keeps in-place ops (``attn[..., sp:, sp:] = ...``): the dataflow would lie
             return NoMatch("the scores are modified in place at %s before the softmax", node.name)
         if op in _PRODUCTS:
             m.score_dtype = g.value(node).dtype
             m.score_shape = tuple(g.value(node).shape)
+            sym = symbolic_shape(node)
+            m.score_sizes = sym[-2:] if sym is not None else None
             m.steps = list(reversed(steps))
             return node
         nxt = _peel_score_step(g, node, op, steps, m)
         if isinstance(nxt, NoMatch):
             return nxt
-        node = nxt
+        node, came_from = nxt, node
     return NoMatch("no q·kᵀ product found before softmax %s", m.anchor.name)
 
 
@@ -228,9 +245,12 @@ _VIEWS = frozenset({"view", "transpose", "permute", "slice", "select", "getitem"
                     "expand", "identity"})
 
 
-def _mutated_in_place(g: Graph, node: fx.Node, depth: int = 4) -> bool:
-    """Whether an in-place op writes into ``node`` or a view of it."""
+def _mutated_in_place(g: Graph, node: fx.Node, depth: int = 4, rebound_by: fx.Node | None = None) -> bool:
+    """Whether an in-place op writes into ``node`` or a view of it (other than ``rebound_by``, the
+    in-place step of the chain that overwrites ``node`` as its only reader: ``scores += bias``)."""
     for user in node.users:
+        if user is rebound_by and g.functional_op(user) != g.op(user):
+            continue
         schema = getattr(user.target, "_schema", None)
         if schema is not None and schema.is_mutable and user.args and user.args[0] is node:
             return True
@@ -260,6 +280,13 @@ def _peel_score_step(g: Graph, node: fx.Node, op: str | None, steps: list[MaskSt
         if alpha != 1:
             return NoMatch("%s with alpha=%s between scores and softmax", node.name, alpha)
         sign = -1.0 if op == "sub" else 1.0
+        if _reaches_product(g, a) and _reaches_product(g, b):
+            content = _content_product(g, a, b)
+            if content is None or (content is b and op == "sub"):
+                return NoMatch("%s combines two q·kᵀ-like products that both read the input "
+                               "(content plus positional terms): not one product", node.name)
+            if content is b:
+                a, b = b, a  # TUPE: the positional product is written first
         if _reaches_product(g, a):
             steps.append(MaskStep("add", b if isinstance(b, fx.Node) else None, value=sign * _num(b)))
             if sign < 0 and isinstance(b, fx.Node):
@@ -282,8 +309,32 @@ def _peel_score_step(g: Graph, node: fx.Node, op: str | None, steps: list[MaskSt
         if _reaches_product(g, b) and (fill := _is_large_negative(g, a)) is not None:
             steps.append(MaskStep("fill", cond, fill))
             return b
+    if op == "mul" and (temp := _temperature(g, node)) is not None:
+        steps.append(MaskStep("temp", temp[1]))
+        return temp[0]
     return NoMatch("%s (%s) between the scores and the softmax is not a scale, bias or mask",
                    node.name, op or node.target)
+
+
+def _temperature(g: Graph, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``scores * t`` with ``t`` constant along the keys and free of the input: a per-head (or
+    per-query) learned temperature (XCiT, EdgeNeXt, SwinV2-cr). (scores, t) or None."""
+    for scores, t in (node.args[:2], node.args[1::-1]):
+        shape, target = g.shape(t), g.shape(scores)
+        if (isinstance(t, fx.Node) and shape is not None and target is not None and _reaches_product(g, scores)
+                and 0 < len(shape) <= len(target) and shape[-1] == 1 and _broadcasts_to(shape, target)
+                and not g.depends_on_input(t)):
+            return scores, t
+    return None
+
+
+def _content_product(g: Graph, a: fx.Node, b: fx.Node) -> fx.Node | None:
+    """Of two summed score-like terms, the one computed from the input; the other, computed from
+    parameters and sizes only (TUPE's positional ``pos_q · pos_kᵀ``), is an additive bias."""
+    a_in, b_in = g.depends_on_input(a), g.depends_on_input(b)
+    if a_in == b_in:
+        return None
+    return a if a_in else b
 
 
 def _num(value: object) -> float:
@@ -407,6 +458,14 @@ def match_sdpa(g: Graph, node: fx.Node) -> AttentionMatch | NoMatch:
     m.scale = float(scale) if scale is not None else 1.0 / math.sqrt(g.shape(q)[-1])
     m.scale *= _peel_operand_scales(g, m)
     m.score_dtype = g.value(q).dtype
+    m.score_shape = (*g.shape(q)[:-1], g.shape(k)[-2])
+    q_sym, k_sym = symbolic_shape(q), symbolic_shape(k)
+    m.score_sizes = (q_sym[-2], k_sym[-2]) if q_sym is not None and k_sym is not None else None
+    if m.causal_flag and not _same_lengths(m):
+        # PyTorch aligns is_causal top-left (query i sees keys j <= i); the cores align bottom-right.
+        # Unless Tq == Tk for every input, spell the top-left mask out.
+        m.steps = [MaskStep("keep-top-left", value=-math.inf)]
+        m.notes.append("is_causal with Tq != Tk: PyTorch's top-left causal mask is passed explicitly")
     if isinstance(mask, fx.Node):
         is_bool = g.value(mask).dtype == torch.bool
         m.steps = [MaskStep("keep", mask, -math.inf) if is_bool else MaskStep("add", mask)]
@@ -415,16 +474,96 @@ def match_sdpa(g: Graph, node: fx.Node) -> AttentionMatch | NoMatch:
     return m
 
 
+def _same_lengths(m: AttentionMatch) -> bool:
+    if m.score_sizes is None:
+        return False  # no symbolic shapes (fx capture): Tq == Tk at the example proves nothing
+    return same_size(*m.score_sizes)
+
+
 def describe(g: Graph, m: AttentionMatch) -> None:
     """Fill in GQA, the mask classification and the hidden input of a match."""
     if m.kv_repeat == 1 and not m.k_transposed:
         _peel_gqa(g, m)
     bias = mask_values(g, m)
+    # with views the bias is built full-size in the view's layout and reshaped back to the scores'
+    if bias is not None and not (bias.numel() == math.prod(m.score_shape) if has_views(m)
+                                 else _broadcasts_to(bias.shape, m.score_shape)):
+        m.refused = (f"the terms added to the scores have shape {tuple(bias.shape)}, larger than the "
+                     f"q·kᵀ product {m.score_shape}: the product found is not the one attended")
+        return
     depends = any(s.node is not None and g.depends_on_input(s.node) for s in m.steps)
+    learned = any(s.node is not None and g.depends_on_parameter(s.node) for s in m.steps if s.kind != "temp")
+    learned = learned or _mask_then_temperature(m)
     m.mask_kind, m.causal, m.window = classify_mask(bias, m, depends)
-    m.drop_mask = bias is not None and not depends and m.mask_kind in ("causal", "none")
-    if m.causal_flag:
+    if learned and m.mask_kind in ("causal", "none"):
+        # a parameter is never a constant: a zero-initialised bias table is trained later
+        m.mask_kind, m.window = "bias", None
+        m.notes.append("the mask holds learned parameters: passed to the core as computed by the graph")
+    m.drop_mask = bias is not None and not depends and not learned and m.mask_kind in ("causal", "none")
+    if m.drop_mask and not _pattern_holds_at_every_length(g, m):
+        m.drop_mask, m.mask_kind, m.window = False, "bias", None
+    if temperatures(m):
+        m.notes.append("learned temperature on the scores: the core gets q multiplied by it")
+    if m.causal_flag and not m.steps:
         m.mask_kind, m.causal = "causal", True
+    elif m.causal_flag:
+        m.causal = True
+
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(a in (1, b) for a, b in zip(reversed(shape), reversed(target)))
+
+
+def _pattern_holds_at_every_length(g: Graph, m: AttentionMatch) -> bool:
+    """Whether the fixed mask is the causal/window/no-mask pattern at every length it can be built at;
+    on success the description is widened to the one that fits all (a window wider than the example)."""
+    sizes = m.score_sizes
+    if sizes is None or not any(isinstance(s, torch.SymInt) for s in sizes) or has_views(m):
+        return sizes is None or not has_views(m)  # static graph: it runs at the example length only
+    seen = [(m.score_shape[-2], m.score_shape[-1], (m.causal, m.window))]
+    for subs in length_assignments(sizes):
+        tq, tk = size_at(sizes[0], subs), size_at(sizes[1], subs)
+        if tq * tk > _MAX_MASK_ELEMENTS:
+            continue
+        bias = _bias_at(g, m, subs, tq, tk)
+        if bias is None:
+            continue
+        pattern = pattern_of(bias, tq, tk)
+        if pattern is None:
+            m.notes.append(f"the fixed mask is no causal/window pattern at length {tq}x{tk}: passed explicitly")
+            return False
+        seen.append((tq, tk, pattern))
+    if len(seen) == 1:
+        m.notes.append("the fixed mask could not be rebuilt at another length: passed explicitly")
+        return False
+    return _widest_fit(m, seen)
+
+
+def _widest_fit(m: AttentionMatch, seen: list[tuple[int, int, tuple[bool, int | None]]]) -> bool:
+    for candidate in sorted({p for _, _, p in seen}, key=lambda p: (p[0], p[1] is not None, p[1] or 0)):
+        if all(torch.equal(keep_pattern(tq, tk, *candidate), keep_pattern(tq, tk, *p)) for tq, tk, p in seen):
+            m.causal, m.window = candidate
+            m.mask_kind = "causal" if candidate[0] else "none"
+            return True
+    m.notes.append("the fixed mask is a different pattern at different lengths: passed explicitly")
+    return False
+
+
+def _bias_at(g: Graph, m: AttentionMatch, subs: dict, tq: int, tk: int) -> torch.Tensor | None:
+    """``f(0)`` rebuilt with the symbolic sizes set by ``subs``; None where the model cannot run."""
+    at = AtLength(g, subs)
+    b = torch.zeros((), dtype=m.score_dtype)
+    try:
+        for step in m.steps:
+            operand = (tq, tk) if step.kind == "keep-top-left" else at.value(step.node)
+            b = apply_step(step, b, operand)
+        torch.broadcast_shapes(b.shape, (*m.score_shape[:-2], tq, tk))
+    except Exception:  # the model itself cannot run at this length (a buffer too short, a guard)
+        log.debug("mask of %s not rebuilt at %s", m.anchor.name, subs, exc_info=True)
+        return None
+    return b
 
 
 def _peel_gqa(g: Graph, m: AttentionMatch) -> None:
@@ -484,23 +623,50 @@ def _repeat_source(g: Graph, node: fx.Node, full: torch.Tensor, heads: int, bypa
 
 def mask_values(g: Graph, m: AttentionMatch) -> torch.Tensor | None:
     """``b = f(0)``: the additive mask the steps amount to, evaluated on the probe values."""
-    if not any(s.kind != "scale" for s in m.steps):
+    if not has_mask(m):
         return None
     b = torch.zeros(m.score_shape if has_views(m) else (), dtype=m.score_dtype)
     for step in m.steps:
-        b = apply_step(step, b, g.value(step.node) if step.node is not None else None)
+        operand = m.score_shape[-2:] if step.kind == "keep-top-left" else g.value(step.node)
+        b = apply_step(step, b, operand)
     return b
+
+
+def has_mask(m: AttentionMatch) -> bool:
+    """Whether any step adds or fills (scales and temperatures alone leave f(0) = 0)."""
+    return any(s.kind not in ("scale", "temp") for s in m.steps)
+
+
+def _mask_then_temperature(m: AttentionMatch) -> bool:
+    """A mask applied before a learned temperature is scaled by it (its -inf could flip sign)."""
+    kinds = [s.kind for s in m.steps]  # in the order they are applied to the scores
+    masks = [i for i, k in enumerate(kinds) if k not in ("scale", "temp")]
+    return bool(masks) and "temp" in kinds[masks[0]:]
+
+
+def temperatures(m: AttentionMatch) -> list[fx.Node]:
+    """Tensors multiplying the scores: the splice multiplies q by them (``(t·q)·kᵀ = t·(q·kᵀ)``)."""
+    return [s.node for s in m.steps if s.kind == "temp"]
 
 
 def has_views(m: AttentionMatch) -> bool:
     return any(s.kind == "view" for s in m.steps)
 
 
-def apply_step(step: MaskStep, b: torch.Tensor, operand: torch.Tensor | None) -> torch.Tensor:
+def top_left_keep(tq: int, tk: int, device: torch.device | None = None) -> torch.Tensor:
+    """SDPA's ``is_causal`` mask: query ``i`` sees keys ``j <= i`` (aligned top-left)."""
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril()
+
+
+def apply_step(step: MaskStep, b: torch.Tensor, operand: object) -> torch.Tensor:
+    if step.kind == "keep-top-left":
+        return torch.where(top_left_keep(*operand, b.device), b, torch.tensor(step.value, dtype=b.dtype))
     if step.kind == "view":
         return b.reshape(operand.shape)
     if step.kind == "scale":
         return b * step.value
+    if step.kind == "temp":
+        return b * operand
     if step.kind == "add":
         return b + (operand if operand is not None else step.value)
     if step.kind == "sub":
@@ -520,9 +686,12 @@ def classify_mask(bias: torch.Tensor | None, m: AttentionMatch, depends: bool) -
     if masked.dim() < 2 or not masked.any():
         return ("padding" if depends else "none"), False, None
     causal = _is_causal(masked)
-    window = _window(masked) if causal else None
-    kind = "padding" if depends else ("causal" if causal else "bias")
-    return kind, causal, window
+    if depends:
+        return "padding", causal, _window(masked) if causal else None
+    pattern = pattern_of(bias, *m.score_shape[-2:])
+    if pattern is None:  # holes below the diagonal, per-head patterns: an explicit mask
+        return "bias", causal, None
+    return ("causal" if pattern[0] else "none"), pattern[0], pattern[1]
 
 
 def _is_causal(masked: torch.Tensor) -> bool:

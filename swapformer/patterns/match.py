@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from swapformer.patterns.ops import arg, canonical, is_scalar
+from swapformer.patterns.ops import INPLACE, arg, canonical, is_scalar
 
 
 class NoMatch:
@@ -57,6 +57,14 @@ class Graph:
     def op(self, node: Any) -> str | None:
         return canonical(node, self.gm) if isinstance(node, fx.Node) else None
 
+    def functional_op(self, node: Any) -> str | None:
+        """Like :meth:`op`, but an in-place op that only rebinds a tensor nothing else reads
+        (``scores *= s`` right after the product) reads as its functional twin."""
+        op = self.op(node)
+        if op in INPLACE and overwrites_private(node):
+            return INPLACE[op]
+        return op
+
     def value(self, node: Any) -> Any:
         return self.values.get(node.name) if isinstance(node, fx.Node) else node
 
@@ -73,17 +81,39 @@ class Graph:
         return self.param_names.get(node.name)
 
     def scalar(self, node: Any) -> float | None:
-        """A Python-number operand, or a one-element constant tensor (``get_attr`` or literal)."""
+        """A Python number, or a one-element tensor computed from constants only: a buffer, a literal,
+        ``torch.full([], c)``. Never a parameter (learned: its value today is not a constant) nor
+        anything read from an input or a symbolic size."""
         if is_scalar(node):
             return float(node)
-        if self.param_name(node) is not None:
-            v = self.value(node)
-            if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad:
-                return float(v.item())
+        if not isinstance(node, fx.Node):
+            return None
+        v = self.value(node)
+        if not isinstance(v, torch.Tensor) or v.numel() != 1 or isinstance(v, torch.nn.Parameter):
+            return None
+        if self.param_name(node) is not None or self._is_constant(node):
+            return float(v.item())
         return None
+
+    def _is_constant(self, node: fx.Node) -> bool:
+        return not (self.depends_on_input(node) or self.depends_on_parameter(node) or self.depends_on_size(node))
 
     def depends_on_input(self, node: fx.Node, limit: int = 2000) -> bool:
         """Whether ``node``'s value is data-dependent on a caller input (not only on its shape)."""
+        return self._reaches(node, lambda n: n.op == "placeholder" and n.name in self.user_inputs, limit)
+
+    def depends_on_parameter(self, node: fx.Node, limit: int = 2000) -> bool:
+        """Whether ``node`` is computed from an ``nn.Parameter``: learned, whatever its value today."""
+        return self._reaches(node, self.is_parameter, limit)
+
+    def depends_on_size(self, node: fx.Node, limit: int = 2000) -> bool:
+        """Whether ``node`` reads a symbolic size (its value may change with the input's shape)."""
+        return self._reaches(node, _reads_size, limit, through_sizes=True)
+
+    def is_parameter(self, node: fx.Node) -> bool:
+        return self.param_name(node) is not None and isinstance(self.value(node), torch.nn.Parameter)
+
+    def _reaches(self, node: fx.Node, hit: Any, limit: int, through_sizes: bool = False) -> bool:
         seen: set[fx.Node] = set()
         stack = [node]
         while stack and len(seen) < limit:
@@ -91,17 +121,38 @@ class Graph:
             if n in seen:
                 continue
             seen.add(n)
-            if n.op == "placeholder" and n.name in self.user_inputs:
+            if hit(n):
                 return True
-            if n.op == "call_function" and "sym_size" in str(n.target):
+            if not through_sizes and _reads_size(n):
                 continue  # a size, not data
             stack.extend(n.all_input_nodes)
+        return bool(stack)  # ran out of budget: assume it does
+
+
+# ops that return a new tensor (never a view or an alias of an input): overwriting one is private
+_FRESH = frozenset({"matmul", "baddbmm", "einsum", "mul", "div", "add", "sub", "neg", "masked_fill",
+                    "where", "tanh"})
+
+
+def overwrites_private(node: fx.Node, depth: int = 8) -> bool:
+    """Whether an in-place op overwrites a fresh intermediate tensor that it alone reads (not a view,
+    an input or a buffer: writing into those is seen elsewhere)."""
+    target = node.args[0] if node.args else None
+    if not isinstance(target, fx.Node) or len(target.users) != 1 or depth == 0:
         return False
+    op = canonical(target)
+    if op in INPLACE:
+        return overwrites_private(target, depth - 1)
+    return op in _FRESH
+
+
+def _reads_size(node: fx.Node) -> bool:
+    return node.op == "call_function" and "sym_size" in str(node.target)
 
 
 def scalar_operand(g: Graph, node: fx.Node) -> tuple[fx.Node, float] | None:
     """For ``x * c``, ``c * x`` or ``x / c`` with scalar ``c``: (x, factor)."""
-    op = g.op(node)
+    op = g.functional_op(node)
     if op not in ("mul", "div") or len(node.args) < 2:
         return None
     a, b = node.args[0], node.args[1]

@@ -62,6 +62,12 @@ _SPELLINGS: dict[str, tuple[tuple[Any, ...], tuple[str, ...], tuple[Any, ...]]] 
     "sub": ((operator.sub, torch.sub), ("sub",), (aten.sub,)),
     "neg": ((operator.neg, torch.neg), ("neg",), (aten.neg,)),
     "masked_fill": ((torch.masked_fill,), ("masked_fill",), (aten.masked_fill,)),
+    # in-place forms (``scores += bias``, ``scores *= s``): see INPLACE
+    "add_": ((operator.iadd,), ("add_",), (aten.add_,)),
+    "sub_": ((operator.isub,), ("sub_",), (aten.sub_,)),
+    "mul_": ((operator.imul,), ("mul_",), (aten.mul_,)),
+    "div_": ((operator.itruediv,), ("div_",), (aten.div_,)),
+    "masked_fill_": ((), ("masked_fill_",), (aten.masked_fill_,)),
     "where": ((torch.where,), ("where",), (aten.where,)),
     "tanh": ((torch.tanh, F.tanh), ("tanh",), (aten.tanh,)),
     "gelu": ((F.gelu, torch._C._nn.gelu), (), (aten.gelu,)),
@@ -81,6 +87,9 @@ _SPELLINGS: dict[str, tuple[tuple[Any, ...], tuple[str, ...], tuple[Any, ...]]] 
     "flatten": ((torch.flatten,), ("flatten",), (aten.flatten,)),
     "unflatten": ((torch.unflatten,), ("unflatten",), (aten.unflatten,)),
 }
+
+# in-place op -> its functional twin: the same value when nothing else reads the tensor it overwrites
+INPLACE = {"add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div", "masked_fill_": "masked_fill"}
 
 _FUNCTIONS: dict[Any, str] = {}
 _METHODS: dict[str, str] = {}

@@ -250,6 +250,9 @@ def _plan(analysis: Analysis, config: TargetConfig, model: nn.Module,
         cls = core_class(config, site.kind)
         where = _core_location(site, is_hf)
         report.replaced.append(Replacement(site, config.name, cls.__name__, where, "module" if is_hf else "graph"))
+    for site in det.refused:  # attention detection could not describe exactly
+        report.sites.append(site)
+        report.skipped.append(Skip(site, config.name, f"refused: {site.refused}"))
     return report
 
 
@@ -335,7 +338,7 @@ def _apply_graph(analysis: Analysis, report: RewriteReport, config: TargetConfig
             graph_apply.splice_attention(new_gm, det.graph, match, rep.core_name, core)
         else:
             graph_apply.splice_ffn(new_gm, det.graph, match, rep.core_name, core)
-    return graph_apply.finish(new_gm)
+    return graph_apply.finish(graph_apply.follow_training_mode(new_gm))
 
 
 def _remap_match(match: Any, remap: dict) -> None:

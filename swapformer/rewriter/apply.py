@@ -14,9 +14,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from swapformer.patterns.attention import AttentionMatch
+from swapformer.patterns.attention import AttentionMatch, has_mask, temperatures, top_left_keep
 from swapformer.patterns.ffn import FFNMatch
-from swapformer.patterns.match import Graph, MaskStep
+from swapformer.patterns.match import Graph, MaskStep, overwrites_private
+from swapformer.patterns.ops import INPLACE, arg, canonical
+
+_TUPLE_DROPOUTS = frozenset({torch.ops.aten.native_dropout.default})  # return (out, mask): left alone
 
 
 def core_attr_name(site_name: str) -> str:
@@ -43,12 +46,21 @@ def _like_scores(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return b.reshape(*q.shape[:-1], b.shape[-1])
 
 
-def _apply_step(graph: fx.Graph, b: fx.Node, step: MaskStep) -> fx.Node:
+def _top_left(b: torch.Tensor, q: torch.Tensor, k: torch.Tensor, fill: float) -> torch.Tensor:
+    keep = top_left_keep(q.shape[-2], k.shape[-2], b.device)
+    return torch.where(keep, b, torch.tensor(fill, dtype=b.dtype, device=b.device))
+
+
+def _apply_step(graph: fx.Graph, b: fx.Node, step: MaskStep, qk: tuple[fx.Node, fx.Node]) -> fx.Node:
+    if step.kind == "keep-top-left":
+        return graph.call_function(_top_left, (b, *qk, step.value))
     if step.kind == "view":
         shape = step.node.args[1] if isinstance(step.node.args[1], (list, tuple)) else step.node.args[1:]
         return graph.call_function(torch.reshape, (b, tuple(shape)))
     if step.kind == "scale":
         return graph.call_function(operator.mul, (b, step.value))
+    if step.kind == "temp":
+        return graph.call_function(operator.mul, (b, step.node))
     if step.kind == "add":
         return graph.call_function(operator.add, (b, step.node if step.node is not None else step.value))
     if step.kind == "sub":
@@ -58,8 +70,8 @@ def _apply_step(graph: fx.Graph, b: fx.Node, step: MaskStep) -> fx.Node:
     return graph.call_function(torch.where, (step.node, b, step.value))
 
 
-def _bias(graph: fx.Graph, m: AttentionMatch) -> fx.Node | None:
-    if m.drop_mask or not any(s.kind != "scale" for s in m.steps):
+def _bias(graph: fx.Graph, m: AttentionMatch, qk: tuple[fx.Node, fx.Node]) -> fx.Node | None:
+    if m.drop_mask or not has_mask(m):
         return None
     views = any(s.kind == "view" for s in m.steps)
     if views:
@@ -67,7 +79,7 @@ def _bias(graph: fx.Graph, m: AttentionMatch) -> fx.Node | None:
     else:
         b = graph.call_function(_scalar_zero, (m.q, m.score_dtype))
     for step in m.steps:
-        b = _apply_step(graph, b, step)
+        b = _apply_step(graph, b, step, qk)
     return graph.call_function(_like_scores, (b, m.q)) if views else b
 
 
@@ -85,11 +97,13 @@ def splice_attention(gm: fx.GraphModule, g: Graph, m: AttentionMatch, name: str,
         mul.replace_all_uses_with(scalar_input(mul))
     with graph.inserting_before(m.output):
         q = _permute(graph, m.q, m.q_perm)
+        for temperature in temperatures(m):  # read live from the graph: it follows training
+            q = graph.call_function(operator.mul, (q, temperature))
         k = graph.call_function(torch.transpose, (m.k, -2, -1)) if m.k_transposed else m.k
         k = _permute(graph, k, m.k_perm)
         v = _permute(graph, m.v, m.v_perm)
         kwargs = {"hidden": m.hidden} if m.hidden is not None else {}
-        out = graph.call_module(name, (q, k, v, _bias(graph, m)), kwargs)
+        out = graph.call_module(name, (q, k, v, _bias(graph, m, (q, k))), kwargs)
         out = _permute(graph, out, m.out_perm)
         if out_dtype != g.value(m.q).dtype:
             out = graph.call_method("to", (out, out_dtype))
@@ -106,8 +120,74 @@ def splice_ffn(gm: fx.GraphModule, g: Graph, f: FFNMatch, name: str, core: nn.Mo
     f.down.replace_all_uses_with(out)
 
 
+_METADATA_ASSERTS = frozenset({torch.ops.aten._assert_tensor_metadata.default})
+
+
+def _is_impure(node: fx.Node) -> bool:
+    # Random ops (dropout, the replaced SDPA call with its dropout_p) have no effect once nothing reads
+    # their result; FX keeps them by default and with them the whole old QKᵀ -> softmax chain. So is an
+    # in-place op on an intermediate only it reads (``scores += bias`` of a replaced site).
+    if node.op == "call_function" and not node.users and canonical(node) in INPLACE and overwrites_private(node):
+        return False
+    return node.is_impure(impure_random=False)
+
+
+def _dead_asserts(graph: fx.Graph) -> list[fx.Node]:
+    """Metadata asserts (export's ``.to()`` checks) on values nothing else reads any more."""
+    dead = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in _METADATA_ASSERTS and node.args:
+            checked = node.args[0]
+            if isinstance(checked, fx.Node) and all(u.target in _METADATA_ASSERTS for u in checked.users):
+                dead.append(node)
+    return dead
+
+
+def remove_dead_code(graph: fx.Graph) -> None:
+    """Dead-code elimination that also drops unread random ops and asserts on dead values."""
+    changed = True
+    while changed:
+        changed = graph.eliminate_dead_code(is_impure_node=_is_impure)
+        for node in _dead_asserts(graph):
+            graph.erase_node(node)
+            changed = True
+
+
+def _dropout_args(node: fx.Node) -> tuple[fx.Node, float] | None:
+    """(input, p) of a functional dropout node whose training flag was fixed when it was traced."""
+    if node.op != "call_function" or canonical(node) != "dropout" or node.target in _TUPLE_DROPOUTS:
+        return None
+    p = arg(node, 1, "p", 0.5)
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    return (x, float(p)) if isinstance(x, fx.Node) and isinstance(p, (int, float)) else None
+
+
+def follow_training_mode(gm: fx.GraphModule) -> fx.GraphModule:
+    """Make every functional dropout of a captured graph follow ``gm.train()`` / ``gm.eval()``.
+
+    Capture freezes the mode of the moment into each dropout call (``aten.dropout(x, p, train)``), so a
+    model rewritten in train mode would stay random after ``.eval()`` and one rewritten in eval mode
+    would lose its dropout in ``.train()``. Each becomes an ``nn.Dropout(p)`` submodule; ``p = 0`` ones
+    are identities and go.
+    """
+    for node in list(gm.graph.nodes):
+        found = _dropout_args(node)
+        if found is None:
+            continue
+        x, p = found
+        if p == 0.0:
+            node.replace_all_uses_with(x)
+        else:
+            name = f"swapformer_dropouts.{node.name}"
+            gm.add_submodule(name, nn.Dropout(p))
+            with gm.graph.inserting_before(node):
+                node.replace_all_uses_with(gm.graph.call_module(name, (x,)))
+        gm.graph.erase_node(node)
+    return gm
+
+
 def finish(gm: fx.GraphModule) -> fx.GraphModule:
-    gm.graph.eliminate_dead_code()
+    remove_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -115,9 +115,22 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) ->
     dyn = None
     if dynamic:
         dyn_args, dyn_kwargs = _auto_dims(args, kwargs)
-        dyn = (*dyn_args, *dyn_kwargs.values()) if not kwargs else {**_named_args(model, dyn_args), **dyn_kwargs}
+        dyn = _pack_varargs(model, dyn_args) if not kwargs else {**_named_args(model, dyn_args), **dyn_kwargs}
     ep = torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False)
     return ep.module()
+
+
+def _pack_varargs(model: torch.nn.Module, specs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Positional specs shaped like the signature: ``forward(x, *masks)`` takes ``(x_spec, (m1, m2))``;
+    a flat tuple would make export fail and capture fall back to static shapes."""
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values() if p.name != "self"]
+    except (TypeError, ValueError):
+        return specs
+    for i, p in enumerate(params):
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            return (*specs[:i], tuple(specs[i:]))
+    return specs
 
 
 def _named_args(model: torch.nn.Module, values: tuple[Any, ...]) -> dict[str, Any]:

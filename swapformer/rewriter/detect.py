@@ -28,6 +28,8 @@ class Detection:
     sites: list[Site] = field(default_factory=list)
     matches: dict[str, AttentionMatch | FFNMatch] = field(default_factory=dict)  # site name -> match
     misses: list[tuple[str, str]] = field(default_factory=list)  # (node, reason) softmax/sdpa not attention
+    # attention that cannot be described exactly: reported as skipped with the reason, never replaced
+    refused: list[AttentionSite] = field(default_factory=list)
 
 
 def detect(captured: Captured, kinds: tuple[str, ...]) -> Detection:
@@ -41,7 +43,11 @@ def detect(captured: Captured, kinds: tuple[str, ...]) -> Detection:
             if isinstance(m, tuple):
                 det.misses.append((m[0].name, str(m[1])))
                 continue
-            _add(det, attention_site(g, m, counters), m)
+            site = attention_site(g, m, counters)
+            if site.refused:
+                det.refused.append(site)
+            else:
+                _add(det, site, m)
     if "ffn" in kinds:
         for f in find_ffn(g):
             _add(det, ffn_site(g, f, counters), f)
@@ -76,6 +82,8 @@ def attention_site(g: Graph, m: AttentionMatch, counters: dict) -> AttentionSite
     head_dim = q_shape[-1]
     found = {role: find_projection(g, node) for role, node in (("q", m.q), ("k", m.k), ("v", m.v))}
     heads = q_shape[-3] if len(q_shape) >= 4 else _heads_from_projection(g, found, head_dim)
+    if len(q_shape) == 3 and m.refused is None:
+        m.refused = _folded_heads_problem(g, found, q_shape, heads)
     kv_heads = heads // m.kv_repeat if len(q_shape) >= 4 and m.kv_repeat > 1 else (
         k_shape[-3] if len(k_shape) >= 4 and not m.k_transposed else heads)
     refs = _projection_refs(g, found, heads, kv_heads, head_dim, v_shape[-1])
@@ -88,7 +96,7 @@ def attention_site(g: Graph, m: AttentionMatch, counters: dict) -> AttentionSite
         scale=m.scale, causal=m.causal, window=m.window, mask=m.mask_kind,
         cross=_is_cross(g, found), rope=rope, qk_norm=qk_norm, dropout=m.dropout, softcap=m.softcap,
         q_proj=refs.get("q"), k_proj=refs.get("k"), v_proj=refs.get("v"),
-        o_proj=find_out_projection(g, m.output), form=m.form, notes=tuple(m.notes),
+        o_proj=find_out_projection(g, m.output), form=m.form, notes=tuple(m.notes), refused=m.refused,
     )
 
 
@@ -102,6 +110,20 @@ def _heads_from_projection(g: Graph, found: dict, head_dim: int) -> int:
         return 1
     shared = sum(1 for f in found.values() if f is not None and f[0] is found["q"][0])
     return max(g.shape(found["q"][0])[-1] // (head_dim * shared), 1)
+
+
+def _folded_heads_problem(g: Graph, found: dict, q_shape: tuple[int, ...], heads: int) -> str | None:
+    """3-D attention must fold the heads into the batch, ``[B*H, T, D]``; legacy GPTBigCode MQA folds
+    them into the query length instead (``[B, T*H, D]`` against one shared ``[B, T, D]`` key)."""
+    if found["q"] is None or heads == 1:
+        return None
+    x = g.shape(_unview(g, linear_parts(g, found["q"][0])[0]))
+    if x is None or len(x) != 3:
+        return None
+    if (q_shape[0], q_shape[1]) in ((x[0] * heads, x[1]), (x[1] * heads, x[0])):  # [B, T, d] or [T, B, d]
+        return None
+    return (f"3-D attention with q {tuple(q_shape)} from a {tuple(x)} input and {heads} heads of the "
+            "projection: the heads are not folded into the batch (folded into the query length?)")
 
 
 def _projection_refs(g: Graph, found: dict, heads: int, kv_heads: int, head_dim: int,

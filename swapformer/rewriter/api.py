@@ -126,9 +126,15 @@ def analyze(model: nn.Module, example_inputs: Any, kinds: tuple[str, ...]) -> An
     args, kwargs = normalize_inputs(example_inputs)
     # a model in training mode draws dropout masks while it is run and captured
     with own_rng(DEFAULT_SEED):
-        reference = check_inputs(model, args, kwargs)
-        captured = capture(model, args, kwargs)
-        probe(captured)
+        try:
+            captured = capture(model, args, kwargs)
+            # the graph's own output on the example inputs is the original's reference output
+            reference = probe(captured)
+        except Exception:
+            # bad example inputs surface here as an InputError naming them; otherwise the
+            # capture's own error stands (one model run is saved when all is well)
+            check_inputs(model, args, kwargs)
+            raise
     return Analysis(model, captured, detect(captured, _check_kinds(kinds)), reference, args, kwargs)
 
 

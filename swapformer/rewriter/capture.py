@@ -196,7 +196,10 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def probe(captured: Captured) -> None:
-    """Run the graph on the example inputs, keeping every node's value for the detectors."""
+def probe(captured: Captured) -> Any:
+    """Run the graph on the example inputs, keeping every node's value for the detectors; returns the
+    graph's output in the model's own output structure."""
     with torch.no_grad():
-        _Recorder(captured.gm, captured.values).run(*captured.flat_inputs)
+        flat = _Recorder(captured.gm, captured.values).run(*captured.flat_inputs)
+    spec = getattr(captured.gm, "_out_spec", None)
+    return pytree.tree_unflatten(pytree.tree_leaves(flat), spec) if spec is not None else flat

@@ -20,7 +20,8 @@ What ``generate()`` relies on is implemented on the states: ``reorder_cache`` (b
 Fixed-size states cannot be cut back, so a call of several tokens keeps the state from before its
 last :data:`REPLAY_TOKENS` tokens plus those tokens' core inputs; ``crop`` restores that state and
 replays the kept tokens (assisted and prompt-lookup decoding crop only inside their last call). The
-next single-token call drops that buffer, so a decoding cache holds the target's state alone.
+next single-token call drops that buffer, so a decoding cache holds the target's state alone; with
+gradients enabled (training) nothing is kept for replay.
 """
 
 from __future__ import annotations
@@ -287,7 +288,7 @@ def call_core(core: nn.Module, call: CoreCall, keep: torch.Tensor | None, layer:
 def _batched_with_replay(core: nn.Module, call: CoreCall, layer: Any) -> torch.Tensor:
     t = call.length
     layer.replay = None
-    if t == 1:
+    if t == 1 or torch.is_grad_enabled():  # no rollback while training: keep the graph whole
         return run_core(core, call, layer.state)
     split = max(0, t - REPLAY_TOKENS)
     outs = [run_core(core, call.tokens(0, split), layer.state)] if split else []
@@ -302,11 +303,12 @@ def _per_sequence(core: nn.Module, call: CoreCall, keep: torch.Tensor | None, st
     """Each sequence alone on its real tokens (padding never reaches the core); zeros at pads."""
     b, _, t, _ = call.q.shape
     outs, snapshots, tails = [], [], []
+    replayable = t > 1 and layer is not None and not torch.is_grad_enabled()
     for i in range(b):
         idx = torch.arange(t, device=call.q.device) if keep is None else keep[i].nonzero().flatten()
         row = CoreCall(call.q[i:i + 1, :, idx], call.k[i:i + 1, :, idx], call.v[i:i + 1, :, idx],
                        None if call.hidden is None else call.hidden[i:i + 1, idx])
-        split = max(0, row.length - REPLAY_TOKENS) if t > 1 else row.length
+        split = max(0, row.length - REPLAY_TOKENS) if replayable else row.length
         pieces = [run_core(core, row.tokens(0, split), states[i])] if split else []
         snapshots.append(dict(states[i]) if states[i] is not None else None)
         tails.append(row.tokens(split))
@@ -317,7 +319,7 @@ def _per_sequence(core: nn.Module, call: CoreCall, keep: torch.Tensor | None, st
         full[:, :, idx] = out
         outs.append(full)
     if layer is not None:
-        layer.replay = (snapshots, tails) if t > 1 else None
+        layer.replay = (snapshots, tails) if replayable else None
     return torch.cat(outs, dim=0)
 
 

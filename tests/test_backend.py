@@ -75,7 +75,7 @@ _MHA_UNDER_DYNAMO = pytest.mark.xfail(
     strict=True, reason="Dynamo keeps nn.MultiheadAttention as one opaque multi_head_attention_forward call")
 _ATTENTION_ZOO = [
     pytest.param(name, marks=_MHA_UNDER_DYNAMO) if name.startswith("mha_") else name
-    for name, case in __import__("zoo").CASES.items() if case.expected_attention
+    for name, case in __import__("models_zoo").CASES.items() if case.expected_attention
 ]
 
 

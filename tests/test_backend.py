@@ -82,7 +82,7 @@ _ATTENTION_ZOO = [
 @pytest.mark.parametrize("name", _ATTENTION_ZOO)
 def test_backend_on_the_hand_written_zoo(name: str) -> None:
     """Dynamo's view of every zoo form: each attention is replaced and the output equals eager."""
-    from zoo import CASES
+    from models_zoo import CASES
 
     from swapformer.rewriter.capture import normalize_inputs
     from swapformer.rewriter.verify import first_tensor

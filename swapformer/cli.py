@@ -358,13 +358,13 @@ def _check_convertible(args: argparse.Namespace, loaded: Any) -> None:
 
 def _save_converted(args: argparse.Namespace, student: nn.Module, loaded: Any, kinds: tuple[str, ...],
                     meta: dict[str, Any]) -> None:
-    from swapformer import io
+    from swapformer import checkpoint
 
     if args.full:
-        io.save_pretrained(student, args.out, base_model=loaded.model, tokenizer=loaded.tokenizer,
+        checkpoint.save_pretrained(student, args.out, base_model=loaded.model, tokenizer=loaded.tokenizer,
                            metadata=meta)
     else:
-        io.save(student, args.out, base_model=loaded.model, example_inputs=loaded.example_inputs,
+        checkpoint.save(student, args.out, base_model=loaded.model, example_inputs=loaded.example_inputs,
                 kinds=kinds, metadata=meta)
 
 
@@ -512,11 +512,11 @@ class BenchRow:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``swapformer bench``: speed and perplexity of the converted model vs its original."""
-    from swapformer import io
+    from swapformer import checkpoint
 
-    recipe = io.read_recipe(args.dir)
+    recipe = checkpoint.read_recipe(args.dir)
     base = _bench_base(args, recipe)
-    converted = io.load(args.dir, base.model)
+    converted = checkpoint.load(args.dir, base.model)
     models = {"original": base.model, "converted": converted}
     rows = bench_speed(models, recipe, args)
     rows += bench_perplexity(models, base.tokenizer, args)
@@ -550,7 +550,7 @@ def _bench_base(args: argparse.Namespace, recipe: dict[str, Any]) -> Any:
 
 def _bench_inputs(model: nn.Module, recipe: dict[str, Any], args: argparse.Namespace) -> tuple[Any, int]:
     """Prefill inputs and their token count: random ids for LMs, else the recorded example inputs."""
-    from swapformer import io
+    from swapformer import checkpoint
 
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
@@ -561,7 +561,7 @@ def _bench_inputs(model: nn.Module, recipe: dict[str, Any], args: argparse.Names
             return {"input_ids": ids, "decoder_input_ids": ids}, ids.numel()
         return {"input_ids": ids}, ids.numel()
     spec = recipe["rewrite"]["example_inputs"]
-    inputs = io.build_inputs(spec, model)
+    inputs = checkpoint.build_inputs(spec, model)
     first = next((t for t in [*inputs[0], *inputs[1].values()] if isinstance(t, torch.Tensor)), None)
     tokens = 1 if first is None else (int(first.shape[0] * first.shape[1]) if first.dim() >= 2 else first.numel())
     return inputs, tokens

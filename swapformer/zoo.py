@@ -1056,9 +1056,9 @@ def _speed(built: Built, student: Any, settings: dict[str, Any]) -> dict[str, An
     alone to models with a vocabulary); a decode that fails (a core that cannot use the host's KV
     cache) is recorded and the prefill timed without it.
     """
-    from swapformer import io
+    from swapformer import checkpoint
 
-    recipe = {"rewrite": {"example_inputs": io.describe_inputs(built.check_inputs)}}
+    recipe = {"rewrite": {"example_inputs": checkpoint.describe_inputs(built.check_inputs)}}
     config = getattr(built.model, "config", None)
     models = {"original": built.model, "converted": student}
     if getattr(config, "is_encoder_decoder", False):

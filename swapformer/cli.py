@@ -13,18 +13,25 @@ import dataclasses
 import importlib
 import json
 import logging
-import statistics
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from swapformer.measure import decode_seconds, timed
+from swapformer.bench import (
+    BenchSettings,
+    bench_perplexity,
+    bench_speed,
+    check_corpus,
+    corpus_data,
+    format_rows,
+    progress_bar,
+)
+from swapformer.rewriter.hf import is_hf_model
 
 log = logging.getLogger("swapformer.cli")
 PROG = "swapformer"
@@ -251,34 +258,6 @@ def parse_kinds(text: str) -> tuple[str, ...]:
     return kinds
 
 
-class _NoBar:
-    """Stands in for a tqdm bar when tqdm is not installed."""
-
-    def __init__(self, iterable: Iterable[Any] = (), total: int = 0, **_: Any) -> None:
-        self.iterable, self.total, self.n = iterable, total, 0
-
-    def __iter__(self) -> Any:
-        return iter(self.iterable)
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-
-    def set_description_str(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def progress_bar(iterable: Iterable[Any] = (), *, enabled: bool, **kwargs: Any) -> Any:
-    """A tqdm bar on stderr (a silent stand-in when disabled or when tqdm is not installed)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar(iterable, **kwargs)
-    return tqdm(iterable, file=sys.stderr, disable=not enabled, **kwargs)
-
-
 @contextmanager
 def _steps(args: argparse.Namespace, names: list[str]) -> Any:
     """A bar over named steps; ``advance(name)`` starts the next one."""
@@ -328,13 +307,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     config = _target_and_options(args)
     calibrating = args.calibrate_tokens > 0
     if calibrating:
-        _check_corpus(args.corpus)
+        check_corpus(args.corpus)
     names = ["load", "rewrite"] + (["calibrate"] if calibrating else []) + ["save"]
     with _steps(args, names) as advance:
         advance(f"loading {args.model}")
         loaded = load_model(args.model)
         _check_convertible(args, loaded)
-        data = _corpus_data(args.corpus, loaded.tokenizer, "calibration") if calibrating else None
+        data = corpus_data(args.corpus, loaded.tokenizer, "calibration") if calibrating else None
         advance(f"rewriting to {config.name}")
         kinds = args.kinds or ("attention",)
         student = rewrite(loaded.model, config, example_inputs=loaded.example_inputs, kinds=kinds)
@@ -352,7 +331,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def _check_convertible(args: argparse.Namespace, loaded: Any) -> None:
     from swapformer.errors import InputError
 
-    if args.full and not _is_hf(loaded.model):
+    if args.full and not is_hf_model(loaded.model):
         raise InputError("--full needs a Hugging Face MODEL; other models are saved as recipe + cores")
 
 
@@ -405,25 +384,6 @@ def _calibrate(args: argparse.Namespace, student: nn.Module, loaded: Any,
 
 def _jsonable_config(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
-
-
-def _check_corpus(corpus: str) -> None:
-    from swapformer.errors import InputError
-    from swapformer.offline import CORPORA
-
-    if corpus not in CORPORA and not Path(corpus).exists():
-        raise InputError(f"corpus {corpus!r} is neither a known corpus ({', '.join(CORPORA)}) nor a file")
-
-
-def _corpus_data(corpus: str, tokenizer: Any, purpose: str) -> Any:
-    """Token documents of a named corpus, or the path of a text file/folder (tokenized later)."""
-    from swapformer.errors import InputError
-    from swapformer.offline import CORPORA, corpus_tokens
-
-    _check_corpus(corpus)
-    if tokenizer is None:
-        raise InputError(f"{purpose} on a corpus needs a tokenizer, and MODEL has none")
-    return corpus_tokens(corpus, tokenizer) if corpus in CORPORA else Path(corpus)
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
@@ -494,22 +454,6 @@ def _run_zoo(argv: list[str]) -> int:
 # bench
 
 
-@dataclasses.dataclass
-class BenchRow:
-    """One measured quantity for the original and the converted model."""
-
-    metric: str
-    original: float | None
-    converted: float | None
-    note: str = ""
-
-    @property
-    def ratio(self) -> float | None:
-        if not self.original or self.converted is None:
-            return None
-        return self.converted / self.original
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     """``swapformer bench``: speed and perplexity of the converted model vs its original."""
     from swapformer import checkpoint
@@ -518,8 +462,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     base = _bench_base(args, recipe)
     converted = checkpoint.load(args.dir, base.model)
     models = {"original": base.model, "converted": converted}
-    rows = bench_speed(models, recipe, args)
-    rows += bench_perplexity(models, base.tokenizer, args)
+    settings = BenchSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchSettings)})
+    rows = bench_speed(models, recipe, settings)
+    rows += bench_perplexity(models, base.tokenizer, settings)
     print(f"converted: {args.dir} (target {recipe['rewrite']['target']['target']}, "
           f"{sum(s['decision'] == 'replaced' for s in recipe['sites'])} sites replaced); original: {base.spec}")
     print(format_rows(rows))
@@ -546,100 +491,6 @@ def _bench_base(args: argparse.Namespace, recipe: dict[str, Any]) -> Any:
     if has_hf:
         return load_model(args.dir)
     raise InputError(f"{args.dir} holds no base model and records no MODEL: pass --base MODEL")
-
-
-def _bench_inputs(model: nn.Module, recipe: dict[str, Any], args: argparse.Namespace) -> tuple[Any, int]:
-    """Prefill inputs and their token count: random ids for LMs, else the recorded example inputs."""
-    from swapformer import checkpoint
-
-    config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None)
-    if vocab:
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen)
-        if getattr(config, "is_encoder_decoder", False):  # T5-style: the same ids on both sides
-            return {"input_ids": ids, "decoder_input_ids": ids}, ids.numel()
-        return {"input_ids": ids}, ids.numel()
-    spec = recipe["rewrite"]["example_inputs"]
-    inputs = checkpoint.build_inputs(spec, model)
-    first = next((t for t in [*inputs[0], *inputs[1].values()] if isinstance(t, torch.Tensor)), None)
-    tokens = 1 if first is None else (int(first.shape[0] * first.shape[1]) if first.dim() >= 2 else first.numel())
-    return inputs, tokens
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        kwargs = {"use_cache": False} if _is_hf(model) else {}
-        return model(**inputs, **kwargs)
-    args, kwargs = inputs
-    return model(*args, **kwargs)
-
-
-def _is_hf(model: nn.Module) -> bool:
-    from swapformer.rewriter.hf import is_hf_model
-
-    return is_hf_model(model)
-
-
-@torch.no_grad()
-def bench_speed(models: dict[str, nn.Module], recipe: dict[str, Any], args: argparse.Namespace) -> list[BenchRow]:
-    """Prefill tokens/s and decode ms/token, measured in alternating rounds (medians)."""
-    inputs, tokens = _bench_inputs(models["original"], recipe, args)
-    decodes = all(_can_decode(m) for m in models.values()) and args.decode_tokens > 0
-    prefill: dict[str, list[float]] = {name: [] for name in models}
-    decode: dict[str, list[float]] = {name: [] for name in models}
-    for m in models.values():
-        _call(m, inputs)  # warm-up
-    for _ in progress_bar(range(args.repeats), enabled=args.progress, desc="timing", total=args.repeats):
-        for name, m in models.items():
-            prefill[name].append(timed(lambda m=m: _call(m, inputs)))
-            if decodes:
-                decode[name].append(decode_seconds(m, inputs["input_ids"], args.decode_tokens))
-    rate = {n: tokens / statistics.median(v) for n, v in prefill.items()}
-    rows = [BenchRow(f"prefill tokens/s ({tokens} tokens)", rate["original"], rate["converted"])]
-    if decodes:
-        ms = {n: 1000 * statistics.median(v) for n, v in decode.items()}
-        rows.append(BenchRow(f"decode ms/token ({args.decode_tokens} tokens)", ms["original"], ms["converted"]))
-    else:
-        rows.append(BenchRow("decode ms/token", None, None, "n/a: no KV-cache generation"))
-    return rows
-
-
-def _can_decode(model: nn.Module) -> bool:
-    can = getattr(model, "can_generate", None)
-    return bool(_is_hf(model) and callable(can) and can())
-
-
-def bench_perplexity(models: dict[str, nn.Module], tokenizer: Any, args: argparse.Namespace) -> list[BenchRow]:
-    """Perplexity of both models on the same held-out sequences (a row saying why when skipped)."""
-    from swapformer.errors import InputError
-    from swapformer.evaluate import quality_report
-
-    label = f"perplexity ({Path(args.corpus).name})"
-    if args.ppl_batches <= 0:
-        return []
-    if tokenizer is None:
-        return [BenchRow(label, None, None, "n/a: MODEL has no tokenizer")]
-    data = _corpus_data(args.corpus, tokenizer, "perplexity")
-    try:
-        report = quality_report(models, data, seq_len=args.seq_len, batch_size=max(args.batch_size, 1),
-                                max_batches=args.ppl_batches, tokenizer=tokenizer)
-    except InputError as e:
-        return [BenchRow(label, None, None, f"n/a: {e}")]
-    ppl = {r.name: r.perplexity for r in report.rows}
-    return [BenchRow(f"{label}, {report.rows[0].tokens} tokens", ppl["original"], ppl["converted"])]
-
-
-def format_rows(rows: Iterable[BenchRow]) -> str:
-    """A plain-text table: metric, original, converted, converted/original."""
-    fmt = lambda v: "-" if v is None else f"{v:.4g}"
-    table = [("metric", "original", "converted", "converted/original")]
-    for r in rows:
-        table.append((r.metric, fmt(r.original), fmt(r.converted), r.note or fmt(r.ratio)))
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ exactness for exact targets (``"sdpa"``: the rewrite report's ``max_abs_diff``) 
 others: outputs stay finite, a model that is causal stays causal (perturbing the last token leaves
 earlier outputs unchanged) and batch rows stay independent. Measurements: parameters, attention/FFN
 core FLOPs per token and decoding state (where the cores report them), prefill and decode speed of
-both models timed in alternating rounds (:func:`swapformer.cli.bench_speed`), and perplexity on the
+both models timed in alternating rounds (:func:`swapformer.bench.bench_speed`), and perplexity on the
 Shakespeare corpus when the model has a tokenizer and logits.
 
 Each model runs in a worker process (``python -m swapformer.zoo _worker DIR/jobs/NAME.json``) that
@@ -86,6 +86,8 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
+
+from swapformer.bench import BenchSettings, bench_perplexity, bench_speed
 
 log = logging.getLogger(__name__)
 
@@ -1042,11 +1044,11 @@ def _call_cost(core: Any, name: str, ctx: int) -> float | None:
         return float(fn())
 
 
-def _bench_args(settings: dict[str, Any], **over: Any) -> argparse.Namespace:
+def _bench_args(settings: dict[str, Any], **over: Any) -> BenchSettings:
     base = {"batch_size": settings["batch_size"], "seq_len": settings["seq_len"], "repeats": settings["repeats"],
             "decode_tokens": settings["decode_tokens"], "progress": False, "corpus": settings["corpus"],
             "ppl_batches": settings["ppl_batches"]}
-    return argparse.Namespace(**{**base, **over})
+    return BenchSettings(**{**base, **over})
 
 
 def _speed(built: Built, student: Any, settings: dict[str, Any]) -> dict[str, Any]:
@@ -1085,10 +1087,8 @@ class _ExampleInputsOnly:
         return self.model(*args, **kwargs, use_cache=False)
 
 
-def _bench(models: dict[str, Any], recipe: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    from swapformer.cli import bench_speed
-
-    prefill, decode = bench_speed(models, recipe, args)[:2]
+def _bench(models: dict[str, Any], recipe: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
+    prefill, decode = bench_speed(models, recipe, settings)[:2]
     speed = {k: {"metric": r.metric, "original": r.original, "converted": r.converted, "note": r.note}
              for k, r in (("prefill", prefill), ("decode", decode))}
     # Both as speed-ups (> 1: the converted model is faster): tokens/s up, ms/token down.
@@ -1098,14 +1098,12 @@ def _bench(models: dict[str, Any], recipe: dict[str, Any], args: argparse.Namesp
 
 
 def _perplexity(built: Built, student: Any, settings: dict[str, Any]) -> dict[str, Any]:
-    from swapformer.cli import bench_perplexity
-
     if built.tokenizer is None:
         return {"skipped": "the model has no tokenizer"}
     if not _has_logits(built.model):
         return {"skipped": "the model has no language-model head"}
-    args = _bench_args(settings, seq_len=settings["ppl_seq_len"], batch_size=2)
-    rows = bench_perplexity({"original": built.model, "converted": student}, built.tokenizer, args)
+    bench_settings = _bench_args(settings, seq_len=settings["ppl_seq_len"], batch_size=2)
+    rows = bench_perplexity({"original": built.model, "converted": student}, built.tokenizer, bench_settings)
     if not rows:
         return {"skipped": "ppl_batches = 0"}
     r = rows[0]

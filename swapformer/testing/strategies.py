@@ -11,18 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from swapformer.testing import models as grammar
 from swapformer.testing.models import (
-    EXTRAS,
-    FFN_ACTIVATIONS,
-    FFN_GATINGS,
-    FFN_SPELLINGS,
-    GQA_FORMS,
-    HEAD_LAYOUTS,
-    MASKS,
-    PROJECTIONS,
-    SCALE_PLACEMENTS,
-    SCORE_MODS,
-    SOFTMAX_DTYPES,
     AttentionChoices,
     FFNChoices,
     Program,
@@ -99,13 +89,13 @@ def _options(name: str, given: Sequence[str], allowed: Sequence[str]) -> list[st
 
 def attention_programs(
     *,
-    projections: Sequence[str] = PROJECTIONS,
-    scale_placements: Sequence[str] = SCALE_PLACEMENTS,
-    masks: Sequence[str] = MASKS,
-    head_layouts: Sequence[str] = HEAD_LAYOUTS,
-    gqa: Sequence[str] = GQA_FORMS,
-    softmax_dtypes: Sequence[str] = SOFTMAX_DTYPES,
-    extras: Sequence[str] = EXTRAS,
+    projections: Sequence[str] = grammar.PROJECTIONS,
+    scale_placements: Sequence[str] = grammar.SCALE_PLACEMENTS,
+    masks: Sequence[str] = grammar.MASKS,
+    head_layouts: Sequence[str] = grammar.HEAD_LAYOUTS,
+    gqa: Sequence[str] = grammar.GQA_FORMS,
+    softmax_dtypes: Sequence[str] = grammar.SOFTMAX_DTYPES,
+    extras: Sequence[str] = grammar.EXTRAS,
     score_mods: Sequence[str] = ("none",),
 ) -> SearchStrategy[Program]:
     """A hypothesis strategy for single-attention modules drawn from a grammar of spellings.
@@ -144,14 +134,14 @@ def attention_programs(
     """
     st = _strategies()
     axes = {
-        "projections": _options("projections", projections, PROJECTIONS),
-        "scale_placements": _options("scale_placements", scale_placements, SCALE_PLACEMENTS),
-        "masks": _options("masks", masks, MASKS),
-        "head_layouts": _options("head_layouts", head_layouts, HEAD_LAYOUTS),
-        "gqa": _options("gqa", gqa, GQA_FORMS),
-        "softmax_dtypes": _options("softmax_dtypes", softmax_dtypes, SOFTMAX_DTYPES),
-        "extras": _options("extras", extras, EXTRAS),
-        "score_mods": _options("score_mods", score_mods, SCORE_MODS),
+        "projections": _options("projections", projections, grammar.PROJECTIONS),
+        "scale_placements": _options("scale_placements", scale_placements, grammar.SCALE_PLACEMENTS),
+        "masks": _options("masks", masks, grammar.MASKS),
+        "head_layouts": _options("head_layouts", head_layouts, grammar.HEAD_LAYOUTS),
+        "gqa": _options("gqa", gqa, grammar.GQA_FORMS),
+        "softmax_dtypes": _options("softmax_dtypes", softmax_dtypes, grammar.SOFTMAX_DTYPES),
+        "extras": _options("extras", extras, grammar.EXTRAS),
+        "score_mods": _options("score_mods", score_mods, grammar.SCORE_MODS),
     }
     if "none" not in axes["gqa"]:
         axes["projections"] = [p for p in axes["projections"] if p in _GQA_PROJECTIONS]
@@ -194,9 +184,9 @@ def attention_programs(
 
 def ffn_programs(
     *,
-    activations: Sequence[str] = FFN_ACTIVATIONS,
-    spellings: Sequence[str] = FFN_SPELLINGS,
-    gatings: Sequence[str] = FFN_GATINGS,
+    activations: Sequence[str] = grammar.FFN_ACTIVATIONS,
+    spellings: Sequence[str] = grammar.FFN_SPELLINGS,
+    gatings: Sequence[str] = grammar.FFN_GATINGS,
 ) -> SearchStrategy[Program]:
     """A hypothesis strategy for single-FFN modules drawn from a grammar of spellings.
 
@@ -216,9 +206,9 @@ def ffn_programs(
         ValueError: an option is unknown or an axis is empty.
     """
     st = _strategies()
-    acts = _options("activations", activations, FFN_ACTIVATIONS)
-    spells = _options("spellings", spellings, FFN_SPELLINGS)
-    gates = _options("gatings", gatings, FFN_GATINGS)
+    acts = _options("activations", activations, grammar.FFN_ACTIVATIONS)
+    spells = _options("spellings", spellings, grammar.FFN_SPELLINGS)
+    gates = _options("gatings", gatings, grammar.FFN_GATINGS)
 
     @st.composite
     def programs(draw: Callable[[Any], Any]) -> Program:

@@ -22,11 +22,6 @@ VOLATILE_CONFIG_KEYS = {
 }
 
 
-def is_hf(model: nn.Module) -> bool:
-    from swapformer.rewriter.hf import is_hf_model
-
-    return is_hf_model(model)
-
 
 def source_identity(model: nn.Module, skip: tuple[str, ...], base_model: nn.Module | None = None) -> dict[str, Any]:
     """Class, HF identity, parameter names/shapes/dtypes (+ hash) and value digests of the base

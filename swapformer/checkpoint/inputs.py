@@ -9,8 +9,10 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from swapformer.checkpoint.hashing import dtype_name, is_hf
+from swapformer.checkpoint.hashing import dtype_name
 from swapformer.errors import InputError
+from swapformer.rewriter.capture import normalize_inputs
+from swapformer.rewriter.hf import is_hf_model
 
 
 def describe_inputs(example_inputs: Any) -> dict[str, Any]:
@@ -19,8 +21,6 @@ def describe_inputs(example_inputs: Any) -> dict[str, Any]:
     Raises:
         InputError: an input is neither a tensor nor a JSON scalar.
     """
-    from swapformer.rewriter.capture import normalize_inputs
-
     args, kwargs = normalize_inputs(example_inputs)
     return {"args": [_describe(v) for v in args], "kwargs": {k: _describe(v) for k, v in kwargs.items()}}
 
@@ -42,7 +42,7 @@ def _describe(value: Any) -> dict[str, Any]:
 def input_spec_for(model: nn.Module, example_inputs: Any) -> dict[str, Any] | None:
     if example_inputs is not None:
         return describe_inputs(example_inputs)
-    if is_hf(model):
+    if is_hf_model(model):
         return None  # rewrite builds its default inputs from the config, on load too
     return _graph_input_spec(model)
 

@@ -24,6 +24,7 @@ from swapformer.checkpoint.recipe import (
 )
 from swapformer.checkpoint.weights import check_weights, load_weights
 from swapformer.errors import InputError
+from swapformer.rewriter.api import rewrite
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,6 @@ def load(path: str | Path, base_model: nn.Module, *, example_inputs: Any = None,
             model's class, config or parameters differ from the recipe's, the replay decided
             differently at some site, or the weights do not fit.
     """
-    from swapformer.rewriter.api import rewrite
-
     recipe = read_recipe(path)
     config = target_config(recipe)
     check_base_model(recipe, base_model)

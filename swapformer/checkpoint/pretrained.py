@@ -1,5 +1,5 @@
-"""Hugging Face directories: the base model next to the recipe (:func:`save_pretrained`, :func:`from_pretrained`).
-"""
+"""Hugging Face directories: the base model next to the recipe (:func:`save_pretrained`,
+:func:`from_pretrained`)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import Any
 
 from torch import nn
 
-from swapformer.checkpoint.hashing import is_hf
 from swapformer.checkpoint.load import load
 from swapformer.checkpoint.recipe import excluded_prefixes, read_recipe, recipe_dir, site_decisions
 from swapformer.checkpoint.save import report_of, save
 from swapformer.errors import InputError
+from swapformer.rewriter.hf import is_hf_model
 
 
 def save_pretrained(model: nn.Module, directory: str | Path, *, base_model: nn.Module | None = None,
@@ -44,7 +44,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, base_model: nn.M
     Raises:
         InputError: not a Hugging Face model, or ``base_model`` missing where needed.
     """
-    if not is_hf(model):
+    if not is_hf_model(model):
         raise InputError("save_pretrained needs a Hugging Face model; use swapformer.save for others")
     sites = site_decisions(report_of(model))
     skip = excluded_prefixes(sites)

@@ -1,5 +1,5 @@
-"""The recipe format: file names, :class:`RecipeMismatchError`, site decisions, and reading a recipe back.
-"""
+"""The recipe format: file names, :class:`RecipeMismatchError`, site decisions, and reading a recipe
+back."""
 
 from __future__ import annotations
 

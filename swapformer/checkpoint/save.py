@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from swapformer.checkpoint.hashing import is_hf, jsonable, recipe_hash, source_identity
+from swapformer.checkpoint.hashing import jsonable, recipe_hash, source_identity
 from swapformer.checkpoint.inputs import input_spec_for
 from swapformer.checkpoint.recipe import (
     FORMAT,
@@ -22,6 +22,7 @@ from swapformer.checkpoint.recipe import (
 )
 from swapformer.checkpoint.weights import write_weights
 from swapformer.errors import InputError
+from swapformer.rewriter.hf import is_hf_model
 from swapformer.rewriter.report import RewriteReport
 from swapformer.targets.base import TargetConfig, resolve_target
 
@@ -65,7 +66,7 @@ def save(model: nn.Module, path: str | Path, *, base_model: nn.Module | None = N
         "rewrite": {
             "target": jsonable(config.to_dict()),
             "kinds": list(kinds) if kinds else _site_kinds(report),
-            "hf": is_hf(model),
+            "hf": is_hf_model(model),
             "capture": report.capture,
             "example_inputs": input_spec_for(model, example_inputs),
         },

@@ -19,6 +19,7 @@ log = logging.getLogger("swapformer.cli")
 
 
 def add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` subparser."""
     p = add_command(sub, common, "bench", "compare a converted model with its original: speed and perplexity",
                     "Load the converted model saved in DIR and its original, and measure both side by side: "
                     "prefill throughput (tokens/s), per-token decode time (models with a KV cache), and, "

@@ -23,6 +23,7 @@ log = logging.getLogger("swapformer.cli")
 
 
 def add_convert(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the ``convert`` subparser."""
     p = add_command(sub, common, "convert", "rewrite MODEL to a target, optionally calibrate, and save it",
                     "Rewrite MODEL's sites to TARGET, optionally calibrate the result on a corpus "
                     "(attention transfer, then distillation from MODEL), and save it to DIR as a recipe "

@@ -11,6 +11,7 @@ from swapformer.models import load_model
 
 
 def add_explain(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the ``explain`` subparser."""
     p = add_command(sub, common, "explain", "show the sites of MODEL and what a target would do with each",
                     "Detect the attention/FFN sites of MODEL and print, for each, what TARGET would "
                     "replace it with or why it would be skipped. Nothing is converted.",

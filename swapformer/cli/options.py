@@ -1,5 +1,5 @@
-"""What the commands share: the program name, subparser set-up, the MODEL/target options and their parsing.
-"""
+"""What the commands share: the program name, subparser set-up, the MODEL/target options and their
+parsing."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ KINDS = ("attention", "ffn")
 
 def add_command(sub: Any, common: argparse.ArgumentParser, name: str, summary: str, description: str,
                 examples: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """Add one command's subparser: the common options, an examples epilog, ``func`` as its handler."""
     p = sub.add_parser(name, help=summary, description=description, parents=[common],
                        epilog="examples:\n" + examples,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,6 +25,7 @@ def add_command(sub: Any, common: argparse.ArgumentParser, name: str, summary: s
 
 
 def add_model_options(p: argparse.ArgumentParser, *, target_required: bool) -> None:
+    """MODEL, ``--target``, ``--option`` and ``--kinds``: the options of explain and convert."""
     p.add_argument("model", metavar="MODEL", help="HF directory, .gguf file, 'smollm2' or MODULE:FACTORY")
     p.add_argument("--target", "-t", required=target_required, default=None if target_required else "sdpa",
                    help="replacement target (see 'swapformer targets')"
@@ -66,4 +68,5 @@ def parse_kinds(text: str) -> tuple[str, ...]:
 
 
 def target_and_options(args: argparse.Namespace) -> Any:
+    """The target config named by ``--target`` with the ``--option`` values."""
     return resolve_target(args.target, **dict(args.option))

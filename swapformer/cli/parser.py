@@ -1,5 +1,5 @@
-"""The argument parser of ``swapformer``: one subparser per command, each added by its command's module.
-"""
+"""The argument parser of ``swapformer``: one subparser per command, each added by its command's
+module."""
 
 from __future__ import annotations
 

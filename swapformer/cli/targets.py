@@ -12,6 +12,7 @@ from swapformer.targets.base import available_targets, core_class, resolve_targe
 
 
 def add_targets(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the ``targets`` subparser."""
     add_command(sub, common, "targets", "list the replacement targets and their options",
                 "List every registered target: the site kinds it replaces, whether it is exact, and its "
                 "options with their defaults (set them with --option KEY=VALUE).",

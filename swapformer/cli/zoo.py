@@ -10,6 +10,7 @@ from swapformer.zoo import main as zoo_main
 
 
 def add_zoo(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the ``zoo`` subparser (for ``--help``; :func:`main` hands ``zoo`` over first)."""
     add_command(sub, common, "zoo", "run the model-zoo batch runner (arguments go to swapformer.zoo)",
                 "Everything after 'zoo' is passed to swapformer.zoo.main; see 'swapformer zoo --help'.",
                 "  swapformer zoo --help\n", lambda args: run_zoo([]))

@@ -1,5 +1,4 @@
-"""Building a zoo model: Hugging Face configs (random init), timm models, and every ``MODEL`` spec.
-"""
+"""Building a zoo model: Hugging Face configs (random init), timm models, and every ``MODEL`` spec."""
 
 from __future__ import annotations
 
@@ -50,7 +49,7 @@ def build_model(entry: ZooEntry) -> Built:
 
 
 def _build_hf_config(entry: ZooEntry) -> Built:
-    import transformers
+    import transformers  # optional (the hf extra): only hf_config entries need it
 
     config = transformers.AutoConfig.for_model(**entry.hf_config)
     impl = entry.settings.get("attn_implementation", "sdpa")
@@ -94,5 +93,6 @@ def create_timm_model(timm: Any, name: str, img_size: int) -> tuple[Any, int]:
 
 
 def has_logits(model: Any) -> bool:
+    """Whether ``model`` has a language-model head (``get_output_embeddings``)."""
     get = getattr(model, "get_output_embeddings", None)
     return callable(get) and get() is not None

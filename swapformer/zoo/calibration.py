@@ -22,6 +22,7 @@ from swapformer.zoo.spec import DEFAULTS, ZooEntry
 
 
 def calibrate_step(rec: dict[str, Any], built: Built, student: Any, target: str, work: dict[str, Any]) -> Any:
+    """The calibrate step of :func:`~swapformer.zoo.worker.run_target`: the calibrated student or ``None``."""
     tokens = int(work.get("calibrate_tokens") or 0)
     reason = None
     if tokens <= 0:
@@ -58,7 +59,7 @@ def _calibrate_torchrun(rec: dict[str, Any], built: Built, student: Any, target:
                         work: dict[str, Any]) -> Any:
     """Calibrate under ``torchrun`` (data parallel, ``python -m swapformer.zoo _calibrate``) and
     load the calibrated weights into ``student``."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # optional (the hf and calib extras), as calibration is
 
     entry = ZooEntry(**work["entry"])
     base = Path(work["out"]) / "jobs" / f"{slug(entry.name)}__{target}"
@@ -76,7 +77,7 @@ def _calibrate_torchrun(rec: dict[str, Any], built: Built, student: Any, target:
 
 def run_calibration_rank(job_path: Path) -> int:
     """Body of one ``torchrun`` rank: rebuild model and student, calibrate; rank 0 saves the result."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # optional (the hf and calib extras), as calibration is
 
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")

@@ -1,5 +1,5 @@
-"""Verification of a rewrite: exactness for exact targets, and finite / causal / batch-independent outputs.
-"""
+"""Verification of a rewrite: exactness for exact targets, and finite / causal / batch-independent
+outputs."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from swapformer.zoo.build import Built
 
 
 def verify_step(rec: dict[str, Any], built: Built, student: Any, target: str, work: dict[str, Any]) -> None:
+    """The verify step of :func:`~swapformer.zoo.worker.run_target`: invariants into ``rec``."""
     report = student.swapformer_report
     checks = check_invariants(built.model, student, built.check_inputs)
     exact = resolve_target(target).exact

@@ -1,5 +1,5 @@
-"""Measurements of a converted model next to its original: parameters, core FLOPs and state, speed, perplexity.
-"""
+"""Measurements of a converted model next to its original: parameters, core FLOPs and state, speed,
+perplexity."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from swapformer.zoo.spec import ZooEntry
 
 
 def measure_step(rec: dict[str, Any], built: Built, student: Any, target: str, work: dict[str, Any]) -> None:
+    """The measure step of :func:`~swapformer.zoo.worker.run_target`: parameters, core costs, speed, perplexity."""
     settings = ZooEntry(**work["entry"]).settings
     rec["params"] = _params(built.model, student)
     if student.swapformer_report.replaced:

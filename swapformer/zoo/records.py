@@ -1,5 +1,4 @@
-"""One JSON record per model × target under ``DIR/entries/``: paths, atomic writes, what is pending.
-"""
+"""One JSON record per model × target under ``DIR/entries/``: paths, atomic writes, what is pending."""
 
 from __future__ import annotations
 
@@ -17,10 +16,12 @@ FINAL = ("ok", "no-sites", "skipped")  # statuses a rerun keeps even with --retr
 
 
 def record_path(out: Path, name: str, target: str) -> Path:
+    """Where the record of ``name`` × ``target`` lives."""
     return out / "entries" / f"{slug(name)}__{target}.json"
 
 
 def slug(name: str) -> str:
+    """``name`` made safe as a file name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
@@ -33,6 +34,7 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_record(out: Path, name: str, target: str) -> dict[str, Any] | None:
+    """The record of ``name`` × ``target``, or ``None`` when there is none (or it is unreadable)."""
     path = record_path(out, name, target)
     try:
         return json.loads(path.read_text())
@@ -54,12 +56,14 @@ def pending_targets(out: Path, entry: ZooEntry, targets: list[str], retry: bool)
 
 
 def entry_targets(entry: ZooEntry, targets: list[str]) -> list[str]:
+    """The run's targets that ``entry`` takes (its ``targets`` key restricts them)."""
     only = entry.settings.get("targets")
     return [t for t in targets if not only or t in only]
 
 
 def record_all(out: Path, entry: ZooEntry, targets: list[str], status: str, reason: str,
                 extra: dict[str, Any] | None = None) -> None:
+    """Write the same ``status``/``reason`` record for each of ``targets``."""
     for target in targets:
         write_json(record_path(out, entry.name, target),
                    {**identity(entry), "target": target, "status": status, "reason": reason, **(extra or {})})
@@ -67,4 +71,5 @@ def record_all(out: Path, entry: ZooEntry, targets: list[str], status: str, reas
 
 
 def identity(entry: ZooEntry) -> dict[str, Any]:
+    """The fields that name a record's model."""
     return {"model": entry.name, "source": {"model": entry.model, "hf_config": entry.hf_config}}

@@ -126,6 +126,7 @@ def _expand(entry: ZooEntry) -> list[ZooEntry]:
 
 
 def import_timm() -> Any:
+    """The timm module, or ``None`` when it does not import in this interpreter."""
     try:
         import timm
     except Exception as e:  # noqa: BLE001 - timm fails to import in many ways beside a bad torch

@@ -1,5 +1,5 @@
-"""The worker process: build one model, then rewrite, verify, calibrate, save and measure each pending target.
-"""
+"""The worker process: build one model, then rewrite, verify, calibrate, save and measure each
+pending target."""
 
 from __future__ import annotations
 
@@ -120,6 +120,7 @@ def describe_detection(sites: list[Any], capture: str | None, settings: dict[str
 
 
 def save_step(rec: dict[str, Any], built: Built, student: Any, target: str, work: dict[str, Any]) -> None:
+    """The save step of :func:`run_target`: :func:`swapformer.save` under ``DIR/models/``."""
     entry = ZooEntry(**work["entry"])
     path = Path(work["out"]) / "models" / slug(entry.name) / target
     kinds = tuple(entry.settings.get("kinds", DEFAULTS["kinds"]))

@@ -90,20 +90,20 @@ def _changed(x: Any, model: Any) -> Any:
 
 
 def _perturb_last(model: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    found = _sequence_slot(args, kwargs)
-    if found is None or found[1].shape[1] < 2:
-        return None
-    slot, x = found
-    y = x.clone()
-    y[:, -1:] = _changed(x[:, -1:], model)
-    return _replaced(args, kwargs, slot, y)
+    """The inputs with the last position of the sequence input changed (None: fewer than 2)."""
+    return _perturbed(model, args, kwargs, dim=1, where=(slice(None), slice(-1, None)))
 
 
 def _perturb_row(model: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The inputs with every batch row but the first changed (None: fewer than 2 rows)."""
+    return _perturbed(model, args, kwargs, dim=0, where=(slice(1, None),))
+
+
+def _perturbed(model: Any, args: tuple, kwargs: dict, dim: int, where: tuple) -> tuple[tuple, dict] | None:
     found = _sequence_slot(args, kwargs)
-    if found is None or found[1].shape[0] < 2:
+    if found is None or found[1].shape[dim] < 2:
         return None
     slot, x = found
     y = x.clone()
-    y[1:] = _changed(x[1:], model)
+    y[where] = _changed(x[where], model)
     return _replaced(args, kwargs, slot, y)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 import swapformer  # noqa: E402
 from swapformer.rewriter.capture import normalize_inputs  # noqa: E402
 from swapformer.rewriter.verify import first_tensor, relative_diff  # noqa: E402
-from tests.zoo import ZOO  # noqa: E402
+from tests.models_zoo import ZOO  # noqa: E402
 
 
 def inductor_fused(model: torch.nn.Module, inputs) -> int:

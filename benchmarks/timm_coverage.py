@@ -1,6 +1,6 @@
 """Detection coverage on timm's ViT-like architectures: attention blocks vs the sites swapformer finds.
 
-Run it with the timm venv (timm needs torch==2.14.1 + torchvision==0.29.1, see swapformer.zoo)::
+Run it with the timm venv (timm needs torch==2.14.1 + torchvision==0.29.1, see swapformer.zoo.runner)::
 
     .venv-timm/bin/python benchmarks/timm_coverage.py [--families 'vit_*' 'swin*' ...] [--limit N]
         [--max-params 100e6] [--img-size 64] [--timeout 30] [--json out.json] [--write]
@@ -169,7 +169,7 @@ def build(name: str, img_size: int) -> tuple[torch.nn.Module, int]:
     """The model at ``img_size`` if it takes one and runs at it, else at its default size."""
     import timm
 
-    from swapformer.zoo import create_timm_model
+    from swapformer.zoo.build import create_timm_model
 
     return create_timm_model(timm, name, img_size)
 
@@ -346,7 +346,7 @@ def main() -> int:
     try:
         import timm
     except Exception as e:  # noqa: BLE001
-        sys.exit(f"timm is not importable ({e}); run this with .venv-timm/bin/python (see swapformer.zoo)")
+        sys.exit(f"timm is not importable ({e}); run this with .venv-timm/bin/python (see swapformer.zoo.runner)")
     warnings.filterwarnings("ignore")
     start = time.time()
     names = candidates(args.families, args.include_large)

@@ -2,6 +2,7 @@
 
 import logging
 
+from swapformer.checkpoint import RecipeMismatchError, from_pretrained, load, save, save_pretrained
 from swapformer.compile_backend import backend
 from swapformer.errors import (
     CaptureError,
@@ -11,7 +12,6 @@ from swapformer.errors import (
     UnknownTargetError,
     VerificationError,
 )
-from swapformer.io import RecipeMismatchError, from_pretrained, load, save, save_pretrained
 from swapformer.rewriter import RewriteReport, explain, find_sites, prepare, rewrite
 from swapformer.sites import AttentionSite, FFNSite, ProjectionRef, Site
 from swapformer.targets import TargetConfig, available_targets

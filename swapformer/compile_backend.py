@@ -8,7 +8,7 @@ Dynamo lifts parameters to graph inputs, so cores can substitute computations bu
 trainable parameters of the user's module: the backend serves exact and training-free targets, and
 trained targets when given their calibrated core weights (``cores=`` a state dict or a
 ``cores.safetensors`` path written by :func:`swapformer.save`; a site whose weights are missing there
-raises :class:`swapformer.io.RecipeMismatchError` naming the keys and the file). A learned target
+raises :class:`swapformer.checkpoint.RecipeMismatchError` naming the keys and the file). A learned target
 served without ``cores=`` runs uncalibrated cores, which the backend says once in a warning. Sites
 inside cores of a model that was already rewritten are left alone.
 """
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from swapformer.checkpoint import RecipeMismatchError, read_tensors
 from swapformer.errors import ConfigError
-from swapformer.io import RecipeMismatchError, read_tensors
 from swapformer.rewriter import apply as graph_apply
 from swapformer.rewriter.capture import Captured, probe
 from swapformer.rewriter.detect import detect

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-# `import zoo` works whatever pytest's import mode and whether tests/ is a package.
+# `import models_zoo` works whatever pytest's import mode and whether tests/ is a package.
 sys.path.insert(0, str(Path(__file__).parent))
 
 settings.register_profile(

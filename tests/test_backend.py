@@ -75,14 +75,14 @@ _MHA_UNDER_DYNAMO = pytest.mark.xfail(
     strict=True, reason="Dynamo keeps nn.MultiheadAttention as one opaque multi_head_attention_forward call")
 _ATTENTION_ZOO = [
     pytest.param(name, marks=_MHA_UNDER_DYNAMO) if name.startswith("mha_") else name
-    for name, case in __import__("zoo").CASES.items() if case.expected_attention
+    for name, case in __import__("models_zoo").CASES.items() if case.expected_attention
 ]
 
 
 @pytest.mark.parametrize("name", _ATTENTION_ZOO)
 def test_backend_on_the_hand_written_zoo(name: str) -> None:
     """Dynamo's view of every zoo form: each attention is replaced and the output equals eager."""
-    from zoo import CASES
+    from models_zoo import CASES
 
     from swapformer.rewriter.capture import normalize_inputs
     from swapformer.rewriter.verify import first_tensor

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swapformer.cli import main, parse_option
+from swapformer.cli import zoo as zoo_command
 
 D, HEADS, VOCAB = 32, 4, 100
 TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog, and so on." for i in range(80))
@@ -138,9 +138,7 @@ def test_parse_option_values() -> None:
 
 def test_zoo_is_dispatched(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     seen: list[list[str]] = []
-    fake = types.ModuleType("swapformer.zoo")
-    fake.main = lambda argv: seen.append(argv) or 3
-    monkeypatch.setitem(sys.modules, "swapformer.zoo", fake)
+    monkeypatch.setattr(zoo_command, "zoo_main", lambda argv: seen.append(argv) or 3)
     code, _, _ = run(["zoo", "--models", "llama", "-v"], capsys)
     assert code == 3 and seen == [["--models", "llama", "-v"]]
 

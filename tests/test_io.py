@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import swapformer
-from swapformer import io
+from swapformer import checkpoint
+from swapformer.checkpoint.hashing import file_sha256
 from swapformer.errors import InputError, UnknownTargetError
 
 VOCAB, D, HEADS = 100, 32, 4
@@ -96,14 +97,14 @@ def ids() -> torch.Tensor:
 def saved_sdpa(base: TinyLM, ids: torch.Tensor, tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
     model = swapformer.rewrite(base, "sdpa", example_inputs=ids, kinds=("attention", "ffn"))
     assert perturb_cores(model) > 0  # the exact FFN cores hold (copied) weights
-    path = io.save(model, tmp_path_factory.mktemp("sdpa"))
+    path = checkpoint.save(model, tmp_path_factory.mktemp("sdpa"))
     return model, path
 
 
 def test_plain_sdpa_round_trip_is_exact(saved_sdpa: tuple[nn.Module, Path], base: TinyLM, ids: torch.Tensor) -> None:
     model, path = saved_sdpa
     assert sorted(p.name for p in path.iterdir()) == ["cores.safetensors", "swapformer.json"]
-    loaded = io.load(path, base)
+    loaded = checkpoint.load(path, base)
     assert isinstance(loaded, torch.fx.GraphModule)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
@@ -112,8 +113,8 @@ def test_plain_sdpa_round_trip_is_exact(saved_sdpa: tuple[nn.Module, Path], base
 
 
 def test_recipe_records_what_it_promises(saved_sdpa: tuple[nn.Module, Path], base: TinyLM) -> None:
-    recipe = io.read_recipe(saved_sdpa[1])
-    assert recipe["format"] == io.FORMAT and recipe["versions"]["swapformer"] == swapformer.__version__
+    recipe = checkpoint.read_recipe(saved_sdpa[1])
+    assert recipe["format"] == checkpoint.FORMAT and recipe["versions"]["swapformer"] == swapformer.__version__
     assert recipe["rewrite"]["target"] == {"target": "sdpa", "version": 1}
     assert recipe["rewrite"]["kinds"] == ["attention", "ffn"]
     assert recipe["rewrite"]["example_inputs"]["args"][0]["tensor"]["shape"] == [2, 16]
@@ -123,7 +124,7 @@ def test_recipe_records_what_it_promises(saved_sdpa: tuple[nn.Module, Path], bas
     # Only the cores' state is stored, never the base weights.
     from safetensors.torch import load_file
 
-    keys = load_file(str(saved_sdpa[1] / io.CORES_FILE)).keys()
+    keys = load_file(str(saved_sdpa[1] / checkpoint.CORES_FILE)).keys()
     assert keys and all(k.startswith("swapformer_cores.") for k in keys)
 
 
@@ -134,8 +135,8 @@ def test_trainable_target_round_trip_restores_weights(base: TinyLM, ids: torch.T
         assert perturb_cores(model) > 0
         after = model(ids)
     assert not torch.equal(before, after)  # so the exact match below is the saved weights
-    io.save(model, tmp_path, base_model=base)
-    loaded = io.load(tmp_path, base)
+    checkpoint.save(model, tmp_path, base_model=base)
+    loaded = checkpoint.load(tmp_path, base)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), after, rtol=0, atol=0)
 
@@ -146,9 +147,9 @@ def test_changed_base_weights_are_saved_with_base_model(saved_sdpa: tuple[nn.Mod
     with torch.no_grad():
         model.get_parameter("head.bias").add_(1.0)  # as LoRA merged by calibration would
     try:
-        io.save(model, tmp_path, base_model=base)
-        assert (tmp_path / io.HOST_FILE).is_file()
-        loaded = io.load(tmp_path, base)
+        checkpoint.save(model, tmp_path, base_model=base)
+        assert (tmp_path / checkpoint.HOST_FILE).is_file()
+        loaded = checkpoint.load(tmp_path, base)
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
     finally:
@@ -157,37 +158,37 @@ def test_changed_base_weights_are_saved_with_base_model(saved_sdpa: tuple[nn.Mod
 
 
 def test_load_refuses_another_architecture(saved_sdpa: tuple[nn.Module, Path]) -> None:
-    with pytest.raises(io.RecipeMismatchError, match=r"not in the recipe: blocks\.2\."):
-        io.load(saved_sdpa[1], TinyLM(layers=3).eval())
+    with pytest.raises(checkpoint.RecipeMismatchError, match=r"not in the recipe: blocks\.2\."):
+        checkpoint.load(saved_sdpa[1], TinyLM(layers=3).eval())
 
 
 def test_load_refuses_different_site_decisions(saved_sdpa: tuple[nn.Module, Path], base: TinyLM,
                                                tmp_path: Path) -> None:
-    recipe = io.read_recipe(saved_sdpa[1])
+    recipe = checkpoint.read_recipe(saved_sdpa[1])
     recipe["sites"][0]["core_type"] = "SomethingElse"
-    (tmp_path / io.RECIPE_FILE).write_text(json.dumps(recipe))
-    (tmp_path / io.CORES_FILE).write_bytes((saved_sdpa[1] / io.CORES_FILE).read_bytes())
-    with pytest.raises(io.RecipeMismatchError, match=r"site blocks\.0\.attn:0: core_type 'SomethingElse'"):
-        io.load(tmp_path, base)
+    (tmp_path / checkpoint.RECIPE_FILE).write_text(json.dumps(recipe))
+    (tmp_path / checkpoint.CORES_FILE).write_bytes((saved_sdpa[1] / checkpoint.CORES_FILE).read_bytes())
+    with pytest.raises(checkpoint.RecipeMismatchError, match=r"site blocks\.0\.attn:0: core_type 'SomethingElse'"):
+        checkpoint.load(tmp_path, base)
 
 
 def test_load_warns_about_other_base_weights(saved_sdpa: tuple[nn.Module, Path]) -> None:
     torch.manual_seed(123)
     with pytest.warns(UserWarning, match="base weights differ"):
-        io.load(saved_sdpa[1], TinyLM().eval())
+        checkpoint.load(saved_sdpa[1], TinyLM().eval())
 
 
 def test_unknown_target_and_bad_directories(saved_sdpa: tuple[nn.Module, Path], base: TinyLM,
                                             tmp_path: Path) -> None:
-    recipe = io.read_recipe(saved_sdpa[1])
+    recipe = checkpoint.read_recipe(saved_sdpa[1])
     recipe["rewrite"]["target"] = {"target": "no-such-target", "version": 1}
-    (tmp_path / io.RECIPE_FILE).write_text(json.dumps(recipe))
+    (tmp_path / checkpoint.RECIPE_FILE).write_text(json.dumps(recipe))
     with pytest.raises(UnknownTargetError, match="no-such-target"):
-        io.load(tmp_path, base)
+        checkpoint.load(tmp_path, base)
     with pytest.raises(InputError, match="no swapformer.json"):
-        io.load(tmp_path / "missing", base)
+        checkpoint.load(tmp_path / "missing", base)
     with pytest.raises(InputError, match="no swapformer_report"):
-        io.save(base, tmp_path / "plain")
+        checkpoint.save(base, tmp_path / "plain")
 
 
 # Hugging Face
@@ -209,17 +210,17 @@ def hf_saved(hf_base: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> tu
     assert perturb_cores(model) > 0
     path = tmp_path_factory.mktemp("hf")
     with pytest.raises(InputError, match="base_model"):
-        io.save_pretrained(model, path)  # the FFN modules' base weights are gone from the model
-    return model, io.save_pretrained(model, path, base_model=hf_base)
+        checkpoint.save_pretrained(model, path)  # the FFN modules' base weights are gone from the model
+    return model, checkpoint.save_pretrained(model, path, base_model=hf_base)
 
 
 def test_hf_save_pretrained_round_trip(hf_saved: tuple[nn.Module, Path], hf_base: nn.Module,
                                        ids: torch.Tensor) -> None:
     model, path = hf_saved
-    assert {"config.json", "model.safetensors", io.RECIPE_FILE, io.CORES_FILE} <= {p.name for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", checkpoint.RECIPE_FILE, checkpoint.CORES_FILE} <= {p.name for p in path.iterdir()}
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the base weights must be the recorded ones
-        loaded = io.from_pretrained(path)
+        loaded = checkpoint.from_pretrained(path)
     assert type(loaded) is type(hf_base) and loaded.config._attn_implementation.startswith("swapformer_")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
@@ -230,52 +231,52 @@ def test_hf_load_refuses_another_config(hf_saved: tuple[nn.Module, Path], hf_bas
     transformers = pytest.importorskip("transformers")
     config = hf_base.config.to_dict() | {"rope_parameters": {"rope_theta": 500.0, "rope_type": "default"}}
     other = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
-    with pytest.raises(io.RecipeMismatchError, match="rope_parameters"):
-        io.load(hf_saved[1], other)
+    with pytest.raises(checkpoint.RecipeMismatchError, match="rope_parameters"):
+        checkpoint.load(hf_saved[1], other)
 
 
 # damaged or hostile checkpoints
 
 
 def _copy_saved(src: Path, dst: Path) -> Path:
-    for name in (io.RECIPE_FILE, io.CORES_FILE):
+    for name in (checkpoint.RECIPE_FILE, checkpoint.CORES_FILE):
         (dst / name).write_bytes((src / name).read_bytes())
     return dst
 
 
 def test_flipped_bit_in_cores_is_refused(saved_sdpa: tuple[nn.Module, Path], base: TinyLM, tmp_path: Path) -> None:
     path = _copy_saved(saved_sdpa[1], tmp_path)
-    data = bytearray((path / io.CORES_FILE).read_bytes())
+    data = bytearray((path / checkpoint.CORES_FILE).read_bytes())
     data[-1] ^= 0x01  # a tensor byte: safetensors alone would load it without complaint
-    (path / io.CORES_FILE).write_bytes(bytes(data))
-    with pytest.raises(io.RecipeMismatchError, match=r"cores\.safetensors does not match the sha256"):
-        io.load(path, base)
+    (path / checkpoint.CORES_FILE).write_bytes(bytes(data))
+    with pytest.raises(checkpoint.RecipeMismatchError, match=r"cores\.safetensors does not match the sha256"):
+        checkpoint.load(path, base)
 
 
 def test_truncated_cores_with_matching_checksum_is_a_named_error(saved_sdpa: tuple[nn.Module, Path],
                                                                  base: TinyLM, tmp_path: Path) -> None:
     path = _copy_saved(saved_sdpa[1], tmp_path)
-    cores = path / io.CORES_FILE
+    cores = path / checkpoint.CORES_FILE
     cores.write_bytes(cores.read_bytes()[:100])
-    recipe = io.read_recipe(path)
-    recipe["files"]["cores_sha256"] = io._file_sha256(cores)  # as if saved truncated
-    (path / io.RECIPE_FILE).write_text(json.dumps(recipe))
+    recipe = checkpoint.read_recipe(path)
+    recipe["files"]["cores_sha256"] = file_sha256(cores)  # as if saved truncated
+    (path / checkpoint.RECIPE_FILE).write_text(json.dumps(recipe))
     with pytest.raises(InputError, match=r"cannot read .*cores\.safetensors as safetensors"):
-        io.load(path, base)
+        checkpoint.load(path, base)
 
 
 def test_missing_cores_and_broken_recipe_are_named(saved_sdpa: tuple[nn.Module, Path], base: TinyLM,
                                                    tmp_path: Path) -> None:
     path = _copy_saved(saved_sdpa[1], tmp_path)
-    (path / io.CORES_FILE).unlink()
+    (path / checkpoint.CORES_FILE).unlink()
     with pytest.raises(InputError, match=r"cannot read .*cores\.safetensors"):
-        io.load(path, base)
-    (path / io.RECIPE_FILE).write_text('{"format": "swapformer-recipe", "format_version": 1}')
+        checkpoint.load(path, base)
+    (path / checkpoint.RECIPE_FILE).write_text('{"format": "swapformer-recipe", "format_version": 1}')
     with pytest.raises(InputError, match=r"swapformer\.json is not a complete swapformer recipe.*files"):
-        io.load(path, base)
-    (path / io.RECIPE_FILE).write_bytes(b"\xff\xfe{")
+        checkpoint.load(path, base)
+    (path / checkpoint.RECIPE_FILE).write_bytes(b"\xff\xfe{")
     with pytest.raises(InputError, match=r"swapformer\.json"):
-        io.load(path, base)
+        checkpoint.load(path, base)
 
 
 @pytest.mark.parametrize("name", ["../cores.safetensors", "/etc/passwd", "sub/cores.safetensors", "..", "",
@@ -283,11 +284,11 @@ def test_missing_cores_and_broken_recipe_are_named(saved_sdpa: tuple[nn.Module, 
 def test_recipe_file_names_must_stay_in_the_directory(saved_sdpa: tuple[nn.Module, Path], base: TinyLM,
                                                       tmp_path: Path, name: str) -> None:
     path = _copy_saved(saved_sdpa[1], tmp_path)
-    recipe = io.read_recipe(path)
+    recipe = checkpoint.read_recipe(path)
     recipe["files"]["cores"] = name
-    (path / io.RECIPE_FILE).write_text(json.dumps(recipe))
+    (path / checkpoint.RECIPE_FILE).write_text(json.dumps(recipe))
     with pytest.raises(InputError, match="must be bare names"):
-        io.load(path, base)
+        checkpoint.load(path, base)
 
 
 def test_host_file_is_checksummed(saved_sdpa: tuple[nn.Module, Path], base: TinyLM, tmp_path: Path) -> None:
@@ -295,13 +296,13 @@ def test_host_file_is_checksummed(saved_sdpa: tuple[nn.Module, Path], base: Tiny
     with torch.no_grad():
         model.get_parameter("head.bias").add_(1.0)
     try:
-        io.save(model, tmp_path, base_model=base)
+        checkpoint.save(model, tmp_path, base_model=base)
     finally:
         with torch.no_grad():
             model.get_parameter("head.bias").sub_(1.0)
-    assert io.read_recipe(tmp_path)["files"]["host_sha256"]
-    data = bytearray((tmp_path / io.HOST_FILE).read_bytes())
+    assert checkpoint.read_recipe(tmp_path)["files"]["host_sha256"]
+    data = bytearray((tmp_path / checkpoint.HOST_FILE).read_bytes())
     data[-1] ^= 0x01
-    (tmp_path / io.HOST_FILE).write_bytes(bytes(data))
-    with pytest.raises(io.RecipeMismatchError, match=r"host\.safetensors does not match"):
-        io.load(tmp_path, base)
+    (tmp_path / checkpoint.HOST_FILE).write_bytes(bytes(data))
+    with pytest.raises(checkpoint.RecipeMismatchError, match=r"host\.safetensors does not match"):
+        checkpoint.load(tmp_path, base)

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from models_zoo import ZOO, ZooCase, call
 from silent_zoo import (
     HEAD_DIM,
     DropoutAttention,
@@ -28,7 +29,6 @@ from silent_zoo import (
     stack,
 )
 from torch.utils._python_dispatch import TorchDispatchMode
-from zoo import ZOO, ZooCase, call
 
 import swapformer
 from swapformer.patterns.ops import canonical

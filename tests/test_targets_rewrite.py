@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from zoo import CASES
+from models_zoo import CASES
 
 import swapformer
 from swapformer.targets.base import TargetModule

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-from zoo import (
+from models_zoo import (
     CASES,
     D_MODEL,
     ZOO,
@@ -15,6 +14,7 @@ from zoo import (
     call,
     check_against_reference,
 )
+from torch import nn
 
 import swapformer
 from swapformer.errors import CaptureError, InputError, UnknownTargetError

@@ -1,0 +1,30 @@
+"""``swapformer explain``: the sites of a model and what a target would do with each."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from swapformer import explain
+from swapformer.cli.options import add_command, add_model_options, target_and_options
+from swapformer.models import load_model
+
+
+def add_explain(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the ``explain`` subparser."""
+    p = add_command(sub, common, "explain", "show the sites of MODEL and what a target would do with each",
+                    "Detect the attention/FFN sites of MODEL and print, for each, what TARGET would "
+                    "replace it with or why it would be skipped. Nothing is converted.",
+                    "  swapformer explain ./smol\n"
+                    "  swapformer explain model.gguf --target fastweight --kinds attention,ffn\n"
+                    "  swapformer explain mypkg.models:tiny_gpt --target window -o window=64\n", cmd_explain)
+    add_model_options(p, target_required=False)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """``swapformer explain``: print the sites table."""
+    config = target_and_options(args)
+    loaded = load_model(args.model)
+    report = explain(loaded.model, config, loaded.example_inputs, kinds=args.kinds or ("attention",))
+    print(report)
+    return 0

@@ -99,6 +99,7 @@ class HybridAttention(TargetModule):
         self.scale = scale if scale is not None else head_dim**-0.5
         self.window, self.sinks, self.block_size = local_window, sinks, block_size
         self.mix_logit = nn.Parameter(torch.full((num_heads,), inverse_softplus(mix_init)))
+        self._far_ratios: list[torch.Tensor] | None = None
 
     # ---- far-memory hooks -------------------------------------------------------------------
     def token_inputs(self, k, v, hidden, pos) -> Tokens:
@@ -161,7 +162,10 @@ class HybridAttention(TargetModule):
                                    c.flatten(1, 2))
         g = self.mix()[None, :, None, None]
         b, h, tq = q.shape[0], self.num_heads, qb - qa
-        num, den = num.reshape(b, h, tq, -1) + g * m, den.reshape(b, h, tq, 1) + g * n
+        num, den = num.reshape(b, h, tq, -1), den.reshape(b, h, tq, 1)
+        if self._far_ratios is not None:  # far normaliser per unit mix / exact mass (init_mix)
+            self._far_ratios.append(n / den.clamp_min(torch.finfo(den.dtype).tiny))
+        num, den = num + g * m, den + g * n
         return num / den.clamp_min(torch.finfo(den.dtype).tiny), mem
 
     def _store(self, state: dict, buf: Tokens, pos, keep, mem: Memory, end: int) -> None:
@@ -206,6 +210,59 @@ class HybridAttention(TargetModule):
 
     def new_parameters(self) -> list[nn.Parameter]:
         return list(self.parameters())
+
+    @torch.no_grad()
+    def init_from_inputs(self, q, k, v, bias=None, *, hidden=None, small: float = 0.02) -> torch.Tensor:
+        """Set ``g_h`` in closed form from sample inputs (quality-recipes §4.2); returns it ``[H]``.
+
+        ``ρ_h``, the host softmax's mass beyond the window over its mass inside it, and ``r_h``, the
+        far normaliser ``n`` at ``g = 1`` over the exact mass, are averaged over the queries that have
+        a far set; ``g_h = ρ_h / r_h`` gives the far memory its share of the normaliser. Per head, the
+        one of ``{g_h, small·g_h, current g_h}`` whose output is closest (MSE) to the host attention
+        is kept: the far read-out of an untrained memory can hurt more than the missing mass.
+        """
+        t = q.shape[-2]
+        if t <= self.window + self.sinks:
+            return self.mix()  # no query has a far set: nothing to measure
+        exact, rho = self._host_far_mass(q, k, v, bias)
+        current = self.mix().clone()
+        self.set_mix(torch.ones(self.num_heads))
+        self._far_ratios = []
+        try:
+            self.hybrid_forward(q, k, v, bias, hidden, None)
+            ratios = torch.cat(self._far_ratios, dim=2)[:, :, self.window + self.sinks:]
+        finally:
+            self._far_ratios = None
+        r = ratios.mean(dim=(0, 2, 3)).clamp_min(1e-12)
+        fitted = (rho / r).clamp(1e-6, 1e4)
+        candidates = [fitted, small * fitted, current]
+        errors = []
+        for g in candidates:
+            self.set_mix(g)
+            out = self.hybrid_forward(q, k, v, bias, hidden, None)
+            errors.append((out - exact).square().mean(dim=(0, 2, 3)))
+        best = torch.stack(errors).argmin(0)
+        chosen = torch.stack(candidates).gather(0, best[None])[0]
+        self.set_mix(chosen)
+        return chosen
+
+    def _host_far_mass(self, q, k, v, bias) -> tuple[torch.Tensor, torch.Tensor]:
+        """The host's attention output and ``ρ_h`` ``[H]`` (dense: for calibration-sized inputs)."""
+        dt = torch.promote_types(q.dtype, torch.float32)
+        b, _, t, _ = q.shape
+        qg, k, v = self._grouped(q.to(dt)), k.to(dt), v.to(dt)
+        pos = torch.arange(t, device=q.device)
+        causal = pos[None, :] <= pos[:, None]
+        keep = key_keep_from_bias(bias, b, t)
+        real = causal[None] if keep is None else causal[None] & keep[:, None, :]
+        near = window_visible(pos, pos, self.window, self.sinks)
+        s = torch.einsum("bkgtd,bksd->bkgts", qg, k) * self.scale
+        p = s.masked_fill(~real[:, None, None], -math.inf).softmax(-1).nan_to_num(0.0)
+        exact = torch.einsum("bkgts,bksd->bkgtd", p, v).flatten(1, 2)
+        mass_near = (p * near).sum(-1).flatten(1, 2)[:, :, self.window + self.sinks:]
+        mass_far = (p * ~near).sum(-1).flatten(1, 2)[:, :, self.window + self.sinks:]
+        rho = (mass_far / mass_near.clamp_min(1e-12)).mean(dim=(0, 2))
+        return exact, rho
 
     def state_bytes(self, context_len: int) -> int:
         """Sinks + last ``w − 1`` tokens (fp32 ``k``/``v`` of every kv head, int64 position, padding

@@ -176,3 +176,14 @@ def test_gradients_reach_the_memory_and_the_mix(target):
     assert core.mix_logit.grad is not None and core.mix_logit.grad.abs().min() > 0
     for p in core.new_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("target", HYBRIDS)
+def test_closed_form_mix_init_does_not_move_away_from_the_host(target):
+    core, site = _hybrid(target, 4, 1, seed=0)
+    q, k, v, h = qkv_inputs(site, 2, 40, D_MODEL)
+    ref = SdpaAttention.from_site(site, SdpaConfig(), {})(q, k, v)
+    before = (core(q, k, v, hidden=h) - ref).square().mean()
+    g = core.init_from_inputs(q, k, v, hidden=h)
+    assert g.shape == (site.num_heads,) and torch.allclose(core.mix(), g.to(core.mix().dtype))
+    assert (core(q, k, v, hidden=h) - ref).square().mean() <= before + 1e-12

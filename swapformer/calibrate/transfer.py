@@ -20,8 +20,8 @@ outside the cores builds an autograd graph; once the last site has run the forwa
 abandoned (``early_exit``), which skips the LM head. All sites are fitted in this ONE forward pass:
 its cost is one no-grad forward of the host plus each core's own small forward and backward.
 
-``normalize`` divides each site's MSE by the variance of its reference output, so that layers whose
-outputs differ in scale by orders of magnitude (LoLCATs reports ~200x) weigh the same. With
+``normalize`` divides each site's MSE by the variance of its reference output (per sequence), so that
+layers whose outputs differ in scale by orders of magnitude (LoLCATs reports ~200x) weigh the same. With
 ``init_cores``, a core that has ``init_from_inputs`` (the hybrid cores: closed-form far-memory mix)
 is initialised from its inputs of the first forward pass, before its output is computed.
 """
@@ -166,10 +166,7 @@ class TransferHooks:
                 raise InputError(f"core of site {name} returned {type(output).__name__}, not a tensor")
             with torch.no_grad():
                 target = ref(*args, **kwargs).to(output.dtype)
-            loss = F.mse_loss(output.float(), target.float())
-            if self.normalize:
-                loss = loss / target.float().var().clamp_min(1e-12)
-            self.losses[name] = loss
+            self.losses[name] = _site_loss(output.float(), target.float(), self.normalize)
             if self.early_exit and len(self.losses) == len(self._sites):
                 raise _AllSitesDone
             return target
@@ -186,6 +183,18 @@ class TransferHooks:
         if not self.losses:
             raise InputError("the forward pass ran none of the replaced cores")
         return self.losses
+
+
+def _site_loss(output: torch.Tensor, target: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """MSE, or the mean over sequences of each sequence's MSE over its reference variance.
+
+    Per sequence (not per batch) so that data-parallel ranks, which average their losses, compute
+    exactly the loss of the single-process run on the whole batch.
+    """
+    if not normalize:
+        return F.mse_loss(output, target)
+    err = (output - target).square().flatten(1).mean(1)
+    return (err / target.flatten(1).var(1).clamp_min(1e-12)).mean()
 
 
 def _detach_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

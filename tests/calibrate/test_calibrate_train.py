@@ -175,5 +175,17 @@ def test_normalised_transfer_loss_is_mse_over_the_reference_variance():
         for h in handles:
             h.remove()
     assert set(normed) == set(raw) == set(targets)
-    for name in raw:
-        assert normed[name] == pytest.approx(raw[name] / float(targets[name].float().var()), rel=1e-5)
+    assert raw  # per-sequence normalisation: with one sequence it is MSE / variance
+    one = TransferHooks(student, replaced, teacher, early_exit=False, normalize=True)
+    raw_one = TransferHooks(student, replaced, teacher, early_exit=False)
+    with raw_one:
+        raw1 = {k: float(v) for k, v in raw_one.run(lambda: call_model(student, batch[:1])).items()}
+    with one:
+        handles = [student.get_submodule(r.core_name).register_forward_hook(
+            lambda m, a, out, name=r.site.name: targets.__setitem__(name, out.detach())) for r in replaced]
+        normed1 = {k: float(v) for k, v in one.run(lambda: call_model(student, batch[:1])).items()}
+        for h in handles:
+            h.remove()
+    for name in raw1:
+        assert normed1[name] == pytest.approx(raw1[name] / float(targets[name].float().var()), rel=1e-5)
+        assert normed[name] != pytest.approx(raw[name], rel=1e-3)

@@ -50,7 +50,9 @@ def test_defaults_build_the_hybrid_and_zero_keeps_the_seed_form(target):
     assert not isinstance(seed_form, HybridAttention)
     core = build(target, site, weights)
     assert (core.window, core.sinks) == (64, 4)
-    assert torch.allclose(core.mix(), torch.full((site.num_heads,), 1e-3, dtype=core.mix().dtype))
+    expected = core.config.mix_init
+    assert expected == (1e-6 if target == "elita" else 1e-3)
+    assert torch.allclose(core.mix(), torch.full((site.num_heads,), expected, dtype=core.mix().dtype))
 
 
 @pytest.mark.parametrize("target", HYBRIDS)

@@ -9,6 +9,18 @@ and wall time the calibration took.
         -o fastweight:normalize=true                                           # target options
     python benchmarks/quality_smollm2.py --device cuda --autocast bfloat16 --tokens 20000000
 
+Hybrid report (issue 12): ``--hybrid`` evaluates each target's step-0 model and a transfer-only
+calibration curve on general English (``--corpus mix``: Shakespeare and the wiki excerpt interleaved),
+at 512 and ``--long-len`` (2,048) tokens on held-out Shakespeare and wiki, plus the in-context recall
+probe (a random token sequence of length L repeated twice; NLL on the second copy), against
+``window=64, sinks=4`` and the window whose KV bytes equal the target's whole state (equal memory):
+
+    python benchmarks/quality_smollm2.py --hybrid --targets fastweight,elita,cat --curve 0,100000 --write
+
+In that mode every corpus is packed to ``--long-len`` tokens first and every 20th sequence is held
+out; the 512-token held-out and training sequences are cut from those, so no calibration token is
+ever evaluated.
+
 Calibration uses ``--corpus``; held-out perplexity is measured on it and on every ``--eval-corpora``
 entry (out of domain: never calibrated on), token-weighted over ``--eval-batches`` batches of
 ``--seq-len``-token sequences: every 20th packed sequence (``--eval-fraction 0.05``), never trained on.
@@ -75,6 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--autocast", choices=["bfloat16", "float16"], default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write", action="store_true", help=f"append the table to {RESULTS}")
+    p.add_argument("--hybrid", action="store_true", help="the hybrid report (see the module docstring)")
+    p.add_argument("--long-len", type=int, default=2048, help="hybrid: long evaluation context")
+    p.add_argument("--long-batches", type=int, default=2, help="hybrid: long sequences per corpus")
+    p.add_argument("--recall", default="64,256,1024", help="hybrid: recall probe lengths L")
+    p.add_argument("--recall-samples", type=int, default=2)
+    p.add_argument("--curve", default="0,100000", help="hybrid: cumulative transfer-token budgets")
+    p.add_argument("--short-windows", default="16,32", help="hybrid: SWAX windows ('' = off)")
     return p.parse_args(argv)
 
 
@@ -205,6 +224,10 @@ def markdown(rows: list[Row], teacher_ppl: dict[str, float], args: argparse.Name
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.hybrid:
+        from hybrid_report import hybrid_main  # benchmarks/ is on sys.path when run as a script
+
+        return hybrid_main(args, RESULTS)
     torch.manual_seed(args.seed)
     teacher, tokenizer = load_smollm2()
     teacher.to(args.device)

@@ -105,7 +105,7 @@ def test_targets_lists_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     assert "sdpa  [attention, ffn, exact]" in out and "(no options)" in out
     if "fastweight" in out:
-        assert "feature_map=\"elu1\"" in out and "normalize=true" in out
+        assert "local_window=64" in out and "sinks=4" in out
 
 
 def test_bad_model_path_fails_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -161,3 +161,29 @@ def test_bf16_host(target: str) -> None:
         logits = model(_ids(2, 8)).logits
         assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
         assert _greedy(model, _ids(1, 5)).shape == (1, 10)
+
+
+# the hybrids with a window short enough that decoding evicts tokens into the far memory
+HYBRID_EVICTING = {"fastweight": {"local_window": 3, "sinks": 1, "mix_init": 0.5},
+                   "elita": {"local_window": 3, "sinks": 1, "mix_init": 0.5},
+                   "cat": {"local_window": 3, "sinks": 1, "chunk_size": 2, "mix_init": 0.5}}
+
+
+@pytest.mark.parametrize("target", HYBRID_EVICTING)
+def test_evicting_hybrids_decode_batch_and_count_their_state(llama, target: str) -> None:
+    model = llama.rewrite(target, **HYBRID_EVICTING[target])
+    _decode_matches_prefix_forwards(model, _ids(2, 12))
+    prompts = [_ids(1, 9, seed=4)[0], _ids(1, 5, seed=5)[0]]
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, 9 - len(p):], mask[i, 9 - len(p):] = p, 1
+    batched = _greedy(model, ids, mask)
+    for i, p in enumerate(prompts):
+        assert torch.equal(batched[i, 9:], _greedy(model, p[None])[0, len(p):])
+    cores = [model.get_submodule(r.core_name) for r in model.swapformer_report.replaced]
+    with torch.no_grad():
+        cache = model(_ids(1, 9), use_cache=True).past_key_values
+        for step in range(3):
+            cache = model(_ids(1, 1, seed=step), past_key_values=cache, use_cache=True).past_key_values
+    assert cache.nbytes() == sum(core.state_bytes(12) for core in cores)

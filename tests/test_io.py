@@ -74,6 +74,9 @@ def perturb_cores(model: nn.Module) -> int:
     return changed
 
 
+HYBRID_SHORT = {name: {"local_window": 3, "sinks": 1} for name in ("fastweight", "elita", "cat")}
+
+
 def trainable_target() -> str:
     """A registered target whose cores have new parameters (perturbing them must matter)."""
     for name in ("fastweight", "elita", "worker", "cat"):
@@ -129,7 +132,9 @@ def test_recipe_records_what_it_promises(saved_sdpa: tuple[nn.Module, Path], bas
 
 
 def test_trainable_target_round_trip_restores_weights(base: TinyLM, ids: torch.Tensor, tmp_path: Path) -> None:
-    model = swapformer.rewrite(base, trainable_target(), example_inputs=ids, verify=False)
+    # a window short enough that the hybrid's far memory (and so every new parameter) is used
+    model = swapformer.rewrite(base, trainable_target(), example_inputs=ids, verify=False,
+                               **HYBRID_SHORT.get(trainable_target(), {}))
     with torch.no_grad():
         before = model(ids)
         assert perturb_cores(model) > 0

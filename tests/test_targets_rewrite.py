@@ -13,8 +13,9 @@ from swapformer.targets.base import TargetModule
 TARGETS = {
     "window": {"window": 4, "sinks": 1},
     "fastweight": {"feature_map": "elu1", "normalize": True},
-    "elita": {},
-    "cat": {"chunk_size": 4},
+    # hybrid windows short enough for the zoo's 16-token inputs to reach the far memory
+    "elita": {"local_window": 3, "sinks": 1},
+    "cat": {"chunk_size": 2, "local_window": 3, "sinks": 1},
     "worker": {"interval": 2},
 }
 CAUSAL_ZOO = ["nanogpt_model", "gqa_repeat_interleave_rope", "hf_repeat_kv_rope_qk_norm"]

@@ -78,6 +78,12 @@ def _coerce(key: str, value: str) -> Any:
         return int(float(value))
     if key in ("train", "schedule"):
         return value
+    if key in ("normalize", "init_mix"):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"stage option {key} must be true or false, got {value!r}")
+        return value.lower() in ("true", "1")
+    if key == "short_windows":  # '16/32': commas separate the options
+        return tuple(int(w) for w in filter(None, value.split("/")))
     return float(value)
 
 

@@ -34,6 +34,13 @@ class Stage:
         loss_scale: multiplies the transfer loss (LoLCATs' ``mse_factor``).
         warmup_steps: linear warm-up steps; then the lr follows ``schedule``.
         schedule: ``"constant"`` or ``"cosine"`` (decay to 10 % of the peak at the stage end).
+        normalize: transfer: divide each site's MSE by its reference output's variance (per-layer
+            normalised loss, so every layer weighs the same).
+        init_mix: transfer: set the hybrid cores' far-memory mix in closed form from the first
+            batch (``init_from_inputs``) when the stage starts from step 0.
+        short_windows: transfer: exact windows the hybrid cores are shortened to on a share of the
+            steps (SWAX), so that the far memory must carry information; ``()`` = never.
+        short_window_share: transfer: share of the steps that draw one of ``short_windows``.
     """
 
     kind: StageKind
@@ -47,8 +54,17 @@ class Stage:
     loss_scale: float = 1.0
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine"] = "constant"
+    normalize: bool = True
+    init_mix: bool = True
+    short_windows: tuple[int, ...] = ()
+    short_window_share: float = 0.5
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "short_windows", tuple(self.short_windows))
+        if any(w < 1 for w in self.short_windows):
+            raise ConfigError(f"short_windows must be >= 1, got {self.short_windows}")
+        if not 0.0 <= self.short_window_share <= 1.0:
+            raise ConfigError(f"short_window_share must be in [0, 1], got {self.short_window_share}")
         if self.kind not in ("transfer", "distill"):
             raise ConfigError(f"stage kind must be 'transfer' or 'distill', got {self.kind!r}")
         if self.steps is None and self.tokens is None:

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -382,7 +383,8 @@ class _StageRun:
     def _loss_context(self):
         if self.stage.kind == "transfer":
             with TransferHooks(self.cal.base, self.cal.replaced, self.cal.teacher,
-                               early_exit=self.config.early_exit) as hooks:
+                               early_exit=self.config.early_exit, normalize=self.stage.normalize,
+                               init_cores=self.stage.init_mix and self.step == 0) as hooks:
                 yield lambda batch: self._transfer_loss(hooks, batch)
         else:
             yield self._distill_loss
@@ -453,8 +455,17 @@ class _StageRun:
             cal.checkpoint(self.index, self.step, self.lr_scale, self.optimizer.state_dict())
         cal.maybe_crash()
 
+    def _short_window(self) -> int | None:
+        """The exact window of this step's hybrid cores (SWAX), drawn from the step seed; None: as built."""
+        stage = self.stage
+        if not stage.short_windows or self.step == 0:  # step 0 also initialises the mix at full window
+            return None
+        rng = random.Random(self.cal.step_seed())
+        return rng.choice(stage.short_windows) if rng.random() < stage.short_window_share else None
+
     def _transfer_loss(self, hooks: TransferHooks, batch: torch.Tensor) -> torch.Tensor:
-        losses = hooks.run(lambda: call_model(self.cal.base, batch))
+        with hybrid_window(self.cal.base, self.cal.replaced, self._short_window()):
+            losses = hooks.run(lambda: call_model(self.cal.base, batch))
         window = self.config.log_every
         for name, value in losses.items():
             recent = self._site_sums.setdefault(name, [])
@@ -497,6 +508,23 @@ class _StageRun:
         self.step = good.step
         self.cal.global_step = good.global_step
         self.cal.position = good.position
+
+
+@contextlib.contextmanager
+def hybrid_window(model: nn.Module, replaced: list[Replacement], window: int | None):
+    """Shorten the exact window of every hybrid core to ``window`` inside the block (None: no-op)."""
+    from swapformer.targets.hybrid import HybridAttention
+
+    cores = [c for c in (model.get_submodule(r.core_name) for r in replaced)
+             if isinstance(c, HybridAttention)] if window is not None else []
+    saved = [c.window for c in cores]
+    for c in cores:
+        c.window = min(c.window, window)
+    try:
+        yield
+    finally:
+        for c, w in zip(cores, saved):
+            c.window = w
 
 
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:

@@ -17,7 +17,13 @@ The hook returns the *reference* as the core's output, so every later layer sees
 activations of the original model (as LoLCATs does: the student layers are fitted to the teacher's
 hidden states, not to the drift of earlier approximations). Host parameters are frozen, so nothing
 outside the cores builds an autograd graph; once the last site has run the forward pass is
-abandoned (``early_exit``), which skips the LM head.
+abandoned (``early_exit``), which skips the LM head. All sites are fitted in this ONE forward pass:
+its cost is one no-grad forward of the host plus each core's own small forward and backward.
+
+``normalize`` divides each site's MSE by the variance of its reference output (per sequence), so that
+layers whose outputs differ in scale by orders of magnitude (LoLCATs reports ~200x) weigh the same. With
+``init_cores``, a core that has ``init_from_inputs`` (the hybrid cores: closed-form far-memory mix)
+is initialised from its inputs of the first forward pass, before its output is computed.
 """
 
 from __future__ import annotations
@@ -122,9 +128,11 @@ class TransferHooks:
     """
 
     def __init__(self, student: nn.Module, replaced: list[Replacement], teacher: nn.Module | None,
-                 *, early_exit: bool = True) -> None:
+                 *, early_exit: bool = True, normalize: bool = False, init_cores: bool = False) -> None:
         self.student = student
         self.early_exit = early_exit
+        self.normalize = normalize
+        self.pending_init = {r.site.name for r in replaced} if init_cores else set()
         self.losses: dict[str, torch.Tensor] = {}
         lookup = parameter_lookup(teacher, student)
         self._sites = [(r.site.name, student.get_submodule(r.core_name), _reference(r, lookup))
@@ -134,6 +142,8 @@ class TransferHooks:
     def __enter__(self) -> TransferHooks:
         for name, core, ref in self._sites:
             self._handles.append(core.register_forward_pre_hook(_detach_inputs, with_kwargs=True))
+            if name in self.pending_init and hasattr(core, "init_from_inputs"):
+                self._handles.append(core.register_forward_pre_hook(self._make_init(name), with_kwargs=True))
             self._handles.append(core.register_forward_hook(self._make_hook(name, ref), with_kwargs=True))
         return self
 
@@ -142,13 +152,21 @@ class TransferHooks:
             h.remove()
         self._handles.clear()
 
+    def _make_init(self, name: str) -> Callable:
+        def init(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if name in self.pending_init:
+                self.pending_init.discard(name)
+                module.init_from_inputs(*args, **{k: v for k, v in kwargs.items() if k == "hidden"})
+
+        return init
+
     def _make_hook(self, name: str, ref: Reference) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
             if not isinstance(output, torch.Tensor):
                 raise InputError(f"core of site {name} returned {type(output).__name__}, not a tensor")
             with torch.no_grad():
                 target = ref(*args, **kwargs).to(output.dtype)
-            self.losses[name] = F.mse_loss(output.float(), target.float())
+            self.losses[name] = _site_loss(output.float(), target.float(), self.normalize)
             if self.early_exit and len(self.losses) == len(self._sites):
                 raise _AllSitesDone
             return target
@@ -165,6 +183,18 @@ class TransferHooks:
         if not self.losses:
             raise InputError("the forward pass ran none of the replaced cores")
         return self.losses
+
+
+def _site_loss(output: torch.Tensor, target: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """MSE, or the mean over sequences of each sequence's MSE over its reference variance.
+
+    Per sequence (not per batch) so that data-parallel ranks, which average their losses, compute
+    exactly the loss of the single-process run on the whole batch.
+    """
+    if not normalize:
+        return F.mse_loss(output, target)
+    err = (output - target).square().flatten(1).mean(1)
+    return (err / target.flatten(1).var(1).clamp_min(1e-12)).mean()
 
 
 def _detach_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -26,6 +26,18 @@ Two modes (``CatConfig.mode``):
   biases dropped), ``W_o``/``final_proj`` select them; then the first chunk reproduces the host when
   the host uses half-split RoPE with ``rope_base`` (minus the dummy sink).
 
+Hybrid form (the default for ``"retrofit"``, ``local_window > 0``; issue 12): :class:`HybridCat`, an
+exact window of ``local_window`` keys plus ``sinks``, and the evicted tokens compressed in chunks of
+``C`` (the retrofit compressor, per kv head; chunks aligned at the first non-sink token) in one
+normaliser (:mod:`swapformer.targets.hybrid`)::
+
+    m_i = Σ_{chunks n ⊆ F_i} e^{scale q_i·kc_n − c_i} vc_n,   n_i = Σ_{chunks n ⊆ F_i} e^{scale q_i·kc_n − c_i}
+    y_i = (Σ_{N_i} e^{scale q_i·k_j − c_i} v_j + g_h m_i) / (Σ_{N_i} e^{…} + g_h n_i)
+
+A chunk is read once all its tokens are evicted: up to ``C − 1`` evicted tokens wait (raw, in the
+state) for their chunk to fill and are seen by no query meanwhile. ``local_window=0`` keeps the
+window-free retrofit above; ``"layer"`` mode has no hybrid.
+
 Decoding state — retrofit: compressed chunks, the current chunk's raw keys/values, ``pos``; layer:
 s-slot keys/values, the current chunk's token keys/values and inputs, ``pos``. Padding: retrofit
 skips padded keys (masked mean, masked attention); the layer ignores masks (right padding is exact).
@@ -46,6 +58,7 @@ from torch import nn
 from swapformer.errors import ConfigError, InputError
 from swapformer.sites import AttentionSite, Site
 from swapformer.targets.base import TargetConfig, TargetModule, register_target
+from swapformer.targets.hybrid import STATE_ELEMENT_BYTES, HybridAttention, check_hybrid_options
 from swapformer.targets.reference import (
     attention_site_problem,
     check_full_call,
@@ -81,6 +94,11 @@ class CatConfig(TargetConfig):
         head_dim: layer: head width of the wide attention (0 = the site's head dim, else 64).
         qk_norm: layer: RMSNorm on queries and keys per head.
         rope_base: layer: RoPE base of the in-chunk positions.
+        local_window: retrofit: exact window of the hybrid form (0 = window-free; ``None``: 64 for
+            retrofit, 0 for the layer).
+        sinks: first tokens every query of the hybrid also sees exactly.
+        block_size: query block of the hybrid's prefill.
+        mix_init: initial per-head mix ``g_h`` of the compressed memory.
     """
 
     name = "cat"
@@ -93,9 +111,22 @@ class CatConfig(TargetConfig):
     head_dim: int = 0
     qk_norm: bool = False
     rope_base: float = 10000.0
+    local_window: int | None = None
+    sinks: int = 4
+    block_size: int = 64
+    mix_init: float = 1e-3
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.local_window is None:  # frozen: resolve the default in place
+            object.__setattr__(self, "local_window", 64 if self.mode == "retrofit" else 0)
+        check_hybrid_options(self.name, self.local_window, self.sinks, self.block_size)
+        if self.mode == "layer" and self.local_window:
+            raise ConfigError("cat mode='layer' has no hybrid form: use local_window=0")
+        if self.local_window and self.max_chunk_size:
+            raise ConfigError("the cat hybrid (local_window > 0) has a fixed chunk size: max_chunk_size=0")
+        if not self.mix_init > 0:
+            raise ConfigError(f"cat mix_init must be > 0, got {self.mix_init}")
         if self.mode not in ("retrofit", "layer"):
             raise ConfigError(f"cat mode must be 'retrofit' or 'layer', got {self.mode!r}")
         if self.chunk_size < 1:
@@ -135,8 +166,30 @@ def _chunk_means(x: torch.Tensor, chunk: int, keep: torch.Tensor | None) -> tupl
     return means, counts > 0
 
 
+class ChunkCompressor(nn.Module):
+    """Mean pooling + learned linear correction per kv head (shared by the retrofit and the hybrid)."""
+
+    config: CatConfig
+
+    def _init_compressor(self, hkv: int, d: int) -> None:
+        if self.config.correction:
+            self.k_corr = nn.Parameter(torch.zeros(hkv, d, d))
+            self.v_corr = nn.Parameter(torch.zeros(hkv, d, d))
+            self.k_corr_bias = nn.Parameter(torch.zeros(hkv, d))
+            self.v_corr_bias = nn.Parameter(torch.zeros(hkv, d))
+
+    def compress(self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, chunk: int):
+        """``(kc, vc, real)``: one summary per chunk of ``k, v [B, T, Hkv, D]`` (kernel layout)."""
+        kc, real = _chunk_means(k, chunk, keep)
+        vc, _ = _chunk_means(v, chunk, keep)
+        if self.config.correction:
+            kc = kc + torch.einsum("bnhd,hde->bnhe", kc, self.k_corr.to(kc.dtype)) + self.k_corr_bias
+            vc = vc + torch.einsum("bnhd,hde->bnhe", vc, self.v_corr.to(vc.dtype)) + self.v_corr_bias
+        return kc.to(k.dtype), vc.to(v.dtype), real
+
+
 @register_target(CatConfig)
-class CatAttention(TargetModule):
+class CatAttention(TargetModule, ChunkCompressor):
     """Retrofit CAT core (host q/k/v + mean-pooling compressor); ``from_site`` also builds the layer."""
 
     site_kind = "attention"
@@ -151,16 +204,15 @@ class CatAttention(TargetModule):
         config: CatConfig | None = None,
     ) -> None:
         super().__init__()
-        self.config = config or CatConfig()
+        self.config = config or CatConfig(local_window=0)
+        if self.config.local_window:
+            raise ConfigError("CatAttention is the window-free retrofit: pass local_window=0, or build "
+                              "the hybrid with HybridCat / from_site")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale if scale is not None else head_dim**-0.5
         self.chunk_size = self.config.chunk_size
         hkv, d = num_kv_heads, head_dim
-        if self.config.correction:
-            self.k_corr = nn.Parameter(torch.zeros(hkv, d, d))
-            self.v_corr = nn.Parameter(torch.zeros(hkv, d, d))
-            self.k_corr_bias = nn.Parameter(torch.zeros(hkv, d))
-            self.v_corr_bias = nn.Parameter(torch.zeros(hkv, d))
+        self._init_compressor(hkv, d)
         self.sink_k = nn.Parameter(torch.zeros(hkv, d)) if self.config.sink else None
         self.sink_v = nn.Parameter(torch.zeros(hkv, d)) if self.config.sink else None
 
@@ -178,6 +230,9 @@ class CatAttention(TargetModule):
         assert isinstance(site, AttentionSite) and isinstance(config, CatConfig)
         if config.mode == "layer":
             return CatLayer.from_site(site, config, weights)
+        if config.local_window:
+            return HybridCat(site.num_heads, site.num_kv_heads or site.num_heads, site.head_dim,
+                             site.scale, config)
         return cls(site.num_heads, site.num_kv_heads or site.num_heads, site.head_dim, site.scale,
                    config)
 
@@ -185,15 +240,6 @@ class CatAttention(TargetModule):
         """Chunk length used from the next call on (adaptive mode: a power of two <= max)."""
         _check_chunk_size(self.config, chunk_size, None)
         self.chunk_size = chunk_size
-
-    def compress(self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, chunk: int):
-        """``(kc, vc, real)``: one summary per chunk of ``k, v [B, T, Hkv, D]`` (kernel layout)."""
-        kc, real = _chunk_means(k, chunk, keep)
-        vc, _ = _chunk_means(v, chunk, keep)
-        if self.config.correction:
-            kc = kc + torch.einsum("bnhd,hde->bnhe", kc, self.k_corr.to(kc.dtype)) + self.k_corr_bias
-            vc = vc + torch.einsum("bnhd,hde->bnhe", vc, self.v_corr.to(vc.dtype)) + self.v_corr_bias
-        return kc.to(k.dtype), vc.to(v.dtype), real
 
     def _sink(self, dtype: torch.dtype):
         if self.sink_k is None:
@@ -305,6 +351,92 @@ class CatAttention(TargetModule):
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class HybridCat(HybridAttention, ChunkCompressor):
+    """Exact window + sinks + compressed chunks of the evicted tokens; see the module docstring."""
+
+    # built through CatAttention.from_site (local_window > 0), so not registered itself
+    target_name = "cat"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
+                 config: CatConfig | None = None) -> None:
+        config = config or CatConfig()
+        if not config.local_window or config.mode != "retrofit":
+            raise ConfigError("HybridCat needs mode='retrofit' and local_window > 0")
+        super().__init__(num_heads, num_kv_heads, head_dim, head_dim, scale, config.local_window,
+                         config.sinks, config.block_size, config.mix_init)
+        self.config = config
+        self.chunk_size = config.chunk_size
+        self._init_compressor(num_kv_heads, head_dim)
+
+    def query_features(self, q, hidden, pos) -> torch.Tensor:
+        return q
+
+    def memory_init(self, batch: int, ref: torch.Tensor) -> dict[str, torch.Tensor]:
+        hkv, d = self.num_kv_heads, self.head_dim
+        empty = ref.new_zeros(batch, hkv, 0, d)
+        flags = torch.zeros(batch, 0, dtype=torch.bool, device=ref.device)
+        return {"kc": empty, "vc": empty, "real": flags, "pk": empty, "pv": empty, "pkeep": flags}
+
+    def _chunks(self, mem, items, avail, item_keep):
+        """Pending + newly evicted tokens -> ``(kc, vc, real, chunk avail, pending memory)``."""
+        c, p = self.chunk_size, mem["pk"].shape[2]
+        k = torch.cat([mem["pk"], items["k"]], 2)
+        v = torch.cat([mem["pv"], items["v"]], 2)
+        keep = torch.cat([mem["pkeep"], item_keep], 1)
+        done = (k.shape[2] // c) * c
+        kc, vc, real = self.compress(k[:, :, :done].transpose(1, 2), v[:, :, :done].transpose(1, 2),
+                                     keep[:, :done], c)
+        # a chunk is read from its last token's eviction on (that token is always a new item)
+        last = torch.arange(done // c, device=k.device) * c + (c - 1 - p)
+        rest = {"pk": k[:, :, done:], "pv": v[:, :, done:], "pkeep": keep[:, done:]}
+        return kc.transpose(1, 2), vc.transpose(1, 2), real, avail[last], rest
+
+    def _read(self, q, kc, vc, visible, c):
+        b, h, tq, d = q.shape
+        qg = q.reshape(b, self.num_kv_heads, -1, tq, d)
+        s = torch.einsum("bkgtd,bknd->bkgtn", qg, kc) * self.scale - c.reshape(qg.shape[:-1] + (1,))
+        e = torch.exp(s.masked_fill(~visible, -math.inf))
+        m = torch.einsum("bkgtn,bknd->bkgtd", e, vc)
+        return m.reshape(b, h, tq, d), e.sum(-1).reshape(b, h, tq, 1)
+
+    def far_block(self, mem, qf, items, avail, item_keep, q_pos, c):
+        m, n = self._read(qf, mem["kc"], mem["vc"], mem["real"][:, None, None, None], c)
+        if avail.numel():
+            kc, vc, real, chunk_avail, rest = self._chunks(mem, items, avail, item_keep)
+            vis = real[:, None, None, None] & (chunk_avail[None, :] <= q_pos[:, None])
+            m2, n2 = self._read(qf, kc, vc, vis, c)
+            m, n = m + m2, n + n2
+            mem = {"kc": torch.cat([mem["kc"], kc], 2), "vc": torch.cat([mem["vc"], vc], 2),
+                   "real": torch.cat([mem["real"], real], 1), **rest}
+        return m, n, mem
+
+    def memory_bytes(self, context_len: int) -> int:
+        evicted = self.evicted(context_len)
+        rows = evicted // self.chunk_size + evicted % self.chunk_size
+        return rows * (2 * self.num_kv_heads * self.head_dim * STATE_ELEMENT_BYTES + 1)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        hidden: torch.Tensor | None = None,
+        state: dict | None = None,
+    ) -> torch.Tensor:
+        if state is None:
+            check_full_call(q, k, self.target_name)
+        return self.hybrid_forward(q, k, v, bias, hidden, state).to(q.dtype)
+
+    def flops_per_token(self, context_len: int) -> int:
+        """Exact window attention, attention over the compressed chunks, the amortised compressor."""
+        chunks = self.evicted(context_len) // self.chunk_size
+        h, hkv, d, c = self.num_heads, self.num_kv_heads, self.head_dim, self.chunk_size
+        compress = 2 * hkv * d + (4 * hkv * d * d // c if self.config.correction else 0)
+        return self.window_flops_per_token(context_len) + 4 * h * d * chunks + compress
 
 
 def _rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:

@@ -20,6 +20,20 @@ recurrent one; both carry the state ``S`` ``[B, H, Dv, K]`` in ``state["S"]``.
 
 Padding: keys the mask marks as padding are skipped exactly (``v = k = 0``, ``f = f̂ = 1``), so left
 and right padding leave the real positions unchanged (seeds 4.8).
+
+Hybrid form (the default, ``local_window > 0``; issue 12, quality-recipes §4.1):
+:class:`HybridFastWeight`, an exact window of ``local_window`` keys plus ``sinks`` with a fast-weight
+memory of the evicted tokens in the same normaliser (:mod:`swapformer.targets.hybrid`)::
+
+    S_i = Σ_{j ∈ F_i} φk(k_j) v_jᵀ,   z_i = Σ_{j ∈ F_i} φk(k_j)          per KV head (Hkv × 2F × Dv)
+    m_i = φq(q_i)ᵀ S_i,   n_i = φq(q_i)ᵀ z_i                          per query head
+    y_i = (Σ_{N_i} e^{scale q_i·k_j − c_i} v_j + g_h m_i) / (Σ_{N_i} e^{…} + g_h n_i)
+
+φq per query head and φk per KV head (so the state is counted per KV head) are Hedgehog maps with
+identity init by default, fed the post-RoPE ``q·√scale``, ``k·√scale``. No decay gates (they are
+per-query-head and data dependent, which would multiply the state by the GQA group size); the
+mixing ``g_h = softplus(θ_h)`` starts at ``mix_init`` so the converted model starts at the window
+baseline. ``local_window=0`` keeps the seed-exact decaying form above.
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ from torch import nn
 from swapformer.errors import ConfigError
 from swapformer.sites import AttentionSite, Site
 from swapformer.targets.base import TargetConfig, TargetModule, register_target
+from swapformer.targets.hybrid import LinearFarMemory, check_hybrid_options
 from swapformer.targets.reference import (
     attention_site_problem,
     check_full_call,
@@ -71,17 +86,34 @@ class FastWeightConfig(TargetConfig):
             non-negative feature map).
         chunk_size: chunk length of the parallel prefill kernel.
         eps: floor of the normaliser.
+        local_window: exact window of the hybrid form (keys seen exactly, counting the query);
+            0 = the window-free seed form.
+        sinks: first tokens every query of the hybrid also sees exactly.
+        block_size: query block of the hybrid's prefill.
+        mix_init: initial per-head mix ``g_h`` of the far memory (small: starts at the window).
     """
 
     name = "fastweight"
-    feature_map: FeatureMapName = "elu1"
+    feature_map: FeatureMapName | None = None
     hedgehog_dim: int = 0
     normalize: bool | None = None
     chunk_size: int = 64
     eps: float = 1e-6
+    local_window: int = 64
+    sinks: int = 4
+    block_size: int = 64
+    mix_init: float = 1e-3
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_hybrid_options(self.name, self.local_window, self.sinks, self.block_size)
+        if not self.mix_init > 0:
+            raise ConfigError(f"fastweight mix_init must be > 0, got {self.mix_init}")
+        if self.feature_map is None:  # frozen: resolve the default in place
+            object.__setattr__(self, "feature_map", "hedgehog" if self.local_window else "elu1")
+        if self.local_window and self.feature_map == "identity":
+            raise ConfigError("the fastweight hybrid (local_window > 0) needs a non-negative feature "
+                              "map ('hedgehog', 'elu1' or 'relu'), not 'identity'")
         if self.feature_map not in ("identity", "elu1", "relu", "hedgehog"):
             raise ConfigError(f"fastweight feature_map {self.feature_map!r} is not one of "
                               "'identity', 'elu1', 'relu', 'hedgehog'")
@@ -147,7 +179,10 @@ class FastWeightAttention(TargetModule):
         config: FastWeightConfig | None = None,
     ) -> None:
         super().__init__()
-        self.config = config or FastWeightConfig()
+        self.config = config or FastWeightConfig(local_window=0)
+        if self.config.local_window:
+            raise ConfigError("FastWeightAttention is the window-free form: pass local_window=0, or "
+                              "build the hybrid with HybridFastWeight / from_site")
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim, self.value_dim, self.d_model = head_dim, value_dim, d_model
         self.scale = scale if scale is not None else head_dim**-0.5
@@ -177,8 +212,10 @@ class FastWeightAttention(TargetModule):
     @classmethod
     def from_site(
         cls, site: Site, config: TargetConfig, weights: Mapping[str, torch.Tensor]
-    ) -> FastWeightAttention:
+    ) -> TargetModule:
         assert isinstance(site, AttentionSite) and isinstance(config, FastWeightConfig)
+        if config.local_window:
+            return HybridFastWeight.from_site(site, config, weights)
         # q/k/v/o stay the host's; only the model width is read to size the new gates
         return cls(
             site.num_heads, site.num_kv_heads or site.num_heads, site.head_dim,
@@ -260,3 +297,69 @@ class FastWeightAttention(TargetModule):
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+
+
+class HybridFastWeight(LinearFarMemory):
+    """Exact window + sinks + fast-weight memory of evicted tokens; see the module docstring."""
+
+    # built through FastWeightAttention.from_site (local_window > 0), so not registered itself
+    target_name = "fastweight"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, value_dim: int,
+                 scale: float | None = None, config: FastWeightConfig | None = None) -> None:
+        config = config or FastWeightConfig()
+        if not config.local_window:
+            raise ConfigError("HybridFastWeight needs local_window > 0 (0 is FastWeightAttention)")
+        super().__init__(num_heads, num_kv_heads, head_dim, value_dim, scale, config.local_window,
+                         config.sinks, config.block_size, config.mix_init)
+        self.config = config
+        self.memory_heads = num_kv_heads
+        self.q_map: HedgehogFeatureMap | None = None
+        self.k_map: HedgehogFeatureMap | None = None
+        if config.feature_map == "hedgehog":
+            width = config.hedgehog_dim or head_dim
+            self.q_map = HedgehogFeatureMap(num_heads, head_dim, width)
+            self.k_map = HedgehogFeatureMap(num_kv_heads, head_dim, width)
+            self.feature_dim = 2 * width
+        else:
+            self.feature_dim = head_dim
+
+    @classmethod
+    def from_site(
+        cls, site: Site, config: TargetConfig, weights: Mapping[str, torch.Tensor]
+    ) -> HybridFastWeight:
+        assert isinstance(site, AttentionSite) and isinstance(config, FastWeightConfig)
+        return cls(site.num_heads, site.num_kv_heads or site.num_heads, site.head_dim,
+                   site.value_dim or site.head_dim, site.scale, config)
+
+    def _map(self, fmap: HedgehogFeatureMap | None, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, T, D]`` -> features ``[B, H, T, F]`` of ``x·√scale``."""
+        x = to_kernel_layout(x * math.sqrt(self.scale))
+        f = fmap(x) if fmap is not None else _simple_feature_map(self.config.feature_map, x)
+        return from_kernel_layout(f)
+
+    def query_features(self, q, hidden, pos) -> torch.Tensor:
+        return self._map(self.q_map, q)
+
+    def memory_items(self, items) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._map(self.k_map, items["k"]), items["v"]
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        hidden: torch.Tensor | None = None,
+        state: dict | None = None,
+    ) -> torch.Tensor:
+        if state is None:
+            check_full_call(q, k, self.target_name)
+        return self.hybrid_forward(q, k, v, bias, hidden, state).to(q.dtype)
+
+    def flops_per_token(self, context_len: int) -> int:
+        """Exact window attention, both feature maps, and the memory write + read."""
+        h, hkv, d, f, dv = self.num_heads, self.num_kv_heads, self.head_dim, self.feature_dim, self.value_dim
+        fmap = 2 * (h + hkv) * d * (f // 2) if self.q_map is not None else 0
+        return self.window_flops_per_token(context_len) + fmap + 2 * hkv * f * (dv + 1) + 2 * h * f * (dv + 1)

@@ -11,6 +11,8 @@ def test_parse_stage():
     assert parse_stage("distill:tokens=1e5,lr=1e-4,train=lora") == Stage(
         "distill", tokens=100_000, lr=1e-4, train="lora")
     assert parse_stage("transfer:steps=3") == Stage("transfer", steps=3)
+    assert parse_stage("transfer:steps=3,short_windows=16/32,normalize=false") == Stage(
+        "transfer", steps=3, short_windows=(16, 32), normalize=False)
     with pytest.raises(ConfigError, match="bad stage option"):
         parse_stage("transfer:steps=3,rate=2")
 

@@ -17,7 +17,8 @@ def test_transfer_loss_decreases_on_a_rewritten_hf_llama() -> None:
                                       max_position_embeddings=64)
     torch.manual_seed(0)
     teacher = transformers.LlamaForCausalLM(config).eval()
-    student = swapformer.rewrite(teacher, "fastweight")
+    # the seed form: the hybrid's exact window would cover these 32-token sequences
+    student = swapformer.rewrite(teacher, "fastweight", local_window=0)
     replaced = {r.site.name for r in student.swapformer_report.replaced}
     assert len(replaced) == 2
     result = calibrate(student, teacher, token_data(), CalibrationConfig(
@@ -27,3 +28,26 @@ def test_transfer_loss_decreases_on_a_rewritten_hf_llama() -> None:
     assert transfer.steps == 30 and set(transfer.site_losses) == replaced
     first, last = sum(transfer.losses[:5]) / 5, sum(transfer.losses[-5:]) / 5
     assert last < 0.75 * first, transfer.losses
+
+
+@pytest.mark.parametrize("target", ["fastweight", "elita", "cat"])
+def test_hybrid_transfer_with_short_windows_fits_the_far_memory(target) -> None:
+    """All layers in one forward: the closed-form mix init, then SWAX steps; the loss falls."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    teacher = transformers.LlamaForCausalLM(config).eval()
+    extra = {"chunk_size": 2} if target == "cat" else {}
+    student = swapformer.rewrite(teacher, target, local_window=8, sinks=2, block_size=8, **extra)
+    cores = [student.get_submodule(r.core_name) for r in student.swapformer_report.replaced]
+    mix0 = [c.mix().clone() for c in cores]
+    stage = Stage("transfer", steps=20, lr=1e-2, short_windows=(4,), short_window_share=0.5)
+    result = calibrate(student, teacher, token_data(), CalibrationConfig(
+        stages=(stage,), batch_size=4, seq_len=32, progress=False, eval_batches=1, log_every=10))
+    (transfer,) = result.stages
+    assert all(not torch.equal(m, c.mix()) for m, c in zip(mix0, cores))  # init + training moved g
+    assert all(c.window == 8 for c in cores)  # the short windows were undone
+    first, last = sum(transfer.losses[:3]) / 3, sum(transfer.losses[-3:]) / 3
+    assert last < first, transfer.losses

@@ -154,3 +154,38 @@ def test_input_and_config_errors():
         Stage("transfer")
     with pytest.raises(ConfigError, match="lora_rank is 0"):
         _config(Stage("distill", steps=1, train="lora"), lora_rank=0)
+
+
+def test_normalised_transfer_loss_is_mse_over_the_reference_variance():
+    from swapformer.calibrate.transfer import TransferHooks
+    from swapformer.evaluate import call_model
+
+    student, teacher = make_pair(3)
+    replaced = student.swapformer_report.replaced
+    batch = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    raw_hooks = TransferHooks(student, replaced, teacher, early_exit=False)
+    with raw_hooks:
+        raw = {k: float(v) for k, v in raw_hooks.run(lambda: call_model(student, batch)).items()}
+    targets = {}
+    norm_hooks = TransferHooks(student, replaced, teacher, early_exit=False, normalize=True)
+    with norm_hooks:
+        handles = [student.get_submodule(r.core_name).register_forward_hook(
+            lambda m, a, out, name=r.site.name: targets.__setitem__(name, out.detach())) for r in replaced]
+        normed = {k: float(v) for k, v in norm_hooks.run(lambda: call_model(student, batch)).items()}
+        for h in handles:
+            h.remove()
+    assert set(normed) == set(raw) == set(targets)
+    assert raw  # per-sequence normalisation: with one sequence it is MSE / variance
+    one = TransferHooks(student, replaced, teacher, early_exit=False, normalize=True)
+    raw_one = TransferHooks(student, replaced, teacher, early_exit=False)
+    with raw_one:
+        raw1 = {k: float(v) for k, v in raw_one.run(lambda: call_model(student, batch[:1])).items()}
+    with one:
+        handles = [student.get_submodule(r.core_name).register_forward_hook(
+            lambda m, a, out, name=r.site.name: targets.__setitem__(name, out.detach())) for r in replaced]
+        normed1 = {k: float(v) for k, v in one.run(lambda: call_model(student, batch[:1])).items()}
+        for h in handles:
+            h.remove()
+    for name in raw1:
+        assert normed1[name] == pytest.approx(raw1[name] / float(targets[name].float().var()), rel=1e-5)
+        assert normed[name] != pytest.approx(raw[name], rel=1e-3)

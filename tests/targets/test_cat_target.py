@@ -27,7 +27,7 @@ def _dense_with_sink(q, k, v, sink_k, sink_v, scale):
 @given(length=st.integers(1, 12), extra=st.integers(0, 8), seed=st.integers(0, 2**16))
 def test_one_chunk_is_dense_attention_plus_sink(length, extra, seed):
     site, weights = attention_site(d_model=D_MODEL)
-    core = randomize(build("cat", site, weights, chunk_size=length + extra, sink=True), seed=seed)
+    core = randomize(build("cat", site, weights, local_window=0, chunk_size=length + extra, sink=True), seed=seed)
     q, k, v, h = qkv_inputs(site, 2, length, D_MODEL, seed=seed)
     ref = _dense_with_sink(q, k, v, core.sink_k.detach(), core.sink_v.detach(), site.scale)
     torch.testing.assert_close(core(q, k, v, hidden=h), ref, rtol=1e-10, atol=1e-10)
@@ -53,7 +53,7 @@ def _mean_pool_reference(q, k, v, chunk, scale):
 @pytest.mark.parametrize(("length", "chunk"), [(16, 4), (19, 4), (7, 8), (13, 1), (21, 5)])
 def test_retrofit_start_is_mean_pooling(length, chunk):
     site, weights = attention_site(d_model=D_MODEL)
-    core = build("cat", site, weights, chunk_size=chunk)
+    core = build("cat", site, weights, local_window=0, chunk_size=chunk)
     q, k, v, h = qkv_inputs(site, 2, length, D_MODEL, seed=length)
     ref = _mean_pool_reference(q, k, v, chunk, site.scale)
     torch.testing.assert_close(core(q, k, v, hidden=h), ref, rtol=1e-10, atol=1e-10)
@@ -61,7 +61,7 @@ def test_retrofit_start_is_mean_pooling(length, chunk):
 
 def test_adaptive_chunk_size_per_call():
     site, weights = attention_site(d_model=D_MODEL)
-    core = build("cat", site, weights, chunk_size=4, max_chunk_size=8)
+    core = build("cat", site, weights, local_window=0, chunk_size=4, max_chunk_size=8)
     q, k, v, h = qkv_inputs(site, 1, 18, D_MODEL, seed=3)
     for chunk in (1, 2, 4, 8):
         core.set_chunk_size(chunk)
@@ -111,5 +111,5 @@ def test_layer_rejects_a_fixed_size_change_and_counts():
         layer.set_chunk_size(8)
     assert layer.num_heads == 18
     assert layer.flops_per_token(8192) > layer.flops_per_token(512)
-    retro = CatAttention(9, 3, 64, config=CatConfig(chunk_size=16))
+    retro = CatAttention(9, 3, 64, config=CatConfig(chunk_size=16, local_window=0))
     assert retro.state_bytes(8192) < 2 * 3 * 64 * 4 * 8192 / 10

@@ -38,7 +38,7 @@ def _softmax_reference(core: ElitaAttention, v: torch.Tensor, hidden: torch.Tens
 @given(length=st.integers(1, 16), start=st.integers(0, 50), seed=st.integers(0, 2**16))
 def test_cumsum_equals_explicit_softmax(length, start, seed):
     site, weights = attention_site(d_model=D_MODEL)
-    core = randomize(build("elita", site, weights), seed=seed, std=0.4)
+    core = randomize(build("elita", site, weights, local_window=0), seed=seed, std=0.4)
     q, k, v, h = qkv_inputs(site, 2, length, D_MODEL, seed=seed)
     out = core(q, k, v, hidden=h)
     torch.testing.assert_close(out, _softmax_reference(core, v, h), rtol=1e-6, atol=1e-6)
@@ -47,7 +47,7 @@ def test_cumsum_equals_explicit_softmax(length, start, seed):
 def test_start_is_constant_query_softmax_attention():
     """Self slot off and c = 0: softmax attention whose every query is q̄ = b_q (seeds 2.9)."""
     site, weights = attention_site(d_model=D_MODEL, qkv_bias=True)
-    core = build("elita", site, weights)
+    core = build("elita", site, weights, local_window=0)
     q, k, v, h = qkv_inputs(site, 2, 12, D_MODEL, seed=2)
     out = core(q, k, v, hidden=h)
     keys = F.linear(h, weights["layer.k_proj.weight"], weights["layer.k_proj.bias"])
@@ -59,7 +59,7 @@ def test_start_is_constant_query_softmax_attention():
 
 def test_init_from_hidden_uses_the_mean_query():
     site, weights = attention_site(d_model=D_MODEL, qkv_bias=True)
-    core = build("elita", site, weights)
+    core = build("elita", site, weights, local_window=0)
     sample = torch.randn(3, 40, D_MODEL, dtype=torch.float64) + 0.5
     core.init_from_hidden(sample)
     q_mean = F.linear(sample, weights["layer.q_proj.weight"], weights["layer.q_proj.bias"]).mean((0, 1))

@@ -28,7 +28,7 @@ def _open_gates(core: FastWeightAttention) -> None:
 @given(length=st.integers(1, 20), chunk=st.sampled_from([1, 4, 16]), seed=st.integers(0, 2**16))
 def test_open_gates_identity_map_is_unnormalised_linear_attention(length, chunk, seed):
     site, weights = attention_site(d_model=D_MODEL)
-    core = build("fastweight", site, weights, feature_map="identity", chunk_size=chunk)
+    core = build("fastweight", site, weights, local_window=0, feature_map="identity", chunk_size=chunk)
     _open_gates(core)
     q, k, v, h = qkv_inputs(site, 2, length, D_MODEL, seed=seed)
     out = core(q, k, v, hidden=h)
@@ -68,14 +68,14 @@ def _reference(core: FastWeightAttention, q, k, v, hidden):
 )
 def test_matches_python_recurrence(options):
     site, weights = attention_site(d_model=D_MODEL)
-    core = randomize(build("fastweight", site, weights, **options), std=0.2)
+    core = randomize(build("fastweight", site, weights, local_window=0, **options), std=0.2)
     q, k, v, h = qkv_inputs(site, 2, 19, D_MODEL, seed=5)
     torch.testing.assert_close(core(q, k, v, hidden=h), _reference(core, q, k, v, h), rtol=1e-9, atol=1e-9)
 
 
 def test_left_padding_is_skipped_exactly():
     site, weights = attention_site(d_model=D_MODEL)
-    core = randomize(build("fastweight", site, weights, feature_map="elu1", normalize=True))
+    core = randomize(build("fastweight", site, weights, local_window=0, feature_map="elu1", normalize=True))
     pad, n = 4, 9
     q, k, v, h = qkv_inputs(site, 1, pad + n, D_MODEL, seed=6)
     keep = torch.arange(pad + n) >= pad
@@ -87,7 +87,7 @@ def test_left_padding_is_skipped_exactly():
 
 
 def test_uniform_gate_init_spreads_gates():
-    core = FastWeightAttention(4, 2, 8, 8, d_model=16, config=FastWeightConfig())
+    core = FastWeightAttention(4, 2, 8, 8, d_model=16, config=FastWeightConfig(local_window=0))
     assert torch.all(core.value_gate.weight == 0) and torch.all(core.key_gate.weight == 0)
     gates = torch.sigmoid(core.value_gate.bias.view(4, 8))
     assert gates.min() >= 1 / 8 - 1e-6 and gates.max() <= 1 - 1 / 8 + 1e-6
@@ -96,15 +96,19 @@ def test_uniform_gate_init_spreads_gates():
 
 def test_explicit_sizes_constructor_and_stats():
     core = FastWeightAttention(9, 3, 64, 64, d_model=576,
-                               config=FastWeightConfig(feature_map="hedgehog", normalize=False))
+                               config=FastWeightConfig(feature_map="hedgehog", normalize=False,
+                                                        local_window=0))
     assert core.key_dim == 128
     assert core.state_bytes(8192) == core.state_bytes(16) == 9 * 64 * 128 * 4
     assert core.flops_per_token(512) == core.flops_per_token(8192)
 
 
 def test_default_is_normalised_elu1_and_identity_turns_the_normaliser_off():
-    assert (FastWeightConfig().feature_map, FastWeightConfig().normalize) == ("elu1", True)
-    assert FastWeightConfig(feature_map="identity").normalize is False
+    assert (FastWeightConfig().feature_map, FastWeightConfig().local_window) == ("hedgehog", 64)
+    assert (FastWeightConfig(local_window=0).feature_map, FastWeightConfig().normalize) == ("elu1", True)
+    assert FastWeightConfig(feature_map="identity", local_window=0).normalize is False
     assert FastWeightConfig(feature_map="relu").normalize is True
     with pytest.raises(ConfigError, match="non-negative feature map"):
-        FastWeightConfig(feature_map="identity", normalize=True)
+        FastWeightConfig(feature_map="identity", normalize=True, local_window=0)
+    with pytest.raises(ConfigError, match="non-negative feature map"):
+        FastWeightConfig(feature_map="identity")  # the hybrid's denominator needs φ ≥ 0

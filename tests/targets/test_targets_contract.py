@@ -25,12 +25,16 @@ D_MODEL = 24
 
 # (target, options): every mode that has its own code path
 CASES = [
-    ("fastweight", {"feature_map": "identity"}),
-    ("fastweight", {"feature_map": "hedgehog", "normalize": True, "chunk_size": 4}),
-    ("fastweight", {"feature_map": "elu1", "normalize": True}),
-    ("elita", {}),
-    ("cat", {"chunk_size": 4}),
-    ("cat", {"chunk_size": 4, "sink": True}),
+    ("fastweight", {"feature_map": "identity", "local_window": 0}),
+    ("fastweight", {"feature_map": "hedgehog", "normalize": True, "chunk_size": 4, "local_window": 0}),
+    ("fastweight", {"feature_map": "elu1", "normalize": True, "local_window": 0}),
+    ("fastweight", {"local_window": 3, "sinks": 1, "block_size": 2}),
+    ("fastweight", {"local_window": 4, "sinks": 0, "feature_map": "elu1"}),
+    ("elita", {"local_window": 0}),
+    ("elita", {"local_window": 3, "sinks": 2, "block_size": 3}),
+    ("cat", {"chunk_size": 4, "local_window": 0}),
+    ("cat", {"chunk_size": 4, "sink": True, "local_window": 0}),
+    ("cat", {"chunk_size": 2, "local_window": 3, "sinks": 1, "block_size": 2}),
     ("cat", {"mode": "layer", "chunk_size": 4, "head_dim": 8}),
     ("window", {"window": 5, "sinks": 2}),
     ("window", {"window": 4, "sinks": 0, "block_size": 3}),
@@ -152,7 +156,7 @@ def test_full_call_needs_matching_queries_and_keys(target):
 
 @pytest.mark.parametrize("target", ["fastweight", "elita", "worker"])
 def test_hidden_is_required(target):
-    core, site = _core(target, {})
+    core, site = _core(target, {"local_window": 0} if target == "fastweight" else {})
     q, k, v, _ = qkv_inputs(site, 1, 4, D_MODEL)
     with pytest.raises(InputError, match="hidden"):
         core(q, k, v)
@@ -164,7 +168,9 @@ def test_hidden_is_required(target):
      ("fastweight", {"chunk_size": 3}), ("elita", {"clip": 0.0}), ("elita", {"linear_factor": 0}),
      ("cat", {"mode": "dense"}), ("cat", {"chunk_size": 0}), ("cat", {"chunk_size": 6, "max_chunk_size": 8}),
      ("cat", {"chunk_size": 16, "max_chunk_size": 8}), ("window", {"window": 0}),
-     ("window", {"sinks": -1}), ("worker", {"interval": 0}), ("worker", {"conv_kernel": 0})],
+     ("window", {"sinks": -1}), ("fastweight", {"local_window": -1}),
+     ("fastweight", {"feature_map": "identity", "normalize": False}), ("elita", {"sinks": -1}),
+     ("cat", {"mode": "layer", "local_window": 8}), ("cat", {"block_size": 0}), ("cat", {"mix_init": 0.0}), ("worker", {"interval": 0}), ("worker", {"conv_kernel": 0})],
 )
 def test_invalid_options_raise_config_error(target, options):
     with pytest.raises(ConfigError):

@@ -1,0 +1,214 @@
+"""The ``--hybrid`` report of ``quality_smollm2.py`` (issue 12): hybrid targets at step 0 and along a
+transfer-only calibration curve, against ``window=64, sinks=4`` and the equal-memory window.
+
+Columns: perplexity at 512 and ``--long-len`` tokens on held-out Shakespeare and wiki (× teacher in
+brackets), the recall probe's NLL (nats/token) on the second copy of a random L-token sequence, the
+decoding state per layer at ``--long-len`` tokens, and for calibrated rows the transfer tokens,
+seconds and tokens/s next to the teacher's own no-grad forward throughput.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import logging
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from swapformer import rewrite
+from swapformer.calibrate import CalibrationConfig, Stage, calibrate
+from swapformer.data import TokenSplits, heldout_split, pack
+from swapformer.evaluate import forward_logits, perplexity
+from swapformer.offline import corpus_tokens, load_smollm2
+
+log = logging.getLogger("quality_smollm2.hybrid")
+EVAL_CORPORA = ("shakespeare", "wiki")
+BASELINE = {"window": 64, "sinks": 4}
+
+
+@dataclass
+class Corpus:
+    train: torch.Tensor  # [N, seq_len], cut from the training long sequences
+    short: torch.Tensor  # [M, seq_len], cut from the held-out long sequences
+    long: torch.Tensor  # [K, long_len], held out
+
+
+@dataclass
+class Row:
+    model: str
+    tokens: int = 0
+    seconds: float = 0.0
+    tok_s: float = 0.0
+    state_bytes: int = 0
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+def load_corpus(name: str, tokenizer, args) -> Corpus:
+    packed = pack(corpus_tokens(name, tokenizer), args.long_len, sep_token=tokenizer.eos_token_id)
+    train, held = heldout_split(packed, args.eval_fraction)
+    return Corpus(train.reshape(-1, args.seq_len), held.reshape(-1, args.seq_len), held)
+
+
+def mixed_train(corpora: dict[str, Corpus]) -> torch.Tensor:
+    """Rows of every corpus interleaved (general English: Shakespeare + wiki), as long as the shortest."""
+    n = min(c.train.shape[0] for c in corpora.values())
+    return torch.stack([c.train[:n] for c in corpora.values()], dim=1).flatten(0, 1)
+
+
+@torch.no_grad()
+def recall_nll(model, length: int, samples: int, vocab: int, seed: int = 0) -> float:
+    """Mean NLL on the second copy of ``samples`` random ``length``-token sequences repeated twice."""
+    g = torch.Generator().manual_seed(seed + length)
+    x = torch.randint(100, vocab, (samples, length), generator=g)
+    ids = torch.cat([x, x], dim=1)
+    logits = forward_logits(model, ids)[:, length - 1 : 2 * length - 1]
+    return float(F.cross_entropy(logits.flatten(0, 1).float(), ids[:, length:].flatten()))
+
+
+def evaluate(model, corpora: dict[str, Corpus], vocab: int, args) -> dict[str, float]:
+    model.eval()
+    scores = {}
+    for name, c in corpora.items():
+        scores[f"{name} {args.seq_len}"] = perplexity(model, c.short, seq_len=args.seq_len,
+                                                      batch_size=args.batch_size,
+                                                      max_batches=args.eval_batches)
+        scores[f"{name} {args.long_len}"] = perplexity(model, c.long, seq_len=args.long_len,
+                                                       batch_size=1, max_batches=args.long_batches)
+    for length in (int(x) for x in args.recall.split(",") if x):
+        scores[f"recall {length}"] = recall_nll(model, length, args.recall_samples, vocab, args.seed)
+    return scores
+
+
+def cores(model) -> list:
+    return [model.get_submodule(r.core_name) for r in model.swapformer_report.replaced]
+
+
+def state_per_layer(model, context: int) -> int:
+    found = cores(model)
+    return sum(c.state_bytes(context) for c in found) // max(1, len(found))
+
+
+def equal_memory_window(student, context: int, sinks: int = 4) -> int:
+    """The window (with ``sinks``) whose cached K/V per layer holds the hybrid's state bytes."""
+    core = cores(student)[0]
+    per_row = core.num_kv_heads * (core.head_dim + core.value_dim) * 4 + 9
+    return max(1, state_per_layer(student, context) // per_row - sinks + 1)
+
+
+@torch.no_grad()
+def teacher_throughput(teacher, train: torch.Tensor, args, batches: int = 3) -> float:
+    x = train[: args.batch_size]
+    forward_logits(teacher, x)  # warm-up
+    t0 = time.perf_counter()
+    for i in range(batches):
+        forward_logits(teacher, train[i * args.batch_size : (i + 1) * args.batch_size])
+    return batches * x.numel() / (time.perf_counter() - t0)
+
+
+def transfer_config(args, tokens: int, first: bool) -> CalibrationConfig:
+    short = tuple(int(w) for w in args.short_windows.split(",") if w)
+    stage = Stage("transfer", tokens=tokens, lr=args.transfer_lr, init_mix=first, short_windows=short,
+                  schedule="constant")
+    return CalibrationConfig(stages=(stage,), batch_size=args.batch_size, seq_len=args.seq_len,
+                             eval_batches=0, seed=args.seed, log_every=25, progress=False,
+                             device=args.device)
+
+
+def target_rows(target: str, teacher, corpora, train, vocab: int, args) -> list[Row]:
+    student = rewrite(copy.deepcopy(teacher), target)
+    state = state_per_layer(student, args.long_len)
+    row = Row(f"{target} hybrid, step 0", state_bytes=state, scores=evaluate(student, corpora, vocab, args))
+    log.info("%s: %s", row.model, row.scores)
+    rows, used, seconds = [row], 0, 0.0
+    budgets = [int(float(b)) for b in args.curve.split(",") if b]
+    for budget in (b for b in budgets if b > 0):
+        rows_needed = math.ceil((budget - used) / (args.batch_size * args.seq_len)) * args.batch_size
+        start = used // args.seq_len
+        data = TokenSplits(train=train[start : start + rows_needed], heldout=train[:0])
+        result = calibrate(student, teacher, data, transfer_config(args, budget - used, used == 0))
+        stage = result.stages[0]
+        used += stage.tokens
+        seconds += stage.seconds
+        row = Row(f"{target} hybrid, transfer", used, seconds, stage.tokens / max(stage.seconds, 1e-9),
+                  state, evaluate(student, corpora, vocab, args))
+        log.info("%s %d tokens (%.0f s, %.0f tok/s, loss %.3g -> %.3g): %s", target, used, seconds,
+                 row.tok_s, stage.first_loss, stage.last_loss, row.scores)
+        rows.append(row)
+    return rows
+
+
+def window_row(teacher, corpora, vocab: int, args, window: int, label: str) -> Row:
+    model = rewrite(copy.deepcopy(teacher), "window", window=window, sinks=4)
+    row = Row(f"window={window}, sinks=4 ({label})", state_bytes=state_per_layer(model, args.long_len),
+              scores=evaluate(model, corpora, vocab, args))
+    log.info("%s: %s", row.model, row.scores)
+    return row
+
+
+def markdown(rows: list[Row], teacher: Row, teacher_tok_s: float, args, machine: str) -> str:
+    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    keys = list(teacher.scores)
+    head = " | ".join(keys)
+    lines = [
+        f"### SmolLM2-135M hybrids (issue 12), {date}",
+        "",
+        f"- machine: {machine}; device {args.device}",
+        f"- command: `python {shlex.join([sys.argv[0], *sys.argv[1:]])}`",
+        f"- calibrated (transfer only, all layers in one teacher forward, lr {args.transfer_lr:g}, "
+        f"SWAX windows {args.short_windows or 'off'} on half the steps, closed-form mix init) on general "
+        f"English: Shakespeare and the wiki excerpt interleaved, batch {args.batch_size} x {args.seq_len}; "
+        f"held out: every {round(1 / args.eval_fraction)}th {args.long_len}-token sequence of each corpus "
+        f"({args.eval_batches} x {args.batch_size} x {args.seq_len} and {args.long_batches} x "
+        f"{args.long_len} tokens per corpus); recall: NLL (nats/token) on the second copy, "
+        f"{args.recall_samples} samples; teacher no-grad forward {teacher_tok_s:.0f} tok/s",
+        "",
+        f"| model | transfer tokens | s | tok/s (× teacher fwd) | state/layer @{args.long_len} | {head} |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(keys),
+    ]
+    for r in [teacher, *rows]:
+        cells = []
+        for k in keys:
+            v = r.scores.get(k)
+            ratio = "" if k.startswith("recall") or r is teacher else f" ({v / teacher.scores[k]:.3f}×)"
+            cells.append("-" if v is None else f"{v:.2f}{ratio}")
+        speed = f"{r.tok_s:.0f} ({r.tok_s / teacher_tok_s:.2f}×)" if r.tok_s else "-"
+        lines.append(f"| {r.model} | {r.tokens:,} | {r.seconds:.0f} | {speed} | {r.state_bytes:,} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def hybrid_main(args, results: Path) -> int:
+    from quality_smollm2 import machine
+
+    torch.manual_seed(args.seed)
+    teacher, tokenizer = load_smollm2()
+    teacher.to(args.device).eval()
+    vocab = int(teacher.config.vocab_size)
+    corpora = {name: load_corpus(name, tokenizer, args) for name in EVAL_CORPORA}
+    train = mixed_train(corpora)
+    teacher_tok_s = teacher_throughput(teacher, train, args)
+    teacher_row = Row("teacher", scores=evaluate(teacher, corpora, vocab, args))
+    log.info("teacher %s, %.0f tok/s no-grad forward", teacher_row.scores, teacher_tok_s)
+    rows = [window_row(teacher, corpora, vocab, args, BASELINE["window"], "baseline")]
+    windows_done = {BASELINE["window"]}
+    for target in (t for t in args.targets.split(",") if t):
+        target_rows_ = target_rows(target, teacher, corpora, train, vocab, args)
+        rows += target_rows_
+        w = equal_memory_window(rewrite(copy.deepcopy(teacher), target), args.long_len)
+        if w not in windows_done:
+            windows_done.add(w)
+            rows.append(window_row(teacher, corpora, vocab, args, w, f"equal memory to {target}"))
+        log.info("table so far:\n%s", markdown(rows, teacher_row, teacher_tok_s, args, machine()))
+    table = markdown(rows, teacher_row, teacher_tok_s, args, machine())
+    print(table)
+    if args.write:
+        with results.open("a") as f:
+            f.write("\n" + table)
+    return 0

@@ -1,0 +1,319 @@
+"""Hybrid attention: an exact sliding window with sinks plus a target's far memory, ONE normaliser.
+
+Shared by the hybrid forms of ``fastweight``, ``elita`` and ``cat`` (``local_window > 0``,
+quality-recipes §4.1). For query ``i`` (0-based), sinks ``s``, window ``w``, host scale::
+
+    N_i = {j ≤ i : i − j < w  or  j < s}                 exact keys (the ``window`` target's set)
+    F_i = {j : s ≤ j ≤ i − w}                            far keys: evicted from the window, not sinks
+    c_i = max_{j ∈ N_i} scale · q_i·k_j
+    y_i = (Σ_{N_i} e^{scale·q_i·k_j − c_i} v_j + g_h m_i) / (Σ_{N_i} e^{…} + g_h n_i)
+
+``g_h = softplus(θ_h)`` per query head; ``(m_i, n_i)`` is the far memory's read-out and normaliser
+over ``F_i`` (fast-weight / ELiTA sums through :class:`LinearFarMemory`, CAT's compressed chunks).
+Degenerate cases, checked by the tests: ``g = 0`` is the ``window`` target exactly; ``w ≥ T`` leaves
+``F`` empty, so the host's softmax attention exactly.
+
+A far item (a token, or a CAT chunk) becomes visible at query position ``avail = j + w`` (its last
+token's). The forward runs in query blocks ``[a, b)``: the exact part attends to the sinks plus keys
+``a − w + 1 .. b − 1`` (``O(T·(w + block))``, never ``T²``); the far part reads the memory, which holds
+every item with ``avail ≤ a``, plus the items with ``avail ∈ (a, b]`` masked by ``avail ≤ i``, and
+then absorbs those. Prefill and decoding run the same code: decoding keeps the memory plus the sinks
+and the last ``w − 1`` tokens (``k``, ``v``, their positions and padding flags, and any per-token
+inputs the memory needs later, e.g. ELiTA's key logits) in ``state``, every tensor batch-first.
+Padding (keys the mask marks as padding) is skipped in both parts; positions are tensor positions,
+as in the ``window`` target.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swapformer.errors import ConfigError
+from swapformer.targets.base import TargetModule
+from swapformer.targets.reference import STATE_ELEMENT_BYTES, key_keep_from_bias, state_pos
+
+Tokens = dict[str, torch.Tensor]  # per-token tensors, token axis 2, batch first
+Memory = dict[str, torch.Tensor]
+FarRead = tuple[torch.Tensor, torch.Tensor, Memory]
+
+# per-token tensors every hybrid keeps for its exact window
+WINDOW_KEYS = ("k", "v")
+
+
+def check_hybrid_options(target: str, local_window: int, sinks: int, block_size: int) -> None:
+    if local_window < 0:
+        raise ConfigError(f"{target} local_window must be >= 0 (0 = no exact window), got {local_window}")
+    if sinks < 0:
+        raise ConfigError(f"{target} sinks must be >= 0, got {sinks}")
+    if block_size < 1:
+        raise ConfigError(f"{target} block_size must be >= 1, got {block_size}")
+
+
+def inverse_softplus(x: float) -> float:
+    return x + math.log(-math.expm1(-x))
+
+
+def local_terms(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shifted exact sums over the visible keys: ``(Σ e v, Σ e, c)``.
+
+    ``q [B, Hkv, G, Tq, D]``, ``k, v [B, Hkv, Tk, D]``, ``keep`` broadcastable to ``[B, 1, 1, Tq, Tk]``;
+    returns ``[B, Hkv, G, Tq, Dv]``, ``[B, Hkv, G, Tq, 1]``, ``[B, Hkv, G, Tq, 1]`` (``c = 0`` on rows
+    that see no key, whose sums are then 0).
+    """
+    s = torch.einsum("bkgtd,bksd->bkgts", q, k) * scale
+    s = s.masked_fill(~keep, -math.inf)
+    c = s.amax(-1, keepdim=True)
+    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+    e = torch.exp(s - c)
+    return torch.einsum("bkgts,bksd->bkgtd", e, v), e.sum(-1, keepdim=True), c
+
+
+def window_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
+    i, j = q_pos[:, None], k_pos[None, :]
+    return (j <= i) & ((i - j < window) | (j < sinks))
+
+
+class HybridAttention(TargetModule):
+    """Base class of the hybrid cores; subclasses supply the far memory (see the module docstring).
+
+    Subclass hooks: :meth:`token_inputs` (per-token tensors the memory reads when a token is
+    evicted, beyond ``k``/``v``), :meth:`query_features`, :meth:`memory_init`, :meth:`far_block`,
+    :meth:`memory_bytes` and :meth:`token_bytes` (per cached token, beyond ``k``/``v``/pos/flag).
+    """
+
+    site_kind = "attention"
+    stateful = True
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, value_dim: int,
+                 scale: float | None, local_window: int, sinks: int, block_size: int,
+                 mix_init: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim, self.value_dim = head_dim, value_dim
+        self.scale = scale if scale is not None else head_dim**-0.5
+        self.window, self.sinks, self.block_size = local_window, sinks, block_size
+        self.mix_logit = nn.Parameter(torch.full((num_heads,), inverse_softplus(mix_init)))
+        self._far_ratios: list[torch.Tensor] | None = None
+
+    # ---- far-memory hooks -------------------------------------------------------------------
+    def token_inputs(self, k, v, hidden, pos) -> Tokens:
+        return {}
+
+    def query_features(self, q, hidden, pos) -> torch.Tensor:
+        raise NotImplementedError
+
+    def memory_init(self, batch: int, ref: torch.Tensor) -> Memory:
+        raise NotImplementedError
+
+    def far_block(self, mem: Memory, qf: torch.Tensor, items: Tokens, avail: torch.Tensor,
+                  item_keep: torch.Tensor, q_pos: torch.Tensor, c: torch.Tensor) -> FarRead:
+        """``(m [B, H, Tq, Dv], n [B, H, Tq, 1], memory after absorbing items)`` for one block."""
+        raise NotImplementedError
+
+    def memory_bytes(self, context_len: int) -> int:
+        raise NotImplementedError
+
+    def token_bytes(self) -> int:
+        return 0
+
+    # ---- shared machinery --------------------------------------------------------------------
+    def mix(self) -> torch.Tensor:
+        """``g_h = softplus(θ_h)`` ``[H]``."""
+        return F.softplus(self.mix_logit.float())
+
+    def set_mix(self, g: torch.Tensor) -> None:
+        """Set ``g_h`` (``[H]`` or scalar; > 0) in closed form."""
+        g = torch.as_tensor(g, dtype=torch.float64).clamp_min(1e-12).expand(self.num_heads)
+        with torch.no_grad():
+            self.mix_logit.copy_((g + torch.log(-torch.expm1(-g))).to(self.mix_logit.dtype))
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, T, D]`` -> ``[B, Hkv, G, T, D]``."""
+        b, _, t, d = x.shape
+        return x.reshape(b, self.num_kv_heads, -1, t, d)
+
+    def _buffer(self, state, k, v, hidden, keep_new, start) -> tuple[Tokens, torch.Tensor, torch.Tensor]:
+        """The cached window tokens followed by this call's: ``(tokens, pos [R], keep [B, R])``."""
+        pos_new = torch.arange(start, start + k.shape[-2], device=k.device)
+        tokens = {"k": k, "v": v, **self.token_inputs(k, v, hidden, pos_new)}
+        if state is None or "k" not in state:
+            return tokens, pos_new, keep_new
+        buf = {n: torch.cat([state[n], t.to(state[n].dtype)], dim=2) for n, t in tokens.items()}
+        pos = torch.cat([state["k_pos"][0], pos_new])
+        return buf, pos, torch.cat([state["keep"], keep_new], dim=1)
+
+    def _block(self, q, qf, buf, pos, keep, mem, qa: int, qb: int) -> tuple[torch.Tensor, Memory]:
+        """Output ``[B, H, Tq, Dv]`` of the queries at positions ``qa .. qb − 1``."""
+        w, s = self.window, self.sinks
+        q_pos = torch.arange(qa, qb, device=q.device)
+        local = (pos < s) | ((pos > qa - w) & (pos < qb))
+        vis = window_visible(q_pos, pos[local], w, s)[None, None, None] & keep[:, local][:, None, None, None]
+        num, den, c = local_terms(self._grouped(q), buf["k"][:, :, local], buf["v"][:, :, local], vis,
+                                  self.scale)
+        ev = (pos >= s) & (pos + w > qa) & (pos + w <= qb)
+        items = {n: t[:, :, ev] for n, t in buf.items()}
+        m, n, mem = self.far_block(mem, qf, items, pos[ev] + w, keep[:, ev], q_pos,
+                                   c.flatten(1, 2))
+        g = self.mix()[None, :, None, None]
+        b, h, tq = q.shape[0], self.num_heads, qb - qa
+        num, den = num.reshape(b, h, tq, -1), den.reshape(b, h, tq, 1)
+        if self._far_ratios is not None:  # far normaliser per unit mix / exact mass (init_mix)
+            self._far_ratios.append(n / den.clamp_min(torch.finfo(den.dtype).tiny))
+        num, den = num + g * m, den + g * n
+        return num / den.clamp_min(torch.finfo(den.dtype).tiny), mem
+
+    def _store(self, state: dict, buf: Tokens, pos, keep, mem: Memory, end: int) -> None:
+        """Keep the sinks and the last ``w − 1`` tokens (the rest is in the memory) and the memory."""
+        stay = (pos < self.sinks) | (pos > end - self.window)
+        b = keep.shape[0]
+        for n, t in buf.items():
+            state[n] = t[:, :, stay]
+        # every state tensor is batch-first (caches reorder beams); positions agree across rows
+        state["k_pos"] = pos[stay].expand(b, -1)
+        state["keep"] = keep[:, stay]
+        state.update(mem)
+        state["pos"] = end
+
+    def _memory_from(self, state: dict | None, batch: int, ref: torch.Tensor) -> Memory:
+        fresh = self.memory_init(batch, ref)
+        if state is None or "k" not in state:
+            return fresh
+        return {n: state[n] for n in fresh}
+
+    def hybrid_forward(self, q, k, v, bias, hidden, state: dict | None) -> torch.Tensor:
+        """The whole hybrid computation (prefill or decoding); returns ``[B, H, Tq, Dv]``."""
+        dt = torch.promote_types(q.dtype, torch.float32)
+        b, tq = q.shape[0], q.shape[-2]
+        start = state_pos(state)
+        keep_new = key_keep_from_bias(bias, b, k.shape[-2])
+        if keep_new is None:
+            keep_new = torch.ones(b, k.shape[-2], dtype=torch.bool, device=q.device)
+        hidden = hidden.to(dt) if hidden is not None else None
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        buf, pos, keep = self._buffer(state, k, v, hidden, keep_new, start)
+        mem = self._memory_from(state, b, q)
+        qf = self.query_features(q, hidden, torch.arange(start, start + tq, device=q.device))
+        outs = []
+        for a in range(0, tq, self.block_size):
+            e = min(tq, a + self.block_size)
+            out, mem = self._block(q[:, :, a:e], qf[:, :, a:e], buf, pos, keep, mem, start + a, start + e)
+            outs.append(out)
+        if state is not None:
+            self._store(state, buf, pos, keep, mem, start + tq)
+        return torch.cat(outs, dim=2)
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+    @torch.no_grad()
+    def init_from_inputs(self, q, k, v, bias=None, *, hidden=None, small: float = 0.02) -> torch.Tensor:
+        """Set ``g_h`` in closed form from sample inputs (quality-recipes §4.2); returns it ``[H]``.
+
+        ``ρ_h``, the host softmax's mass beyond the window over its mass inside it, and ``r_h``, the
+        far normaliser ``n`` at ``g = 1`` over the exact mass, are averaged over the queries that have
+        a far set; ``g_h = ρ_h / r_h`` gives the far memory its share of the normaliser. Per head, the
+        one of ``{g_h, small·g_h, current g_h}`` whose output is closest (MSE) to the host attention
+        is kept: the far read-out of an untrained memory can hurt more than the missing mass.
+        """
+        t = q.shape[-2]
+        if t <= self.window + self.sinks:
+            return self.mix()  # no query has a far set: nothing to measure
+        exact, rho = self._host_far_mass(q, k, v, bias)
+        current = self.mix().clone()
+        self.set_mix(torch.ones(self.num_heads))
+        self._far_ratios = []
+        try:
+            self.hybrid_forward(q, k, v, bias, hidden, None)
+            ratios = torch.cat(self._far_ratios, dim=2)[:, :, self.window + self.sinks:]
+        finally:
+            self._far_ratios = None
+        r = ratios.mean(dim=(0, 2, 3)).clamp_min(1e-12)
+        fitted = (rho / r).clamp(1e-6, 1e4)
+        candidates = [fitted, small * fitted, current]
+        errors = []
+        for g in candidates:
+            self.set_mix(g)
+            out = self.hybrid_forward(q, k, v, bias, hidden, None)
+            errors.append((out - exact).square().mean(dim=(0, 2, 3)))
+        best = torch.stack(errors).argmin(0)
+        chosen = torch.stack(candidates).gather(0, best[None])[0]
+        self.set_mix(chosen)
+        return chosen
+
+    def _host_far_mass(self, q, k, v, bias) -> tuple[torch.Tensor, torch.Tensor]:
+        """The host's attention output and ``ρ_h`` ``[H]`` (dense: for calibration-sized inputs)."""
+        dt = torch.promote_types(q.dtype, torch.float32)
+        b, _, t, _ = q.shape
+        qg, k, v = self._grouped(q.to(dt)), k.to(dt), v.to(dt)
+        pos = torch.arange(t, device=q.device)
+        causal = pos[None, :] <= pos[:, None]
+        keep = key_keep_from_bias(bias, b, t)
+        real = causal[None] if keep is None else causal[None] & keep[:, None, :]
+        near = window_visible(pos, pos, self.window, self.sinks)
+        s = torch.einsum("bkgtd,bksd->bkgts", qg, k) * self.scale
+        p = s.masked_fill(~real[:, None, None], -math.inf).softmax(-1).nan_to_num(0.0)
+        exact = torch.einsum("bkgts,bksd->bkgtd", p, v).flatten(1, 2)
+        mass_near = (p * near).sum(-1).flatten(1, 2)[:, :, self.window + self.sinks:]
+        mass_far = (p * ~near).sum(-1).flatten(1, 2)[:, :, self.window + self.sinks:]
+        rho = (mass_far / mass_near.clamp_min(1e-12)).mean(dim=(0, 2))
+        return exact, rho
+
+    def state_bytes(self, context_len: int) -> int:
+        """Sinks + last ``w − 1`` tokens (fp32 ``k``/``v`` of every kv head, int64 position, padding
+        flag, any cached memory inputs) plus the fixed-size far memory."""
+        rows = min(context_len, self.window - 1 + self.sinks)
+        per_row = self.num_kv_heads * (self.head_dim + self.value_dim) * STATE_ELEMENT_BYTES + 8 + 1
+        return rows * (per_row + self.token_bytes()) + self.memory_bytes(context_len)
+
+    def evicted(self, context_len: int) -> int:
+        """Tokens in the far memory after ``context_len`` tokens (ready for the next query)."""
+        return max(0, context_len - self.window + 1 - self.sinks)
+
+    def window_flops_per_token(self, context_len: int) -> int:
+        visible = min(context_len, self.window + self.sinks)
+        return 2 * self.num_heads * visible * (self.head_dim + self.value_dim)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class LinearFarMemory(HybridAttention):
+    """Far memory ``S = Σ_F φk_j v_jᵀ``, ``z = Σ_F φk_j`` per memory head, read ``m = φq S``, ``n = φq z``.
+
+    Memory heads are the kv heads (query head ``h`` reads memory head ``h // G``) or the query heads.
+    Subclasses give :meth:`memory_items` (``φk [B, Hm, Te, Fk]``, values ``[B, Hm, Te, Dv]``) and the
+    feature width ``self.feature_dim`` and memory head count ``self.memory_heads``.
+    """
+
+    feature_dim: int
+    memory_heads: int
+
+    def memory_items(self, items: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def memory_init(self, batch: int, ref: torch.Tensor) -> Memory:
+        hm, f, dv = self.memory_heads, self.feature_dim, self.value_dim
+        return {"S": ref.new_zeros(batch, hm, f, dv), "z": ref.new_zeros(batch, hm, f)}
+
+    def memory_bytes(self, context_len: int) -> int:
+        return self.memory_heads * self.feature_dim * (self.value_dim + 1) * STATE_ELEMENT_BYTES
+
+    def far_block(self, mem, qf, items, avail, item_keep, q_pos, c) -> FarRead:
+        b, h, tq, f = qf.shape
+        qg = qf.reshape(b, self.memory_heads, -1, tq, f)
+        m = torch.einsum("bkgtf,bkfd->bkgtd", qg, mem["S"])
+        n = torch.einsum("bkgtf,bkf->bkgt", qg, mem["z"])[..., None]
+        if avail.numel():
+            fk, fv = self.memory_items(items)
+            fk = fk * item_keep[:, None, :, None]
+            a = torch.einsum("bkgtf,bkef->bkgte", qg, fk) * (avail[None, :] <= q_pos[:, None])
+            m = m + torch.einsum("bkgte,bked->bkgtd", a, fv)
+            n = n + a.sum(-1, keepdim=True)
+            mem = {"S": mem["S"] + torch.einsum("bkef,bked->bkfd", fk, fv), "z": mem["z"] + fk.sum(2)}
+        return m.reshape(b, h, tq, -1), n.reshape(b, h, tq, 1), mem

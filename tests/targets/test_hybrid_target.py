@@ -1,0 +1,191 @@
+"""Hybrid forms (exact window + sinks + far memory, one normaliser) of fastweight, elita and cat:
+the degenerate cases of the math, decoding, padding, state size, and the long-prefill memory bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from target_helpers import (
+    attention_site,
+    build,
+    decode,
+    hypothesis_settings,
+    padding_bias,
+    qkv_inputs,
+    randomize,
+)
+
+from swapformer.errors import ConfigError
+from swapformer.targets.cat import CatAttention, CatConfig, HybridCat
+from swapformer.targets.elita import HybridElita
+from swapformer.targets.fastweight import FastWeightAttention, FastWeightConfig, HybridFastWeight
+from swapformer.targets.hybrid import HybridAttention
+from swapformer.targets.sdpa import SdpaAttention, SdpaConfig
+from swapformer.targets.window import WindowAttention, WindowConfig
+
+D_MODEL = 24
+HYBRIDS = {"fastweight": {}, "elita": {}, "cat": {"chunk_size": 3}}
+
+
+def _hybrid(target, window, sinks, block=3, seed=1, dtype=torch.float64, **options):
+    site, weights = attention_site(d_model=D_MODEL, qkv_bias=True, dtype=dtype)
+    options = {**HYBRIDS[target], **options}
+    core = build(target, site, weights, local_window=window, sinks=sinks, block_size=block, **options)
+    assert isinstance(core, HybridAttention)
+    return randomize(core, seed=seed), site
+
+
+def _strong_mix(core):
+    core.set_mix(torch.linspace(0.3, 2.0, core.num_heads))
+    return core
+
+
+@pytest.mark.parametrize("target", HYBRIDS)
+def test_defaults_build_the_hybrid_and_zero_keeps_the_seed_form(target):
+    site, weights = attention_site(d_model=D_MODEL)
+    assert isinstance(build(target, site, weights), HybridAttention)
+    seed_form = build(target, site, weights, local_window=0)
+    assert not isinstance(seed_form, HybridAttention)
+    core = build(target, site, weights)
+    assert (core.window, core.sinks) == (64, 4)
+    expected = core.config.mix_init
+    assert expected == (1e-6 if target == "elita" else 1e-3)
+    assert torch.allclose(core.mix(), torch.full((site.num_heads,), expected, dtype=core.mix().dtype))
+
+
+@pytest.mark.parametrize("target", HYBRIDS)
+@hypothesis_settings()
+@given(window=st.integers(1, 7), sinks=st.integers(0, 3), length=st.integers(1, 30),
+       block=st.integers(1, 8), seed=st.integers(0, 5))
+def test_zero_mix_is_the_window_target_exactly(target, window, sinks, length, block, seed):
+    core, site = _hybrid(target, window, sinks, block, seed=seed)
+    with torch.no_grad():
+        core.mix_logit.fill_(-1e4)  # softplus underflows to exactly 0
+    ref = WindowAttention(site.num_heads, site.num_kv_heads, site.head_dim, scale=site.scale,
+                          config=WindowConfig(window=window, sinks=sinks))
+    q, k, v, h = qkv_inputs(site, 2, length, D_MODEL, seed=seed)
+    torch.testing.assert_close(core(q, k, v, hidden=h), ref(q, k, v), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("target", HYBRIDS)
+@hypothesis_settings(8)
+@given(length=st.integers(1, 20), sinks=st.integers(0, 3), seed=st.integers(0, 5))
+def test_window_covering_the_input_is_the_host_attention(target, length, sinks, seed):
+    core, site = _hybrid(target, 20, sinks, seed=seed)
+    _strong_mix(core)
+    ref = SdpaAttention.from_site(site, SdpaConfig(), {})
+    q, k, v, h = qkv_inputs(site, 2, length, D_MODEL, seed=seed)
+    torch.testing.assert_close(core(q, k, v, hidden=h), ref(q, k, v), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("target", HYBRIDS)
+def test_far_memory_changes_the_output(target):
+    """Beyond the window the mix matters (else the degenerate tests above would prove nothing)."""
+    core, site = _hybrid(target, 3, 1)
+    q, k, v, h = qkv_inputs(site, 1, 16, D_MODEL)
+    with torch.no_grad():
+        core.mix_logit.fill_(-1e4)
+        base = core(q, k, v, hidden=h)
+        far = _strong_mix(core)(q, k, v, hidden=h)
+    assert torch.equal(far[:, :, :4], base[:, :, :4])  # nothing evicted before position 4
+    assert (far[:, :, 4:] - base[:, :, 4:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("target", HYBRIDS)
+@hypothesis_settings()
+@given(window=st.integers(1, 6), sinks=st.integers(0, 2), length=st.integers(2, 26),
+       prefill=st.integers(0, 12), step=st.integers(1, 5), seed=st.integers(0, 5))
+def test_recurrent_decode_equals_the_parallel_forward(target, window, sinks, length, prefill, step, seed):
+    core, site = _hybrid(target, window, sinks, block=4, seed=seed)
+    _strong_mix(core)
+    q, k, v, h = qkv_inputs(site, 2, length, D_MODEL, seed=seed)
+    full = core(q, k, v, hidden=h)
+    torch.testing.assert_close(decode(core, q, k, v, h, min(prefill, length - 1), step), full,
+                               rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("target", HYBRIDS)
+def test_padding_leaves_real_positions_as_alone(target):
+    core, site = _hybrid(target, 4, 1)
+    _strong_mix(core)
+    q, k, v, h = qkv_inputs(site, 2, 19, D_MODEL)
+    padded = core(q, k, v, padding_bias([19, 11], 19), hidden=h)
+    alone = core(q[1:, :, :11], k[1:, :, :11], v[1:, :, :11], hidden=h[1:, :11])
+    torch.testing.assert_close(padded[1:, :, :11], alone, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(padded[:1], core(q[:1], k[:1], v[:1], hidden=h[:1]), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("target", HYBRIDS)
+@pytest.mark.parametrize("length", [1, 5, 9, 23])
+def test_state_bytes_are_what_the_state_holds(target, length):
+    core, site = _hybrid(target, 5, 2, dtype=torch.float32)
+    q, k, v, h = qkv_inputs(site, 1, length, D_MODEL, dtype=torch.float32)
+    state: dict = {}
+    decode_state = {}
+    core(q, k, v, hidden=h, state=state)
+    decode(core, q, k, v, h, 0, 1)  # token by token reaches the same size
+    for t in range(length):
+        core(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], hidden=h[:, t:t + 1], state=decode_state)
+    for s in (state, decode_state):
+        held = sum(x.numel() * x.element_size() for x in s.values() if isinstance(x, torch.Tensor))
+        assert held == core.state_bytes(length)
+        assert all(x.shape[0] == 1 for x in s.values() if isinstance(x, torch.Tensor))  # batch-first
+
+
+def test_fastweight_state_is_per_kv_head_and_fixed():
+    core = HybridFastWeight(9, 3, 64, 64, config=FastWeightConfig())
+    window = (64 - 1 + 4) * (3 * 128 * 4 + 9)
+    assert core.state_bytes(8192) == window + 3 * 128 * 65 * 4
+    assert core.state_bytes(8192) == core.state_bytes(100_000)
+    assert sum(p.numel() for p in core.new_parameters()) == (9 + 3) * 64 * 64 + 9
+
+
+def test_long_prefill_is_not_dense(monkeypatch):
+    """The exact part never scores more keys than sinks + window + block per query block."""
+    from swapformer.targets import hybrid
+
+    seen = []
+    original = hybrid.local_terms
+
+    def spy(q, k, v, keep, scale):
+        seen.append(k.shape[-2])
+        return original(q, k, v, keep, scale)
+
+    monkeypatch.setattr(hybrid, "local_terms", spy)
+    core, site = _hybrid("fastweight", 8, 2, block=4, dtype=torch.float32)
+    q, k, v, h = qkv_inputs(site, 1, 200, D_MODEL, dtype=torch.float32)
+    core(q, k, v, hidden=h)
+    assert max(seen) <= 2 + 8 + 4 - 1
+
+
+def test_seed_form_classes_refuse_a_window():
+    with pytest.raises(ConfigError, match="local_window"):
+        FastWeightAttention(4, 2, 8, 8, d_model=16, config=FastWeightConfig())
+    with pytest.raises(ConfigError, match="local_window"):
+        CatAttention(4, 2, 8, config=CatConfig())
+    assert isinstance(HybridCat(4, 2, 8), HybridAttention)
+    site, weights = attention_site(d_model=D_MODEL)
+    assert isinstance(build("elita", site, weights), HybridElita)
+
+
+@pytest.mark.parametrize("target", HYBRIDS)
+def test_gradients_reach_the_memory_and_the_mix(target):
+    core, site = _hybrid(target, 3, 1)
+    q, k, v, h = qkv_inputs(site, 1, 14, D_MODEL)
+    core(q, k, v, hidden=h).square().sum().backward()
+    assert core.mix_logit.grad is not None and core.mix_logit.grad.abs().min() > 0
+    for p in core.new_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("target", HYBRIDS)
+def test_closed_form_mix_init_does_not_move_away_from_the_host(target):
+    core, site = _hybrid(target, 4, 1, seed=0)
+    q, k, v, h = qkv_inputs(site, 2, 40, D_MODEL)
+    ref = SdpaAttention.from_site(site, SdpaConfig(), {})(q, k, v)
+    before = (core(q, k, v, hidden=h) - ref).square().mean()
+    g = core.init_from_inputs(q, k, v, hidden=h)
+    assert g.shape == (site.num_heads,) and torch.allclose(core.mix(), g.to(core.mix().dtype))
+    assert (core(q, k, v, hidden=h) - ref).square().mean() <= before + 1e-12

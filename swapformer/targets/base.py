@@ -130,6 +130,8 @@ class TargetModule(nn.Module):
 
     target_name: ClassVar[str] = ""
     site_kind: ClassVar[str] = "attention"
+    # a stateful core keeps a decoding ``state`` dict (batch-first tensors) that the HF cache holds
+    stateful: ClassVar[bool] = False
 
     @classmethod
     def unsupported(cls, site: Site, config: TargetConfig) -> str | None:
@@ -144,6 +146,10 @@ class TargetModule(nn.Module):
     def new_parameters(self) -> list[nn.Parameter]:
         """Parameters that did not exist in the host (what calibration stage 1 trains)."""
         return list(self.parameters())
+
+    def parameter_count(self) -> int:
+        """Parameters the core holds (host copies included)."""
+        return sum(p.numel() for p in self.parameters())
 
 
 _REGISTRY: dict[tuple[str, str], type[TargetModule]] = {}

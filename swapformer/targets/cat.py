@@ -349,8 +349,6 @@ class CatAttention(TargetModule, ChunkCompressor):
         rows = context_len // self.chunk_size + context_len % self.chunk_size
         return rows * (2 * self.num_kv_heads * self.head_dim * 4 + 1)
 
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 class HybridCat(HybridAttention, ChunkCompressor):
@@ -649,5 +647,3 @@ class CatLayer(TargetModule):
         rows = context_len // c + 1 + min(c, context_len)
         return (rows * 2 * self.width + c * self.d_model) * 4
 
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())

@@ -263,8 +263,6 @@ class ElitaAttention(TargetModule):
         """Bytes per sequence: ``S`` (``H × Dv``) and ``Z`` (``H``) in fp32."""
         return self.num_heads * (self.value_dim + 1) * 4
 
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 class HybridElita(LinearFarMemory):
@@ -421,5 +419,3 @@ class ElitaFFN(TargetModule):
     def state_bytes(self, context_len: int = 0) -> int:
         return 0
 
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())

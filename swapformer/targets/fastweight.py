@@ -294,8 +294,6 @@ class FastWeightAttention(TargetModule):
         """Bytes of decoding state per sequence: the fp32 fast-weight matrix of every head."""
         return self.num_heads * (self.value_dim + self.config.normalize) * self.key_dim * 4
 
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 

@@ -279,8 +279,6 @@ class HybridAttention(TargetModule):
         visible = min(context_len, self.window + self.sinks)
         return 2 * self.num_heads * visible * (self.head_dim + self.value_dim)
 
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 class LinearFarMemory(HybridAttention):

@@ -215,10 +215,6 @@ class HostFFN(nn.Module):
         return 2 * n_in * self.up.in_features * self.up.out_features
 
 
-def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def sdpa_flops_per_token(num_heads: int, head_dim: int, value_dim: int, context_len: int) -> int:
     """Core FLOPs of dense softmax attention for one query over ``context_len`` keys."""
     return 2 * num_heads * context_len * (head_dim + value_dim)

@@ -191,6 +191,3 @@ class WindowAttention(TargetModule):
         position (int64) and padding flag."""
         rows = min(context_len, self.window - 1 + self.sinks)
         return rows * (self.num_kv_heads * (self.head_dim + self.value_dim) * 4 + 8 + 1)
-
-    def parameter_count(self) -> int:
-        return 0

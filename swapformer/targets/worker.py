@@ -237,8 +237,6 @@ class WorkerAttention(TargetModule):
         rows = context_len + self.config.conv_kernel - 1
         return rows * self.conv_bias.numel() * 4
 
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 @register_target(WorkerConfig)
@@ -296,6 +294,4 @@ class WorkerFFN(TargetModule):
     def state_bytes(self, context_len: int = 0) -> int:
         return 0
 
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 

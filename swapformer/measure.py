@@ -96,9 +96,8 @@ def state_bytes(model: nn.Module, context: int) -> int | None:
         return None
     total = 0
     for rep in report.replaced:
-        core = model.get_submodule(rep.core_name)
-        size = getattr(core, "state_bytes", None)
+        size = model.get_submodule(rep.core_name).state_bytes(context)
         if size is None:
             return None
-        total += int(size(context))
+        total += int(size)
     return total

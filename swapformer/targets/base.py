@@ -151,6 +151,15 @@ class TargetModule(nn.Module):
         """Parameters the core holds (host copies included)."""
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self, context_len: int = 0) -> int | None:
+        """Core FLOPs for one token with ``context_len`` tokens of context; None: not counted."""
+        return None
+
+    def state_bytes(self, context_len: int = 0) -> int | None:
+        """Bytes of decoding state per sequence after ``context_len`` tokens (what a cache layer holds
+        for this core); None: not counted (exact cores leave the host's KV cache in place)."""
+        return None
+
 
 _REGISTRY: dict[tuple[str, str], type[TargetModule]] = {}
 _CONFIGS: dict[str, type[TargetConfig]] = {}

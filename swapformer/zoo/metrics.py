@@ -73,13 +73,8 @@ def _site_cost(student: Any, rep: Any, ctx: int, exact: bool) -> tuple[tuple, tu
 
 
 def _call_cost(core: Any, name: str, ctx: int) -> float | None:
-    fn = getattr(core, name, None)
-    if fn is None:
-        return None
-    try:
-        return float(fn(ctx))
-    except TypeError:  # FFN cores take no context
-        return float(fn())
+    value = getattr(core, name)(ctx)  # declared by every TargetModule; None where not counted
+    return None if value is None else float(value)
 
 
 def _bench_args(settings: dict[str, Any], **over: Any) -> BenchSettings:

@@ -38,17 +38,10 @@ from torch import nn
 from swapformer.errors import InputError
 from swapformer.rewriter.report import Replacement
 from swapformer.sites import AttentionSite, FFNSite, ProjectionRef
+from swapformer.targets.reference import ACTIVATIONS
 from swapformer.targets.sdpa import SdpaAttention, SdpaConfig
 
 Reference = Callable[..., torch.Tensor]
-
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "tanh": torch.tanh,
-}
 
 
 class _AllSitesDone(Exception):
@@ -75,9 +68,9 @@ def ffn_reference(site: FFNSite, lookup: Callable[[str], torch.Tensor]) -> Refer
     """
     if site.up_proj is None or site.down_proj is None:
         raise InputError(f"FFN site {site.name} has no up/down projections to rebuild it from")
-    if site.activation not in _ACTIVATIONS:
+    if site.activation not in ACTIVATIONS:
         raise InputError(f"FFN site {site.name}: no reference for activation {site.activation!r}")
-    act = _ACTIVATIONS[site.activation]
+    act = ACTIVATIONS[site.activation]
     up = _projection(site.up_proj, lookup)
     down = _projection(site.down_proj, lookup)
     gate = _projection(site.gate_proj, lookup) if site.gated and site.gate_proj else None

@@ -147,12 +147,14 @@ def uniform_gate_bias(n: int, generator: torch.Generator | None = None) -> torch
     return torch.log(u / (1 - u)).float()
 
 
+# the one table of FFN activations by the names the detectors give them
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
     "silu": F.silu,
     "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
 }
 
 
@@ -218,13 +220,6 @@ class HostFFN(nn.Module):
 def sdpa_flops_per_token(num_heads: int, head_dim: int, value_dim: int, context_len: int) -> int:
     """Core FLOPs of dense softmax attention for one query over ``context_len`` keys."""
     return 2 * num_heads * context_len * (head_dim + value_dim)
-
-
-def causal_keep(tq: int, tk: int, device: torch.device) -> torch.Tensor:
-    """``[Tq, Tk]`` bool, bottom-right aligned causal mask."""
-    i = torch.arange(tq, device=device)[:, None] + (tk - tq)
-    j = torch.arange(tk, device=device)[None, :]
-    return j <= i
 
 
 def masked_sdpa(

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from swapformer.sites import AttentionSite, Site
 from swapformer.targets.base import TargetConfig, TargetModule, register_target
+from swapformer.targets.reference import ACTIVATIONS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -99,16 +100,6 @@ class SdpaAttention(TargetModule):
 
     def new_parameters(self) -> list[torch.nn.Parameter]:
         return []
-
-
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-}
 
 
 @register_target(SdpaConfig)

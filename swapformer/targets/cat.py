@@ -415,20 +415,6 @@ class HybridCat(HybridAttention, ChunkCompressor):
         rows = evicted // self.chunk_size + evicted % self.chunk_size
         return rows * (2 * self.num_kv_heads * self.head_dim * STATE_ELEMENT_BYTES + 1)
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        *,
-        hidden: torch.Tensor | None = None,
-        state: dict | None = None,
-    ) -> torch.Tensor:
-        if state is None:
-            check_full_call(q, k, self.target_name)
-        return self.hybrid_forward(q, k, v, bias, hidden, state).to(q.dtype)
-
     def flops_per_token(self, context_len: int) -> int:
         """Exact window attention, attention over the compressed chunks, the amortised compressor."""
         chunks = self.evicted(context_len) // self.chunk_size

@@ -270,6 +270,7 @@ class HybridElita(LinearFarMemory):
 
     # built through ElitaAttention.from_site (local_window > 0), so not registered itself
     target_name = "elita"
+    needs_hidden = True
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, value_dim: int,
                  d_model: int, scale: float | None = None, config: ElitaConfig | None = None) -> None:
@@ -321,21 +322,6 @@ class HybridElita(LinearFarMemory):
 
     def token_bytes(self) -> int:
         return self.num_heads * STATE_ELEMENT_BYTES
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        *,
-        hidden: torch.Tensor | None = None,
-        state: dict | None = None,
-    ) -> torch.Tensor:
-        hidden = require_hidden(hidden, self.target_name)
-        if state is None:
-            check_full_call(q, k, self.target_name)
-        return self.hybrid_forward(q, k, v, bias, hidden, state).to(q.dtype)
 
     def new_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -342,20 +342,6 @@ class HybridFastWeight(LinearFarMemory):
     def memory_items(self, items) -> tuple[torch.Tensor, torch.Tensor]:
         return self._map(self.k_map, items["k"]), items["v"]
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        *,
-        hidden: torch.Tensor | None = None,
-        state: dict | None = None,
-    ) -> torch.Tensor:
-        if state is None:
-            check_full_call(q, k, self.target_name)
-        return self.hybrid_forward(q, k, v, bias, hidden, state).to(q.dtype)
-
     def flops_per_token(self, context_len: int) -> int:
         """Exact window attention, both feature maps, and the memory write + read."""
         h, hkv, d, f, dv = self.num_heads, self.num_kv_heads, self.head_dim, self.feature_dim, self.value_dim

@@ -34,7 +34,13 @@ from torch import nn
 
 from swapformer.errors import ConfigError
 from swapformer.targets.base import TargetModule
-from swapformer.targets.reference import STATE_ELEMENT_BYTES, key_keep_from_bias, state_pos
+from swapformer.targets.reference import (
+    STATE_ELEMENT_BYTES,
+    check_full_call,
+    key_keep_from_bias,
+    require_hidden,
+    state_pos,
+)
 
 Tokens = dict[str, torch.Tensor]  # per-token tensors, token axis 2, batch first
 Memory = dict[str, torch.Tensor]
@@ -185,6 +191,25 @@ class HybridAttention(TargetModule):
         if state is None or "k" not in state:
             return fresh
         return {n: state[n] for n in fresh}
+
+    # the far memory reads the attention block's input (elita's logits)
+    needs_hidden: bool = False
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        hidden: torch.Tensor | None = None,
+        state: dict | None = None,
+    ) -> torch.Tensor:
+        if self.needs_hidden:
+            hidden = require_hidden(hidden, self.target_name)
+        if state is None:
+            check_full_call(q, k, self.target_name)
+        return self.hybrid_forward(q, k, v, bias, hidden, state).to(q.dtype)
 
     def hybrid_forward(self, q, k, v, bias, hidden, state: dict | None) -> torch.Tensor:
         """The whole hybrid computation (prefill or decoding); returns ``[B, H, Tq, Dv]``."""

@@ -35,7 +35,7 @@ log = logging.getLogger("swapformer.demo")
 DEFAULT_TARGETS: dict[str, dict[str, Any]] = {
     "sdpa": {},
     "window": {"window": 64, "sinks": 4},
-    "fastweight": {"feature_map": "elu1", "normalize": True},
+    "fastweight": {},
     "elita": {},
     "cat": {"chunk_size": 16},
     "worker": {"interval": 2},

@@ -73,6 +73,27 @@ def _decode_matches_prefix_forwards(model, ids: torch.Tensor) -> None:
             torch.testing.assert_close(steps[i], full, atol=1e-5, rtol=1e-5)
 
 
+def _left_padded_batch_matches_each_prompt_alone(model) -> None:
+    prompts = [_ids(1, 9, seed=4)[0], _ids(1, 5, seed=5)[0]]
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, 9 - len(p):], mask[i, 9 - len(p):] = p, 1
+    batched = _greedy(model, ids, mask)
+    for i, p in enumerate(prompts):
+        alone = _greedy(model, p[None])
+        assert torch.equal(batched[i, 9:], alone[0, len(p):]), (i, batched, alone)
+
+
+def _cache_after(model, prompt: int, steps: int = 3):
+    """The cache after a prompt of ``prompt`` tokens and ``steps`` single-token calls."""
+    with torch.no_grad():
+        cache = model(_ids(1, prompt), use_cache=True).past_key_values
+        for step in range(steps):
+            cache = model(_ids(1, 1, seed=step), past_key_values=cache, use_cache=True).past_key_values
+    return cache
+
+
 @pytest.mark.parametrize("target", _marked(TARGETS))
 def test_decode_equals_the_full_forward_token_by_token(llama, target: str) -> None:
     _decode_matches_prefix_forwards(_converted(llama, target), _ids(2, 12))
@@ -86,16 +107,7 @@ def test_sliding_window_host(target: str) -> None:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_left_padded_batch_equals_each_prompt_alone(llama, target: str) -> None:
-    model = _converted(llama, target)
-    prompts = [_ids(1, 9, seed=4)[0], _ids(1, 5, seed=5)[0]]
-    ids = torch.zeros(2, 9, dtype=torch.long)
-    mask = torch.zeros(2, 9, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, 9 - len(p):], mask[i, 9 - len(p):] = p, 1
-    batched = _greedy(model, ids, mask)
-    for i, p in enumerate(prompts):
-        alone = _greedy(model, p[None])
-        assert torch.equal(batched[i, 9:], alone[0, len(p):]), (i, batched, alone)
+    _left_padded_batch_matches_each_prompt_alone(_converted(llama, target))
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -133,11 +145,7 @@ def test_cache_holds_only_the_target_state(llama, target: str) -> None:
     model = _converted(llama, target)
     cores = [model.get_submodule(r.core_name) for r in model.swapformer_report.replaced]
     for prompt in (9, 17):
-        with torch.no_grad():
-            out = model(_ids(1, prompt), use_cache=True)
-            cache = out.past_key_values
-            for step in range(3):
-                cache = model(_ids(1, 1, seed=step), past_key_values=cache, use_cache=True).past_key_values
+        cache = _cache_after(model, prompt)
         context = prompt + 3
         assert cache.get_seq_length() == context
         assert cache.nbytes() == sum(core.state_bytes(context) for core in cores), target
@@ -173,17 +181,7 @@ HYBRID_EVICTING = {"fastweight": {"local_window": 3, "sinks": 1, "mix_init": 0.5
 def test_evicting_hybrids_decode_batch_and_count_their_state(llama, target: str) -> None:
     model = llama.rewrite(target, **HYBRID_EVICTING[target])
     _decode_matches_prefix_forwards(model, _ids(2, 12))
-    prompts = [_ids(1, 9, seed=4)[0], _ids(1, 5, seed=5)[0]]
-    ids = torch.zeros(2, 9, dtype=torch.long)
-    mask = torch.zeros(2, 9, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, 9 - len(p):], mask[i, 9 - len(p):] = p, 1
-    batched = _greedy(model, ids, mask)
-    for i, p in enumerate(prompts):
-        assert torch.equal(batched[i, 9:], _greedy(model, p[None])[0, len(p):])
+    _left_padded_batch_matches_each_prompt_alone(model)
     cores = [model.get_submodule(r.core_name) for r in model.swapformer_report.replaced]
-    with torch.no_grad():
-        cache = model(_ids(1, 9), use_cache=True).past_key_values
-        for step in range(3):
-            cache = model(_ids(1, 1, seed=step), past_key_values=cache, use_cache=True).past_key_values
+    cache = _cache_after(model, 9)
     assert cache.nbytes() == sum(core.state_bytes(12) for core in cores)

@@ -1,0 +1,228 @@
+"""Whole-model speed on the real SmolLM2-135M: the original and each converted model, side by side.
+
+For every model and context length T, in a fresh child process (so its peak RSS is its own), through
+the model's normal Hugging Face forward, exactly as ``generate()`` calls it:
+
+* prefill: one ``model(ids[:, :T], use_cache=True, logits_to_keep=1)`` call on Shakespeare text
+  (after a 64-token warm-up call), wall seconds;
+* decode: ``--steps`` greedy steps ``model(next_token, past_key_values=cache)`` after that prefill;
+  the median ms/token;
+* peak RSS: the largest resident memory of the child sampled every 5 ms during prefill + decode (the
+  model's weights included; the converted model's original is dropped before), and the bytes the
+  returned cache holds (host K/V for unreplaced layers, the targets' states for replaced ones).
+
+With ``--synthetic-above N`` the ORIGINAL model skips prefill for T > N and decodes from a
+``DynamicCache`` filled with random keys/values of the right size (decode time and memory do not depend
+on the values); its prefill cell then says "-" and the table says so. Converted models always prefill.
+
+Ratios are original / converted (> 1 means faster or smaller), measured in the same run. Usage::
+
+    python benchmarks/speed_smollm2.py --quick                      # T = 1024, 4 decode steps
+    python benchmarks/speed_smollm2.py --lengths 2048,8192 --write  # append a table to RESULTS.md
+    python benchmarks/speed_smollm2.py --lengths 32768 --targets window,fastweight --synthetic-above 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import inspect
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+TARGETS = ("window", "fastweight", "elita", "cat", "worker")
+RESULTS = Path(__file__).with_name("RESULTS.md")
+WARMUP_TOKENS = 64
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class _PeakRss(threading.Thread):
+    """Samples the process's resident memory until stopped; ``peak`` is the largest sample."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak, self.running = _rss_mib(), True
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, _rss_mib())
+            time.sleep(0.005)
+
+
+def _text_ids(tokenizer, length: int) -> torch.Tensor:
+    """``[1, length]`` Shakespeare token ids (the corpus repeated if it is shorter)."""
+    from swapformer.offline import corpus_tokens
+
+    text = torch.cat(corpus_tokens("shakespeare", tokenizer))
+    reps = -(-length // text.numel())
+    return text.repeat(reps)[:length][None]
+
+
+def _synthetic_cache(model, length: int):
+    """A host ``DynamicCache`` holding ``length`` random keys/values in every layer."""
+    from transformers import DynamicCache
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cache = DynamicCache()
+    for layer in range(cfg.num_hidden_layers):
+        kv = torch.randn(2, 1, cfg.num_key_value_heads, length, head_dim, dtype=model.dtype)
+        cache.update(kv[0], kv[1], layer)
+    return cache
+
+
+def _cache_keyword(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` in 5.2x; pass it by the model's own name."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _decode(model, cache, first: torch.Tensor, steps: int) -> list[float]:
+    """Greedy steps from ``first`` ``[1, 1]``; the wall time of each step in ms."""
+    times, token, keyword = [], first, _cache_keyword(model)
+    for _ in range(steps):
+        start = time.perf_counter()
+        out = model(token, use_cache=True, **{keyword: cache})
+        times.append(1000 * (time.perf_counter() - start))
+        token = out.logits[:, -1:].argmax(-1)
+    return times
+
+
+def measure(target: str, length: int, steps: int, synthetic_above: int) -> dict:
+    """Runs in the child: load, convert, prefill once, decode ``steps`` tokens, report."""
+    import swapformer
+    from swapformer.offline import load_smollm2
+    from swapformer.rewriter.hf_cache import cache_nbytes
+
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2()
+    model.eval()
+    if target != "original":
+        model = swapformer.rewrite(model, target)
+        gc.collect()
+    ids = _text_ids(tokenizer, length)
+    synthetic = target == "original" and synthetic_above and length > synthetic_above
+    with torch.no_grad():
+        model(ids[:, :WARMUP_TOKENS], use_cache=True, logits_to_keep=1)
+        gc.collect()
+        before, sampler = _rss_mib(), _PeakRss()
+        sampler.start()
+        prefill_s = None
+        if synthetic:
+            cache = _synthetic_cache(model, length)
+            first = ids[:, -1:]
+        else:
+            start = time.perf_counter()
+            out = model(ids, use_cache=True, logits_to_keep=1)
+            prefill_s = time.perf_counter() - start
+            cache = getattr(out, "cache", None) or out.past_key_values
+            first = out.logits[:, -1:].argmax(-1)
+        step_ms = _decode(model, cache, first, steps)
+    sampler.running = False
+    sampler.join()
+    return {
+        "target": target, "length": length, "steps": steps, "prefill_s": prefill_s,
+        "decode_ms": statistics.median(step_ms), "decode_ms_all": [round(t, 1) for t in step_ms],
+        "cache_bytes": cache_nbytes(cache), "peak_rss_mib": sampler.peak, "rss_before_mib": before,
+    }
+
+
+def _child(target: str, length: int, steps: int, synthetic_above: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", target, "--lengths", str(length), "--steps", str(steps),
+           "--synthetic-above", str(synthetic_above)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{target} at T={length} failed:\n{done.stderr[-3000:]}")
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps(row), file=sys.stderr, flush=True)  # progress: one line per finished child
+    return row
+
+
+def _ratio(base: float | None, value: float | None) -> str:
+    return "-" if base is None or value is None else f"{base / value:.2f}×"
+
+
+def table(rows: list[dict]) -> str:
+    base = {r["length"]: r for r in rows if r["target"] == "original"}
+    lines = ["| model | T | prefill s | prefill speed-up | decode ms/token | decode speed-up | "
+             "cache MiB | peak RSS MiB | RSS ratio |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        b = base.get(r["length"], {})
+        prefill = "-" if r["prefill_s"] is None else f"{r['prefill_s']:.2f}"
+        lines.append(
+            f"| {r['target']} | {r['length']} | {prefill} | {_ratio(b.get('prefill_s'), r['prefill_s'])} | "
+            f"{r['decode_ms']:.1f} | {_ratio(b.get('decode_ms'), r['decode_ms'])} | "
+            f"{r['cache_bytes'] / 2**20:.1f} | {r['peak_rss_mib']:.0f} | "
+            f"{_ratio(b.get('peak_rss_mib'), r['peak_rss_mib'])} |")
+    return "\n".join(lines)
+
+
+def flatness(rows: list[dict]) -> str:
+    """Per model: decode ms/token at each length over the shortest length's (fixed state ⇒ ≈ 1)."""
+    lines = []
+    for target in dict.fromkeys(r["target"] for r in rows):
+        mine = sorted((r["length"], r["decode_ms"]) for r in rows if r["target"] == target)
+        if len(mine) > 1:
+            parts = ", ".join(f"{n}: {ms / mine[0][1]:.2f}" for n, ms in mine)
+            lines.append(f"- {target}: decode ms/token relative to T={mine[0][0]} — {parts}")
+    return "\n".join(lines)
+
+
+def _header(args_line: str, load_start: float, load_end: float, synthetic_above: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    note = (f" The original's rows above T={synthetic_above} decode from a synthetic cache of the right "
+            "size (random values) and have no prefill." if synthetic_above else "")
+    return (f"\n### Whole-model speed, SmolLM2-135M, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC\n\n"
+            f"- machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; 1-min load average at start / end {load_start:.1f} / "
+            f"{load_end:.1f}\n"
+            f"- command: `python benchmarks/speed_smollm2.py {args_line}`\n"
+            "- each row a fresh process: prefill = one `model(ids, use_cache=True, logits_to_keep=1)` on "
+            "Shakespeare text; decode = median of the greedy steps after it; peak RSS = whole process "
+            f"(weights included) during prefill + decode; default options of every target, batch 1, fp32.{note}\n\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="2048,8192")
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--steps", type=int, default=8, help="greedy decode steps after the prefill")
+    parser.add_argument("--synthetic-above", type=int, default=0,
+                        help="the original decodes from a synthetic cache (no prefill) for T above this")
+    parser.add_argument("--quick", action="store_true", help="T = 1024, 4 decode steps")
+    parser.add_argument("--write", action="store_true", help=f"append the table to {RESULTS.name}")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, int(args.lengths), args.steps, args.synthetic_above)))
+        return
+    lengths = [1024] if args.quick else [int(x) for x in args.lengths.split(",")]
+    steps = 4 if args.quick else args.steps
+    targets = ["original", *[t for t in args.targets.split(",") if t]]
+    load_start = os.getloadavg()[0]
+    rows = [_child(t, n, steps, args.synthetic_above) for n in lengths for t in targets]
+    text = table(rows) + "\n\n" + flatness(rows)
+    print(text)
+    if args.write:
+        header = _header(" ".join(sys.argv[1:]), load_start, os.getloadavg()[0], args.synthetic_above)
+        with RESULTS.open("a") as f:
+            f.write(header + text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,12 @@ padding, each sequence runs through the core on its real tokens only, with a sta
 left and right padding give each sequence exactly what it gives alone. A batch without padding runs
 in one call with one batched state.
 
+A model whose every cache layer is a worker core repeats the last token of each call that uses the
+cache (the last ``logits_to_keep`` tokens when more are asked for) as transient workers that the cores
+do not store, and drops the stored copies from its outputs (``targets/worker.py``, "Decoding"); the
+innermost model does it, so outputs and ``logits_to_keep`` keep the call's length. The same hooks put
+each call's token positions over real tokens in the call context for position-dependent FFN cores.
+
 What ``generate()`` relies on is implemented on the states: ``reorder_cache`` (beams),
 ``batch_select_indices`` / ``batch_repeat_interleave``, ``reset``, ``get_seq_length`` and ``crop``.
 Fixed-size states cannot be cut back, so a call of several tokens keeps the state from before its

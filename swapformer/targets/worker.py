@@ -2,7 +2,7 @@
 
 Worker set of a call covering positions ``p0 .. p0+T-1`` with interval ``k``::
 
-    W = { t : t mod k = k−1 } ∪ { p0+T−1 }        (the last position is always a worker)
+    W = { t : t mod k = k−1 } ∪ { p0+T−1 }        (the last position is a worker: forced, or transient)
 
 Attention core (``q, k, v`` are the host's, post-RoPE)::
 
@@ -20,13 +20,35 @@ attention; for ``k > 1`` no start preserves the host (non-worker rows stop being
 FFN core: ``y_t = FFN(x_t)`` for ``t ∈ W`` and ``y_t = 0`` otherwise, with the host FFN copied.
 Residual stream: a non-worker row gets ``x + o_proj(0) + 0``, i.e. it is not updated except for the
 host's o_proj bias (zero in Llama-family hosts), so as in the seed it stays (close to) its embedding
-and acts only as a key/value source. Positions: without a ``state`` the FFN core counts from 0.
+and acts only as a key/value source. Positions count real tokens: the FFN core takes the call's
+``positions`` and ``keep`` ``[B, T]`` (a Hugging Face model passes them from its 2-D mask, so left
+padding gives each prompt what it gives alone); without them it counts from the state's, or from 0.
 
-Decoding (seeds 1.2, "exact cached form" at core level): ``state`` keeps the conv'd keys/values of every
-past token, the last two raw ``[k|v]`` rows (conv inputs) and ``pos``. Each step's last token is a
-transient worker, so step ``t`` equals the full forward of the prefix ``0..t`` at its last position,
-and equals the full forward of any longer input at residue positions (the seed's prefix inconsistency
-for non-residue positions is by design).
+Decoding (seeds 1.2, exact). The state keeps the conv'd keys/values of every stored token, the last
+two raw ``[k|v]`` rows (conv inputs) and ``pos``. A token decoded as the last of its call must be a
+worker (its output is the next-token prediction), but in the full forward of any longer input it is a
+non-worker (unless a residue), and in a multi-layer model the keys/values the deeper layers store for
+it must be the non-worker ones. So a call can end with ``transients`` repeats of its last tokens:
+
+- the call's own tokens (the rows before the repeats) are processed as in the full forward of a
+  longer input (workers at residues only, no forced last worker) and are the only ones stored;
+- repeat ``j`` of token ``p`` is a transient worker at position ``p``: it attends over the stored keys
+  before ``p`` and over its own conv'd key/value (conv of the stored raw rows before ``p`` and its own
+  raw row), which stands in for ``p``'s stored one; nothing of it is stored.
+
+Through the layers, the repeat carries the worker version of ``p``'s residual stream and the stored
+row the non-worker one, so the repeat's output equals the full forward of the prefix ``0 .. p`` at its
+last position, and the state equals that of the full forward of any longer input: decoding token by
+token equals the full forward of each prefix, beams and crop (replay of stored rows) stay exact.
+A Hugging Face model does the repeating for the user (``rewriter/hf_cache.py``): every call that uses
+the cache repeats its last token (its last ``logits_to_keep`` tokens when more logits are asked for:
+assisted decoding verifies each candidate as a decoded token) and drops the stored copies from its
+outputs; the FFN core sees the repeat as the call's last real token (a worker) and the stored copy
+as residue-only (:func:`worker_rows`). Cost: each decode step runs two rows through the model (projections, host FFN, norms) instead
+of one; the stored row attends only at residues. If some attention layer of the model is not a worker
+core (a partial conversion), its host cache would store the repeat: there the model does not repeat
+and decoding is approximate (the decoded token keeps its worker keys/values in deeper layers; warned).
+A plain call without ``transients`` (the full forward) makes its last position a forced worker.
 """
 
 from __future__ import annotations

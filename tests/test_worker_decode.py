@@ -115,3 +115,17 @@ def test_partial_conversion_decodes_without_repeats_and_warns(caplog) -> None:
         out = _greedy(model, _ids(1, 5))
     assert out.shape == (1, 10)
     assert sum("approximate" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("kinds", [("attention",), ("attention", "ffn")])
+def test_each_kept_logit_is_the_prefix_forward(kinds) -> None:
+    """Asking a cached call for its last n logits (assisted decoding verifies candidates so) gives
+    each of them as if its token had been decoded: the forward of its prefix."""
+    model = swapformer.prepare(_host(), kinds=kinds).rewrite("worker", interval=3)
+    ids = _ids(2, 11)
+    with torch.no_grad():
+        cache = model(ids[:, :5], use_cache=True).past_key_values
+        kept = model(ids[:, 5:], past_key_values=cache, use_cache=True, logits_to_keep=4).logits
+        assert cache.get_seq_length() == 11
+        for j, t in enumerate(range(7, 11)):
+            torch.testing.assert_close(kept[:, j], model(ids[:, :t + 1]).logits[:, -1], rtol=1e-5, atol=1e-5)

@@ -159,7 +159,8 @@ class FFNSwap(nn.Module):
     """Stands in for a host MLP module: the whole ``down(act(up(x)))`` is the core.
 
     A core that depends on token positions (worker) gets the call's ``positions`` and ``keep``
-    ``[B, T]`` from the model-wide call context, which :func:`hf_cache.install` hands to this module.
+    ``[B, T]`` and the number of repeated last tokens (``transients``) from the model-wide call
+    context, which :func:`hf_cache.install` hands to this module.
     """
 
     def __init__(self, core: nn.Module) -> None:
@@ -174,7 +175,8 @@ class FFNSwap(nn.Module):
         if positions.shape[-1] != hidden_states.shape[-2]:
             raise InputError(f"the call context has {positions.shape[-1]} positions for "
                              f"{hidden_states.shape[-2]} tokens: call the whole model, not one FFN")
-        return self.core(hidden_states, positions=positions, keep=self._swapformer_call.get("tokens_keep"))
+        return self.core(hidden_states, positions=positions, keep=self._swapformer_call.get("tokens_keep"),
+                         transients=self._swapformer_call.get("transients", 0))
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

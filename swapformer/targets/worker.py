@@ -43,9 +43,9 @@ token equals the full forward of each prefix, beams and crop (replay of stored r
 A Hugging Face model does the repeating for the user (``rewriter/hf_cache.py``): every call that uses
 the cache repeats its last token (its last ``logits_to_keep`` tokens when more logits are asked for:
 assisted decoding verifies each candidate as a decoded token) and drops the stored copies from its
-outputs; the FFN core sees the repeat as the call's last real token (a worker) and the stored copy
-as residue-only (:func:`worker_rows`). Cost: each decode step runs two rows through the model (projections, host FFN, norms) instead
-of one; the stored row attends only at residues. If some attention layer of the model is not a worker
+outputs; the FFN core is told the count too, and runs at the repeats and at the stored residues
+(:func:`worker_rows`). Cost: each decode step runs two rows through the model (projections, norms,
+host FFN) instead of one; the stored row attends, and runs a worker FFN, only at residues. If some attention layer of the model is not a worker
 core (a partial conversion), its host cache would store the repeat: there the model does not repeat
 and decoding is approximate (the decoded token keeps its worker keys/values in deeper layers; warned).
 A plain call without ``transients`` (the full forward) makes its last position a forced worker.
@@ -114,21 +114,27 @@ def worker_positions(start: int, length: int, interval: int, device: torch.devic
     return t[is_worker]
 
 
-def worker_rows(positions: torch.Tensor, keep: torch.Tensor | None, interval: int) -> torch.Tensor:
-    """``[B, T]`` True at the worker rows of a call: residues among the real tokens, and each row's
-    last real token (its transient worker).
+def worker_rows(positions: torch.Tensor, keep: torch.Tensor | None, interval: int,
+                transients: int = 0) -> torch.Tensor:
+    """``[B, T]`` True at the worker rows of a call: residues among the real stored tokens, the real
+    repeats (the last ``transients`` rows), and, in a row without a real repeat, its last real token
+    (the forced last worker).
 
     Args:
         positions: ``[B, T]`` (or ``[T]``) position of each token counted over real tokens only.
         keep: ``[B, T]`` True at real tokens (None: all real).
         interval: the worker interval k.
+        transients: how many of the last rows repeat the tokens before them (module docstring).
     """
     positions = positions if positions.dim() == 2 else positions[None]
     if keep is None:
         keep = torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
     col = torch.arange(keep.shape[-1], device=keep.device)
-    last_real = torch.where(keep, col, -1).amax(dim=-1, keepdim=True)
-    return (keep & (positions % interval == interval - 1)) | (col == last_real)
+    stored = keep & (col < keep.shape[-1] - transients)
+    repeat = keep & ~stored
+    last_real = torch.where(stored, col, -1).amax(dim=-1, keepdim=True)
+    forced = (col == last_real) & ~repeat.any(dim=-1, keepdim=True)
+    return (stored & (positions % interval == interval - 1)) | repeat | forced
 
 
 def _cat_keep(old: torch.Tensor | None, new: torch.Tensor | None, t_old: int, t_new: int,
@@ -370,16 +376,17 @@ class WorkerFFN(TargetModule):
     reads_call_positions = True
 
     def forward(self, x: torch.Tensor, *, state: dict | None = None, positions: torch.Tensor | None = None,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
+                keep: torch.Tensor | None = None, transients: int = 0) -> torch.Tensor:
         """``positions`` ``[B, T]``: each token's position over real tokens (default: counted from the
-        state's, or from 0); ``keep`` ``[B, T]``: real tokens. Workers: :func:`worker_rows`."""
+        state's, or from 0); ``keep`` ``[B, T]``: real tokens; ``transients``: the last rows that
+        repeat tokens. Workers: :func:`worker_rows`."""
         if x.dim() < 2:
             raise InputError("the worker FFN needs a token axis: x must be [..., T, d_model]")
         start, t = state_pos(state), x.shape[-2]
         if positions is None:
             positions = torch.arange(start, start + t, device=x.device)
         rows = worker_rows(positions.to(x.device), None if keep is None else keep.to(x.device),
-                           self.config.interval)
+                           self.config.interval, transients)
         rows = rows[0] if x.dim() == 2 else rows.expand(x.shape[:-1])
         y = x.new_zeros(x.shape[:-1] + (self.ffn.down.out_features,))
         y[rows] = self.ffn(x[rows]).to(y.dtype)

@@ -107,10 +107,12 @@ def test_cached_call_outputs_equal_the_uncached_ones(attention_and_ffn) -> None:
     torch.testing.assert_close(as_tuple[0], full.logits, rtol=1e-6, atol=1e-6)
 
 
-def test_partial_conversion_decodes_without_repeats_and_warns(caplog) -> None:
-    model = swapformer.rewrite(_host(), "worker", interval=2,
-                               filter_fn=lambda site: site.module.startswith("model.layers.0."))
-    assert len(model.swapformer_report.replaced) == 1
+@pytest.mark.parametrize(("kinds", "replaced"), [(("attention",), 1), (("ffn",), 2)])
+def test_partial_conversion_decodes_without_repeats_and_warns(caplog, kinds, replaced) -> None:
+    """One worker attention of two, or worker FFNs under the host's attention."""
+    model = swapformer.rewrite(_host(), "worker", interval=2, kinds=kinds,
+                               filter_fn=lambda site: "ffn" in kinds or site.module.startswith("model.layers.0."))
+    assert len(model.swapformer_report.replaced) == replaced
     with caplog.at_level(logging.WARNING, logger="swapformer.rewriter.hf_cache"):
         out = _greedy(model, _ids(1, 5))
     assert out.shape == (1, 10)

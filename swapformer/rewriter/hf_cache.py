@@ -470,7 +470,7 @@ def _prepare_tokens(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     cache_position = bound.get("cache_position", kwargs.get("cache_position"))
     if cache_position is None and "cache_position" in _signature(module).parameters:
         cache_position = torch.arange(past, past + t, device=tokens.device)
-    if cache_position is not None:  # transformers before 5.2x
+    if cache_position is not None:  # older transformers take cache_position beside position_ids
         new["cache_position"] = _repeat_last(cache_position, repeats, dim=-1)
     for name, value in new.items():
         args, kwargs = _set_argument(module, args, kwargs, name, value)
@@ -511,23 +511,36 @@ def _repeat_last(x: torch.Tensor, repeats: int, dim: int = 1) -> torch.Tensor:
 
 
 def _carries_last_token(module: nn.Module, cache: Any, mask: Any) -> bool:
-    """Whether this call repeats its last token: every layer of the cache is a core that asks for it.
+    """Whether this call repeats its last token: the model has cores that ask for it (worker) and
+    every layer of the cache is such a core.
 
-    A host layer would store the repeat, so a partly converted model decodes without it
-    (approximately, the decoded token's worker keys/values stay in deeper layers); warned once."""
-    carriers = [c for c in stateful_layers(module).values() if getattr(c, "carries_last_token", False)]
-    if not carriers or not isinstance(cache, swapformer_cache_class()):
+    A host layer would store the repeat, so a partly converted model (worker FFN under host
+    attention included) decodes without it, approximately: the decoded token's worker keys/values
+    stay in deeper layers. Warned once."""
+    if cache is None or not _wants_repeats(module):
         return False
-    exact = all(getattr(getattr(layer, "core", None), "carries_last_token", False) for layer in cache.layers)
+    exact = isinstance(cache, swapformer_cache_class()) and all(
+        getattr(getattr(layer, "core", None), "carries_last_token", False) for layer in cache.layers)
     exact = exact and (mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2))
     if not exact and not getattr(module, "_swapformer_warned_approximate", False):
         module._swapformer_warned_approximate = True
         log.warning(
-            "%s: some attention layers are not worker cores (or the mask is not 2-D), so decoding with "
-            "the cache is approximate: a decoded token keeps its transient-worker keys/values in deeper "
-            "layers", type(module).__name__,
+            "%s: some attention layers are not worker cores (or the mask is not 2-D), so worker decoding "
+            "with the cache is approximate: a decoded token keeps its transient-worker keys/values in "
+            "deeper layers", type(module).__name__,
         )
     return exact
+
+
+def _wants_repeats(module: nn.Module) -> bool:
+    """Whether a core of the model (attention or FFN) asks for repeated last tokens; read once, the
+    cores are fixed by the rewrite."""
+    wants = getattr(module, "_swapformer_wants_repeats", None)
+    if wants is None:
+        wants = any(getattr(getattr(m, name, None), "carries_last_token", False)
+                    for m in module.modules() for name in ("swapformer_core", "core"))
+        module._swapformer_wants_repeats = wants
+    return wants
 
 
 def _set_argument(module: nn.Module, args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:

@@ -45,9 +45,10 @@ the cache repeats its last token (its last ``logits_to_keep`` tokens when more l
 assisted decoding verifies each candidate as a decoded token) and drops the stored copies from its
 outputs; the FFN core is told the count too, and runs at the repeats and at the stored residues
 (:func:`worker_rows`). Cost: each decode step runs two rows through the model (projections, norms,
-host FFN) instead of one; the stored row attends, and runs a worker FFN, only at residues. If some attention layer of the model is not a worker
-core (a partial conversion), its host cache would store the repeat: there the model does not repeat
-and decoding is approximate (the decoded token keeps its worker keys/values in deeper layers; warned).
+host FFN) instead of one; the stored row attends, and runs a worker FFN, only at residues. If some
+attention layer of the model is not a worker core (a partial conversion, worker FFN under host
+attention included), its host cache would store the repeat: there the model does not repeat and
+decoding is approximate (the decoded token keeps its worker keys/values in deeper layers; warned).
 A plain call without ``transients`` (the full forward) makes its last position a forced worker.
 """
 
@@ -374,6 +375,8 @@ class WorkerFFN(TargetModule):
 
     # the Hugging Face FFN module passes the call's token positions and padding (rewriter/hf.py)
     reads_call_positions = True
+    # its decoding is exact only with the repeated last tokens (module docstring)
+    carries_last_token = True
 
     def forward(self, x: torch.Tensor, *, state: dict | None = None, positions: torch.Tensor | None = None,
                 keep: torch.Tensor | None = None, transients: int = 0) -> torch.Tensor:

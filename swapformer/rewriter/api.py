@@ -374,5 +374,6 @@ def _apply_hf(model: nn.Module, analysis: Analysis, report: RewriteReport, confi
             hf.replace_module(new, rep.site.module, hf.FFNSwap(core))
     if attention:
         hf.set_implementation(new)
+    if report.replaced:  # FFN cores read the call's token positions from the call context too
         hf_cache.install(new, shared)
     return new

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from swapformer.errors import InputError
 from swapformer.rewriter import hf_cache
 from swapformer.targets.reference import key_keep_from_bias
 from swapformer.targets.sdpa import window_mask
@@ -55,7 +56,8 @@ def swapformer_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
         query = query * (scaling / site_scale)
     if getattr(core, "stateful", False):
         keep = _key_keep(context.get("keep"), attention_mask, query)
-        call = hf_cache.CoreCall(query, key, value, context.get("hidden"))
+        call = hf_cache.CoreCall(query, key, value, context.get("hidden"),
+                                 context.get("transients", 0))
         out = hf_cache.call_core(core, call, keep, context.get("layer"))
     else:
         key, value, attention_mask = _valid_keys(key, value, attention_mask, context.get("layer"))
@@ -135,7 +137,8 @@ def _capture_context(module: nn.Module, args: tuple, kwargs: dict) -> None:
     if cache is not None and (not stateful or isinstance(cache, hf_cache.swapformer_cache_class())):
         layers, index = getattr(cache, "layers", []), getattr(module, "layer_idx", None)
         layer = layers[index] if isinstance(index, int) and index < len(layers) else None
-    module._swapformer_context = {"hidden": hidden, "layer": layer, "keep": shared.get("keep")}
+    module._swapformer_context = {"hidden": hidden, "layer": layer, "keep": shared.get("keep"),
+                                  "transients": shared.get("transients", 0)}
 
 
 def _clear_context(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -153,14 +156,27 @@ def attach_attention_core(attn: nn.Module, core: nn.Module, scale: float | None 
 
 
 class FFNSwap(nn.Module):
-    """Stands in for a host MLP module: the whole ``down(act(up(x)))`` is the core."""
+    """Stands in for a host MLP module: the whole ``down(act(up(x)))`` is the core.
+
+    A core that depends on token positions (worker) gets the call's ``positions`` and ``keep``
+    ``[B, T]`` and the number of repeated last tokens (``transients``) from the model-wide call
+    context, which :func:`hf_cache.install` hands to this module.
+    """
 
     def __init__(self, core: nn.Module) -> None:
         super().__init__()
         self.core = core
+        self._swapformer_call: dict = {}
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.core(hidden_states)
+        positions = self._swapformer_call.get("positions")
+        if not getattr(self.core, "reads_call_positions", False) or positions is None:
+            return self.core(hidden_states)
+        if positions.shape[-1] != hidden_states.shape[-2]:
+            raise InputError(f"the call context has {positions.shape[-1]} positions for "
+                             f"{hidden_states.shape[-2]} tokens: call the whole model, not one FFN")
+        return self.core(hidden_states, positions=positions, keep=self._swapformer_call.get("tokens_keep"),
+                         transients=self._swapformer_call.get("transients", 0))
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -15,6 +15,12 @@ padding, each sequence runs through the core on its real tokens only, with a sta
 left and right padding give each sequence exactly what it gives alone. A batch without padding runs
 in one call with one batched state.
 
+A model whose every cache layer is a worker core repeats the last token of each call that uses the
+cache (the last ``logits_to_keep`` tokens when more are asked for) as transient workers that the cores
+do not store, and drops the stored copies from its outputs (``targets/worker.py``, "Decoding"); the
+innermost model does it, so outputs and ``logits_to_keep`` keep the call's length. The same hooks put
+each call's token positions over real tokens in the call context for position-dependent FFN cores.
+
 What ``generate()`` relies on is implemented on the states: ``reorder_cache`` (beams),
 ``batch_select_indices`` / ``batch_repeat_interleave``, ``reset``, ``get_seq_length`` and ``crop``.
 Fixed-size states cannot be cut back, so a call of several tokens keeps the state from before its
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +42,8 @@ import torch
 from torch import nn
 
 from swapformer.errors import InputError
+
+log = logging.getLogger(__name__)
 
 # how far back ``crop`` can go: the tail of a multi-token call that is kept for replay
 REPLAY_TOKENS = 64
@@ -64,19 +73,30 @@ class CoreCall:
     k: torch.Tensor
     v: torch.Tensor
     hidden: torch.Tensor | None
+    # the last rows repeat as many tokens before them, transients the core must not store (worker)
+    transients: int = 0
 
     def tokens(self, start: int, end: int | None = None) -> CoreCall:
+        """Rows ``start:end``; a slice that ends before the repeats has none (never cut through them)."""
         sl = slice(start, end)
         hidden = self.hidden[:, sl] if self.hidden is not None else None
-        return CoreCall(self.q[:, :, sl], self.k[:, :, sl], self.v[:, :, sl], hidden)
+        transients = self.transients if end is None or end >= self.length else 0
+        return CoreCall(self.q[:, :, sl], self.k[:, :, sl], self.v[:, :, sl], hidden, transients)
 
     @property
     def length(self) -> int:
         return self.q.shape[-2]
 
+    @property
+    def stored(self) -> int:
+        """The tokens that enter the state (the transient repeat does not)."""
+        return self.length - self.transients
+
 
 def run_core(core: nn.Module, call: CoreCall, state: dict | None) -> torch.Tensor:
-    kwargs = {"state": state} if state is not None else {}
+    kwargs: dict[str, Any] = {"state": state} if state is not None else {}
+    if call.transients:
+        kwargs["transients"] = call.transients
     return core(call.q, call.k, call.v, None, hidden=call.hidden, **kwargs)
 
 
@@ -170,7 +190,7 @@ def _build_layer_class() -> type:
                 return
             tails = [] if self.replay is None else self.replay[1]
             tails = tails if isinstance(tails, list) else [tails]
-            if not tails or not 0 < drop <= min(t.length for t in tails):
+            if not tails or not 0 < drop <= min(t.stored for t in tails):
                 raise InputError(
                     f"cannot crop a swapformer cache from {self.seq_len} to {target} tokens: a target "
                     f"state can only be rolled back inside the last {REPLAY_TOKENS} tokens of its last call"
@@ -182,13 +202,13 @@ def _build_layer_class() -> type:
             states, tails = self.replay
             if self.rows is None:
                 self.state = dict(states)
-                if tails.length > drop:
-                    run_core(self.core, tails.tokens(0, tails.length - drop), self.state)
+                if tails.stored > drop:
+                    run_core(self.core, tails.tokens(0, tails.stored - drop), self.state)
             else:
                 self.rows = [dict(s) for s in states]
                 for row, call in zip(self.rows, tails):
-                    if call.length > drop:
-                        run_core(self.core, call.tokens(0, call.length - drop), row)
+                    if call.stored > drop:
+                        run_core(self.core, call.tokens(0, call.stored - drop), row)
             self.seq_len, self.replay = self.seq_len - drop, None
 
     return CoreStateLayer
@@ -272,6 +292,8 @@ def call_core(core: nn.Module, call: CoreCall, keep: torch.Tensor | None, layer:
     ``keep`` ``[B, T]`` marks real tokens (None: all real). ``layer`` is None for a call without a
     cache (a full forward).
     """
+    if layer is not None:
+        layer.seq_len -= call.transients  # ``update`` counted the repeats, which are not kept
     if layer is None:
         if keep is None:
             return run_core(core, call, None)
@@ -286,7 +308,7 @@ def call_core(core: nn.Module, call: CoreCall, keep: torch.Tensor | None, layer:
 
 
 def _batched_with_replay(core: nn.Module, call: CoreCall, layer: Any) -> torch.Tensor:
-    t = call.length
+    t = call.stored
     layer.replay = None
     if t == 1 or torch.is_grad_enabled():  # no rollback while training: keep the graph whole
         return run_core(core, call, layer.state)
@@ -303,12 +325,15 @@ def _per_sequence(core: nn.Module, call: CoreCall, keep: torch.Tensor | None, st
     """Each sequence alone on its real tokens (padding never reaches the core); zeros at pads."""
     b, _, t, _ = call.q.shape
     outs, snapshots, tails = [], [], []
-    replayable = t > 1 and layer is not None and not torch.is_grad_enabled()
+    replayable = call.stored > 1 and layer is not None and not torch.is_grad_enabled()
     for i in range(b):
         idx = torch.arange(t, device=call.q.device) if keep is None else keep[i].nonzero().flatten()
+        # the repeats of padding are padding; a row whose repeats are all padding (right padding)
+        # runs as a plain call: its last real token is then a stored worker, as in the full forward
+        repeats = call.transients if keep is None else int(keep[i, t - call.transients:].sum())
         row = CoreCall(call.q[i:i + 1, :, idx], call.k[i:i + 1, :, idx], call.v[i:i + 1, :, idx],
-                       None if call.hidden is None else call.hidden[i:i + 1, idx])
-        split = max(0, row.length - REPLAY_TOKENS) if replayable else row.length
+                       None if call.hidden is None else call.hidden[i:i + 1, idx], repeats)
+        split = max(0, row.stored - REPLAY_TOKENS) if replayable else row.length
         pieces = [run_core(core, row.tokens(0, split), states[i])] if split else []
         snapshots.append(dict(states[i]) if states[i] is not None else None)
         tails.append(row.tokens(split))
@@ -342,12 +367,20 @@ def find_cache(values: Any) -> Any:
 
 
 def install(model: nn.Module, context: dict) -> None:
-    """Give the model (and every inner model that takes a cache) the pre-hook that creates the cache."""
+    """Give the model (and every inner model that takes a cache) the pre-hook that creates the cache,
+    the innermost such model (the one that runs the layers) the hooks that prepare each call's tokens,
+    and every module that reads the call context (FFN swaps) that context."""
     from transformers import PreTrainedModel
 
+    hosts = [m for m in model.modules() if isinstance(m, PreTrainedModel) and _cache_parameter(m) is not None]
+    for module in hosts:
+        module.register_forward_pre_hook(_model_pre_hook, with_kwargs=True)
+        module._swapformer_call = context
+        if not any(inner is not module for inner in module.modules() if inner in hosts):
+            module.register_forward_pre_hook(_prepare_tokens, with_kwargs=True)
+            module.register_forward_hook(_finish_tokens, with_kwargs=True, always_call=True)
     for module in model.modules():
-        if isinstance(module, PreTrainedModel) and _cache_parameter(module) is not None:
-            module.register_forward_pre_hook(_model_pre_hook, with_kwargs=True)
+        if isinstance(getattr(module, "_swapformer_call", None), dict):
             module._swapformer_call = context
 
 
@@ -371,6 +404,9 @@ def _model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     cache = find_cache(list(bound.values()) + list(kwargs.values()))
     mask = bound.get("attention_mask")
     context["keep"] = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    logits_to_keep = bound.get("logits_to_keep")
+    if isinstance(logits_to_keep, int) and logits_to_keep > 1:
+        context["logits_asked"] = logits_to_keep  # read by the inner model's ``_prepare_tokens``
     if not cores:
         context["cache"] = cache
         return args, kwargs
@@ -397,6 +433,122 @@ def _own_cache(module: nn.Module, cores: dict, cache: Any, use_cache: bool) -> A
         )
     config = module.config.get_text_config(decoder=True)
     return cls.for_model(cores, config.num_hidden_layers, template=cache)
+
+
+# --- the worker's repeated last token ---------------------------------------------------------------
+
+
+def _prepare_tokens(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Put this call's token positions (over real tokens) in the context and, where the cores ask
+    for it (worker), repeat the call's last token (the last ``logits_to_keep`` ones when the caller
+    asked for more logits: assisted decoding) as transients that the cores do not store."""
+    context = module._swapformer_call
+    repeats = context.pop("logits_asked", 1)
+    bound = _signature(module).bind_partial(*args, **kwargs).arguments
+    tokens = next((bound[n] for n in ("input_ids", "inputs_embeds") if bound.get(n) is not None), None)
+    if tokens is None:
+        return None
+    b, t = tokens.shape[:2]
+    repeats = min(repeats, t)
+    mask, cache = bound.get("attention_mask"), context.get("cache")
+    past = cache.get_seq_length() if cache is not None else 0
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] >= t:
+        keep = mask[:, -t:].bool()
+        positions = (mask.long().cumsum(-1) - 1)[:, -t:]
+    else:
+        keep, positions = None, torch.arange(past, past + t, device=tokens.device).expand(b, t)
+    if not _carries_last_token(module, cache, mask):
+        context["positions"], context["tokens_keep"] = positions, keep
+        return None
+    if mask is None:
+        mask = torch.ones(b, past + t, dtype=torch.long, device=tokens.device)
+    position_ids = bound.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(past, past + t, device=tokens.device)[None]
+    new = {"input_ids" if tokens is bound.get("input_ids") else "inputs_embeds": _repeat_last(tokens, repeats),
+           "attention_mask": _repeat_last(mask, repeats), "position_ids": _repeat_last(position_ids, repeats)}
+    cache_position = bound.get("cache_position", kwargs.get("cache_position"))
+    if cache_position is None and "cache_position" in _signature(module).parameters:
+        cache_position = torch.arange(past, past + t, device=tokens.device)
+    if cache_position is not None:  # older transformers take cache_position beside position_ids
+        new["cache_position"] = _repeat_last(cache_position, repeats, dim=-1)
+    for name, value in new.items():
+        args, kwargs = _set_argument(module, args, kwargs, name, value)
+    keep = None if keep is None else _repeat_last(keep, repeats)
+    context.update(positions=_repeat_last(positions, repeats), tokens_keep=keep, transients=repeats,
+                   keep=new["attention_mask"].bool())
+    return args, kwargs
+
+
+def _finish_tokens(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    """Drop the stored copies of the repeated tokens from the outputs: callers see the call's
+    tokens, the repeated ones computed as transient workers."""
+    context = module._swapformer_call
+    repeats = context.pop("transients", 0)
+    positions = context.pop("positions", None)
+    context.pop("tokens_keep", None)
+    if not repeats or output is None:
+        return output
+    length = positions.shape[-1]
+    if isinstance(output, dict):  # a ModelOutput
+        for name, value in list(output.items()):
+            output[name] = _drop_stored_copies(value, length, repeats)
+        return output
+    return _drop_stored_copies(output, length, repeats)
+
+
+def _drop_stored_copies(value: Any, length: int, repeats: int) -> Any:
+    """Hidden states ``[B, T+m, ...]`` (or tuples of them) without rows ``T-m .. T-1``."""
+    if isinstance(value, tuple):
+        return type(value)(_drop_stored_copies(v, length, repeats) for v in value)
+    if isinstance(value, torch.Tensor) and value.dim() >= 3 and value.shape[1] == length:
+        return torch.cat([value[:, :length - 2 * repeats], value[:, length - repeats:]], dim=1)
+    return value
+
+
+def _repeat_last(x: torch.Tensor, repeats: int, dim: int = 1) -> torch.Tensor:
+    return torch.cat([x, x.narrow(dim, x.shape[dim] - repeats, repeats)], dim=dim)
+
+
+def _carries_last_token(module: nn.Module, cache: Any, mask: Any) -> bool:
+    """Whether this call repeats its last token: the model has cores that ask for it (worker) and
+    every layer of the cache is such a core.
+
+    A host layer would store the repeat, so a partly converted model (worker FFN under host
+    attention included) decodes without it, approximately: the decoded token's worker keys/values
+    stay in deeper layers. Warned once."""
+    if cache is None or not _wants_repeats(module):
+        return False
+    exact = isinstance(cache, swapformer_cache_class()) and all(
+        getattr(getattr(layer, "core", None), "carries_last_token", False) for layer in cache.layers)
+    exact = exact and (mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2))
+    if not exact and not getattr(module, "_swapformer_warned_approximate", False):
+        module._swapformer_warned_approximate = True
+        log.warning(
+            "%s: some attention layers are not worker cores (or the mask is not 2-D), so worker decoding "
+            "with the cache is approximate: a decoded token keeps its transient-worker keys/values in "
+            "deeper layers", type(module).__name__,
+        )
+    return exact
+
+
+def _wants_repeats(module: nn.Module) -> bool:
+    """Whether a core of the model (attention or FFN) asks for repeated last tokens; read once, the
+    cores are fixed by the rewrite."""
+    wants = getattr(module, "_swapformer_wants_repeats", None)
+    if wants is None:
+        wants = any(getattr(getattr(m, name, None), "carries_last_token", False)
+                    for m in module.modules() for name in ("swapformer_core", "core"))
+        module._swapformer_wants_repeats = wants
+    return wants
+
+
+def _set_argument(module: nn.Module, args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:
+    params = list(_signature(module).parameters)
+    position = params.index(name) if name in params else None
+    if position is not None and position < len(args):
+        return args[:position] + (value,) + args[position + 1:], kwargs
+    return args, {**kwargs, name: value}
 
 
 def _argument_holding(bound: dict, value: Any) -> str | None:

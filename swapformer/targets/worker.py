@@ -2,7 +2,7 @@
 
 Worker set of a call covering positions ``p0 .. p0+T-1`` with interval ``k``::
 
-    W = { t : t mod k = k−1 } ∪ { p0+T−1 }        (the last position is always a worker)
+    W = { t : t mod k = k−1 } ∪ { p0+T−1 }        (the last position is a worker: forced, or transient)
 
 Attention core (``q, k, v`` are the host's, post-RoPE)::
 
@@ -20,13 +20,36 @@ attention; for ``k > 1`` no start preserves the host (non-worker rows stop being
 FFN core: ``y_t = FFN(x_t)`` for ``t ∈ W`` and ``y_t = 0`` otherwise, with the host FFN copied.
 Residual stream: a non-worker row gets ``x + o_proj(0) + 0``, i.e. it is not updated except for the
 host's o_proj bias (zero in Llama-family hosts), so as in the seed it stays (close to) its embedding
-and acts only as a key/value source. Positions: without a ``state`` the FFN core counts from 0.
+and acts only as a key/value source. Positions count real tokens: the FFN core takes the call's
+``positions`` and ``keep`` ``[B, T]`` (a Hugging Face model passes them from its 2-D mask, so left
+padding gives each prompt what it gives alone); without them it counts from the state's, or from 0.
 
-Decoding (seeds 1.2, "exact cached form" at core level): ``state`` keeps the conv'd keys/values of every
-past token, the last two raw ``[k|v]`` rows (conv inputs) and ``pos``. Each step's last token is a
-transient worker, so step ``t`` equals the full forward of the prefix ``0..t`` at its last position,
-and equals the full forward of any longer input at residue positions (the seed's prefix inconsistency
-for non-residue positions is by design).
+Decoding (seeds 1.2, exact). The state keeps the conv'd keys/values of every stored token, the last
+two raw ``[k|v]`` rows (conv inputs) and ``pos``. A token decoded as the last of its call must be a
+worker (its output is the next-token prediction), but in the full forward of any longer input it is a
+non-worker (unless a residue), and in a multi-layer model the keys/values the deeper layers store for
+it must be the non-worker ones. So a call can end with ``transients`` repeats of its last tokens:
+
+- the call's own tokens (the rows before the repeats) are processed as in the full forward of a
+  longer input (workers at residues only, no forced last worker) and are the only ones stored;
+- repeat ``j`` of token ``p`` is a transient worker at position ``p``: it attends over the stored keys
+  before ``p`` and over its own conv'd key/value (conv of the stored raw rows before ``p`` and its own
+  raw row), which stands in for ``p``'s stored one; nothing of it is stored.
+
+Through the layers, the repeat carries the worker version of ``p``'s residual stream and the stored
+row the non-worker one, so the repeat's output equals the full forward of the prefix ``0 .. p`` at its
+last position, and the state equals that of the full forward of any longer input: decoding token by
+token equals the full forward of each prefix, beams and crop (replay of stored rows) stay exact.
+A Hugging Face model does the repeating for the user (``rewriter/hf_cache.py``): every call that uses
+the cache repeats its last token (its last ``logits_to_keep`` tokens when more logits are asked for:
+assisted decoding verifies each candidate as a decoded token) and drops the stored copies from its
+outputs; the FFN core is told the count too, and runs at the repeats and at the stored residues
+(:func:`worker_rows`). Cost: each decode step runs two rows through the model (projections, norms,
+host FFN) instead of one; the stored row attends, and runs a worker FFN, only at residues. If some
+attention layer of the model is not a worker core (a partial conversion, worker FFN under host
+attention included), its host cache would store the repeat: there the model does not repeat and
+decoding is approximate (the decoded token keeps its worker keys/values in deeper layers; warned).
+A plain call without ``transients`` (the full forward) makes its last position a forced worker.
 """
 
 from __future__ import annotations
@@ -81,11 +104,48 @@ class WorkerConfig(TargetConfig):
             raise ConfigError(f"worker conv_kernel must be >= 1, got {self.conv_kernel}")
 
 
-def worker_positions(start: int, length: int, interval: int, device: torch.device) -> torch.Tensor:
-    """Absolute worker positions among ``start .. start+length-1`` (residues plus the last)."""
+def worker_positions(start: int, length: int, interval: int, device: torch.device,
+                     forced_last: bool = True) -> torch.Tensor:
+    """Absolute worker positions among ``start .. start+length-1``: the residues, plus the last
+    position when ``forced_last``."""
     t = torch.arange(start, start + length, device=device)
-    is_worker = (t % interval == interval - 1) | (t == start + length - 1)
+    is_worker = t % interval == interval - 1
+    if forced_last:
+        is_worker |= t == start + length - 1
     return t[is_worker]
+
+
+def worker_rows(positions: torch.Tensor, keep: torch.Tensor | None, interval: int,
+                transients: int = 0) -> torch.Tensor:
+    """``[B, T]`` True at the worker rows of a call: residues among the real stored tokens, the real
+    repeats (the last ``transients`` rows), and, in a row without a real repeat, its last real token
+    (the forced last worker).
+
+    Args:
+        positions: ``[B, T]`` (or ``[T]``) position of each token counted over real tokens only.
+        keep: ``[B, T]`` True at real tokens (None: all real).
+        interval: the worker interval k.
+        transients: how many of the last rows repeat the tokens before them (module docstring).
+    """
+    positions = positions if positions.dim() == 2 else positions[None]
+    if keep is None:
+        keep = torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
+    col = torch.arange(keep.shape[-1], device=keep.device)
+    stored = keep & (col < keep.shape[-1] - transients)
+    repeat = keep & ~stored
+    last_real = torch.where(stored, col, -1).amax(dim=-1, keepdim=True)
+    forced = (col == last_real) & ~repeat.any(dim=-1, keepdim=True)
+    return (stored & (positions % interval == interval - 1)) | repeat | forced
+
+
+def _cat_keep(old: torch.Tensor | None, new: torch.Tensor | None, t_old: int, t_new: int,
+              batch: int) -> torch.Tensor | None:
+    """Padding flags of old keys followed by new keys (None: all real)."""
+    if old is None and new is None:
+        return None
+    old = old if old is not None else torch.ones(batch, t_old, dtype=torch.bool, device=new.device)
+    new = new if new is not None else torch.ones(batch, t_new, dtype=torch.bool, device=old.device)
+    return torch.cat([old, new], 1)
 
 
 @register_target(WorkerConfig)
@@ -94,6 +154,8 @@ class WorkerAttention(TargetModule):
 
     site_kind = "attention"
     stateful = True
+    # decoding through Hugging Face repeats each call's last token as the transient worker
+    carries_last_token = True
 
     def __init__(
         self,
@@ -133,44 +195,45 @@ class WorkerAttention(TargetModule):
         return cls(site.num_heads, site.num_kv_heads or site.num_heads, site.head_dim,
                    site_model_dim(site, weights), site.scale, config)
 
-    def _mix(self, k: torch.Tensor, v: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, ...]:
-        """Conv over ``[k|v]`` rows ``[B, T, 2·Hkv·D]``, continuing from the state's last raw rows."""
+    def _conv(self, raw: torch.Tensor) -> torch.Tensor:
+        """The causal conv over ``[k|v]`` rows ``[B, T, 2·Hkv·D]``."""
         from swapformer.kernels.worker import causal_dwconv
 
-        b, t, hkv, d = k.shape
-        raw = torch.cat([k.reshape(b, t, -1), v.reshape(b, t, -1)], dim=-1)
-        keep_rows = self.config.conv_kernel - 1
+        return causal_dwconv(raw, self.conv_weight.to(raw.dtype), self.conv_bias.to(raw.dtype))
+
+    def _split(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k2, v2 = u.split(u.shape[-1] // 2, dim=-1)
+        shape = u.shape[:2] + (self.num_kv_heads, self.head_dim)
+        return k2.reshape(shape), v2.reshape(shape)
+
+    def _conv_inputs(self, raw: torch.Tensor, state: dict | None) -> torch.Tensor:
+        """This call's raw rows after the state's last ones (the conv's left context); stores the
+        new last rows in the state."""
         if state is not None and "conv_in" in state:
             raw = torch.cat([state["conv_in"], raw], dim=1)
-        u = causal_dwconv(raw, self.conv_weight.to(raw.dtype), self.conv_bias.to(raw.dtype))[:, -t:]
         if state is not None:
-            state["conv_in"] = raw[:, raw.shape[1] - min(keep_rows, raw.shape[1]):]
-        k2, v2 = u.split(hkv * d, dim=-1)
-        return k2.reshape(b, t, hkv, d), v2.reshape(b, t, hkv, d)
+            state["conv_in"] = raw[:, raw.shape[1] - min(self.config.conv_kernel - 1, raw.shape[1]):]
+        return raw
 
     def _cache(self, k, v, keep, state):
         """Append this call's keys/values (and padding flags) to the state; return the full ones."""
         if state is None:
             return k, v, keep
         if "k" in state:
+            keep = _cat_keep(state.get("keep"), keep, state["k"].shape[1], k.shape[1], k.shape[0])
             k, v = torch.cat([state["k"], k], 1), torch.cat([state["v"], v], 1)
-            old = state.get("keep")
-            if old is not None or keep is not None:
-                b, t_old = old.shape[0] if old is not None else k.shape[0], state["k"].shape[1]
-                old = old if old is not None else k.new_ones(b, t_old, dtype=torch.bool)
-                new = keep if keep is not None else k.new_ones(b, k.shape[1] - t_old, dtype=torch.bool)
-                keep = torch.cat([old, new], 1)
         state["k"], state["v"], state["keep"] = k, v, keep
         return k, v, keep
 
-    def _workers(self, start: int, t: int, keep: torch.Tensor | None, device: torch.device):
+    def _workers(self, start: int, t: int, keep: torch.Tensor | None, device: torch.device,
+                 forced_last: bool):
         """Worker positions of the call, and per-row flags when padding makes them differ by row.
 
         With right padding the forced-last worker of a row is its last real token, not position
         ``T-1``: those positions join the union, and ``rows [B, W]`` says which row each serves.
         """
-        idx = worker_positions(start, t, self.config.interval, device)
-        if keep is None:
+        idx = worker_positions(start, t, self.config.interval, device, forced_last)
+        if keep is None or not forced_last:
             return idx, None
         pos = torch.arange(start, start + t, device=device)
         last_real = torch.where(keep, pos, -1).amax(dim=1)  # [B]
@@ -192,6 +255,12 @@ class WorkerAttention(TargetModule):
         out = masked_sdpa(q_w.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
         return out.transpose(1, 2)
 
+    def _gated(self, o_w: torch.Tensor, hidden: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+        if self.gate is None:
+            return o_w
+        g = 2.0 * torch.sigmoid(self.gate(hidden[:, rows].to(o_w.dtype)))
+        return o_w * g.view(o_w.shape)
+
     def forward(
         self,
         q: torch.Tensor,
@@ -201,28 +270,58 @@ class WorkerAttention(TargetModule):
         *,
         hidden: torch.Tensor | None = None,
         state: dict | None = None,
+        transients: int = 0,
     ) -> torch.Tensor:
+        """``transients``: the call's last rows repeat that many tokens before them (see "Decoding"
+        in the module docstring); the rows before them are stored with workers at residues only, the
+        repeats are transient workers and leave nothing in the state."""
         if state is None:
             check_full_call(q, k, self.target_name)
         if self.gate is not None:
             hidden = require_hidden(hidden, self.target_name)
         b, h, t, _ = q.shape
+        stored = t - transients
+        if not 0 <= transients <= stored:
+            raise InputError(f"a worker call of {t} rows cannot end with {transients} repeated tokens")
         start = state_pos(state)
         keep = key_keep_from_bias(bias, b, t)
-        k2, v2 = self._mix(to_kernel_layout(k), to_kernel_layout(v), state)
-        k_all, v_all, keep_all = self._cache(k2, v2, keep, state)
-        idx, rows = self._workers(start, t, keep, q.device)
-        o_w = self._attend(to_kernel_layout(q)[:, idx - start], k_all, v_all, idx, keep_all)
-        if self.gate is not None:
-            g = 2.0 * torch.sigmoid(self.gate(hidden[:, idx - start].to(q.dtype)))
-            o_w = o_w * g.view(b, -1, h, self.head_dim)
-        if rows is not None:
-            o_w = o_w * rows[:, :, None, None]
-        out = o_w.new_zeros(b, t, h, self.head_dim)
-        out[:, idx - start] = o_w
+        raw = torch.cat([to_kernel_layout(k).reshape(b, t, -1), to_kernel_layout(v).reshape(b, t, -1)], -1)
+        u = self._conv(self._conv_inputs(raw[:, :stored], state))[:, -stored:]
+        keep_stored = None if keep is None else keep[:, :stored]
+        k_all, v_all, keep_all = self._cache(*self._split(u), keep_stored, state)
+        q_in = to_kernel_layout(q)
+        out = q_in.new_zeros(b, t, h, self.head_dim)
+        idx, rows = self._workers(start, stored, keep_stored, q.device, forced_last=not transients)
+        if len(idx):
+            o_w = self._gated(self._attend(q_in[:, idx - start], k_all, v_all, idx, keep_all), hidden,
+                              idx - start)
+            out[:, idx - start] = o_w if rows is None else o_w * rows[:, :, None, None]
+        if transients:
+            own_u = u[:, stored - transients:] + self.conv_weight[:, -1].to(raw.dtype) * (
+                raw[:, stored:] - raw[:, stored - transients:stored])  # the last tap reads the repeat
+            own_keep = None if keep is None else keep[:, stored:]
+            o_t = self._attend_transients(q_in[:, stored:], own_u, k_all, v_all, keep_all, own_keep,
+                                          start + stored - transients)
+            out[:, stored:] = self._gated(o_t, hidden, slice(stored, None))
         if state is not None:
-            state["pos"] = start + t
+            state["pos"] = start + stored
         return from_kernel_layout(out)
+
+    def _attend_transients(self, q_t, own_u, k_all, v_all, keep_all, own_keep, first_pos):
+        """Repeat ``j`` (of the token at ``first_pos + j``) attends over the stored keys before its
+        token and over its own conv'd key/value, which stands in for its token's stored one."""
+        m, n = q_t.shape[1], k_all.shape[1]
+        own_k, own_v = self._split(own_u)
+        k_t, v_t = torch.cat([k_all, own_k], 1), torch.cat([v_all, own_v], 1)
+        pos = first_pos + torch.arange(m, device=q_t.device)
+        stored_seen = torch.arange(n, device=q_t.device)[None] < pos[:, None]  # [m, n]
+        own_seen = torch.eye(m, dtype=torch.bool, device=q_t.device)
+        mask = torch.cat([stored_seen, own_seen], 1)[None, None]  # [1, 1, m, n + m]
+        keep_t = _cat_keep(keep_all, own_keep, n, m, q_t.shape[0])
+        if keep_t is not None:
+            mask = mask & keep_t[:, None, None, :]
+        out = masked_sdpa(q_t.transpose(1, 2), k_t.transpose(1, 2), v_t.transpose(1, 2), mask, self.scale)
+        return out.transpose(1, 2)
 
     def flops_per_token(self, context_len: int) -> int:
         """Average per token: conv on every row; attention and gate on 1/interval of the rows."""
@@ -274,13 +373,26 @@ class WorkerFFN(TargetModule):
         core.ffn = host
         return core
 
-    def forward(self, x: torch.Tensor, *, state: dict | None = None) -> torch.Tensor:
+    # the Hugging Face FFN module passes the call's token positions and padding (rewriter/hf.py)
+    reads_call_positions = True
+    # its decoding is exact only with the repeated last tokens (module docstring)
+    carries_last_token = True
+
+    def forward(self, x: torch.Tensor, *, state: dict | None = None, positions: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None, transients: int = 0) -> torch.Tensor:
+        """``positions`` ``[B, T]``: each token's position over real tokens (default: counted from the
+        state's, or from 0); ``keep`` ``[B, T]``: real tokens; ``transients``: the last rows that
+        repeat tokens. Workers: :func:`worker_rows`."""
         if x.dim() < 2:
             raise InputError("the worker FFN needs a token axis: x must be [..., T, d_model]")
         start, t = state_pos(state), x.shape[-2]
-        local = worker_positions(start, t, self.config.interval, x.device) - start
+        if positions is None:
+            positions = torch.arange(start, start + t, device=x.device)
+        rows = worker_rows(positions.to(x.device), None if keep is None else keep.to(x.device),
+                           self.config.interval, transients)
+        rows = rows[0] if x.dim() == 2 else rows.expand(x.shape[:-1])
         y = x.new_zeros(x.shape[:-1] + (self.ffn.down.out_features,))
-        y[..., local, :] = self.ffn(x[..., local, :]).to(y.dtype)
+        y[rows] = self.ffn(x[rows]).to(y.dtype)
         if state is not None:
             state["pos"] = start + t
         return y

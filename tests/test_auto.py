@@ -294,3 +294,55 @@ def test_knapsack_rejects_bad_input() -> None:
         choose([[0.0]], [[1.0, 2.0]], 3)
     with pytest.raises(ValueError, match="finite"):
         choose([[math.nan]], [[1.0]], 3)
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_dir(model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("tokenizers")
+    from tests.test_cli import TEXT, _char_tokenizer
+
+    path = tmp_path_factory.mktemp("local-far-llama")
+    tokenizer = _char_tokenizer()
+    assert len(tokenizer) <= model.config.vocab_size
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "corpus.txt").write_text(TEXT)
+    return path
+
+
+def test_cli_convert_auto_saves_and_loads_the_plan(hf_dir: Path, model, tmp_path: Path, capsys) -> None:
+    from tests.test_cli import run
+
+    out_dir = tmp_path / "auto"
+    code, out, err = run(["convert", str(hf_dir), "--target", "auto", "--budget", "state@4096=1.2MiB",
+                          "--corpus", str(hf_dir / "corpus.txt"), "--seq-len", "96", "--batch-size", "2",
+                          "--plan-batches", "1", "-o", 'candidates=["window", "elita"]', "--out", str(out_dir)],
+                         capsys)
+    assert code == 0, err
+    assert "plan: state@4096 <= 1.258e+06 bytes" in out
+    recipe = json.loads((out_dir / "swapformer.json").read_text())
+    assert recipe["rewrite"]["plan"]["label"] == "auto"
+    loaded = swapformer.load(out_dir, model)
+    assert loaded.swapformer_report.plan.label == "auto"
+    assert [r.config.name for r in loaded.swapformer_report.replaced] == [
+        s["target"]["target"] for s in recipe["sites"] if s["decision"] == "replaced"]
+
+
+def test_cli_explain_auto_and_budget_errors(hf_dir: Path, tmp_path: Path, capsys) -> None:
+    from tests.test_cli import run
+
+    code, out, err = run(["explain", str(hf_dir), "--target", "auto", "--budget", "decode@4096=1.5",
+                          "--corpus", str(hf_dir / "corpus.txt"), "--seq-len", "96", "--batch-size", "2",
+                          "--plan-batches", "1", "-o", 'candidates=["window"]'], capsys)
+    assert code == 0, err
+    assert "target 'auto'" in out and "quality cost" in out
+    code, _, err = run(["convert", str(hf_dir), "--target", "auto", "--out", str(tmp_path)], capsys)
+    assert code == 1 and "--target auto needs --budget" in err
+    code, _, err = run(["convert", str(hf_dir), "--target", "window", "--budget", "decode@4096=2",
+                        "--out", str(tmp_path)], capsys)
+    assert code == 1 and "--budget chooses a plan for --target auto" in err
+    code, _, err = run(["explain", str(hf_dir), "--target", "auto", "--budget", "decode=2"], capsys)
+    assert code == 2 and "KIND@CONTEXT=VALUE" in err

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 import swapformer
 from swapformer import Budget, ConfigError, InputError, Plan
-from swapformer.planner import choose
+from swapformer.planner import AutoOptions, choose, measure
 from swapformer.targets.base import resolve_target
 
 transformers = pytest.importorskip("transformers")
@@ -120,6 +120,20 @@ def test_rewrite_auto_builds_the_plan_and_new_parameters_live_in_replaced_sites(
     new = [n for n, _ in [*student.named_parameters(), *student.named_buffers()] if n not in base]
     assert all(n.startswith(LOCAL + ".") for n in new)
     assert not hasattr(student.get_submodule(FAR), "swapformer_core")
+
+
+def test_measured_costs_come_from_the_cores_accounting(analysis, ids) -> None:
+    options = AutoOptions.from_options({"budget": ONE_LAYER_STATE, "calibration_data": ids,
+                                        "candidates": [WINDOW, "fastweight"], "transfer_steps": 2})
+    measured = measure(analysis, options)
+    for site in measured.sites:
+        (keep, *_, window, fastweight) = measured.options[site.name]
+        assert keep[0] == "keep" and keep[2:] == (0.0, KV_BYTES)
+        assert window[0] == "window(window=8)" and window[3] == (8 - 1 + 4) * (KV_HEADS * 2 * HEAD_DIM * 4 + 9)
+        assert fastweight[0] == "fastweight" and 0 < fastweight[3] < KV_BYTES
+    errors = {site.name: [o[2] for o in measured.options[site.name]] for site in measured.sites}
+    assert errors[f"{LOCAL}:0"][1] < 1e-6 < 0.1 < errors[f"{FAR}:0"][1]  # window: exact locally, lossy far away
+    assert measured.fixed == 0  # a state budget: nothing but attention holds state
 
 
 def test_auto_with_an_unreachable_budget_says_what_is_reachable(analysis, ids) -> None:
@@ -346,3 +360,15 @@ def test_cli_explain_auto_and_budget_errors(hf_dir: Path, tmp_path: Path, capsys
     assert code == 1 and "--budget chooses a plan for --target auto" in err
     code, _, err = run(["explain", str(hf_dir), "--target", "auto", "--budget", "decode=2"], capsys)
     assert code == 2 and "KIND@CONTEXT=VALUE" in err
+
+
+def test_transfer_steps_train_the_candidates_new_parameters(analysis, model, ids) -> None:
+    from swapformer.planner.quality import site_errors
+
+    before = site_errors(analysis.rewrite("fastweight", verify=False), model, [ids])
+    student = analysis.rewrite("fastweight", verify=False)
+    core = student.get_submodule(f"{FAR}.swapformer_core")
+    start = [p.detach().clone() for p in core.new_parameters()]
+    after = site_errors(student, model, [ids], transfer_steps=5, lr=1e-3)
+    assert any(not torch.equal(a, p) for a, p in zip(start, core.new_parameters()))
+    assert after[f"{FAR}:0"] < before[f"{FAR}:0"]

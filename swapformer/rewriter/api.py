@@ -14,7 +14,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,9 +29,6 @@ from swapformer.rewriter.report import Replacement, RewriteReport, Skip
 from swapformer.sites import Site
 from swapformer.targets.base import TargetConfig, TargetModule, core_class, resolve_target
 
-if TYPE_CHECKING:
-    from swapformer.planner.auto import AutoOptions
-
 log = logging.getLogger(__name__)
 KINDS = ("attention", "ffn")
 # Every verb defaults to attention sites only (as the CLI, the compile backend and the zoo do):
@@ -39,9 +36,8 @@ KINDS = ("attention", "ffn")
 DEFAULT_KINDS: tuple[str, ...] = ("attention",)
 DEFAULT_SEED = 0
 SiteFilter = Callable[[Site], bool]
-# what ``target=`` takes: a registry name ("auto": the planner), a config, a plan or {site: target}
+# what ``target=`` takes: a registry or planner name, a config, a plan, or {site: target}
 Target = str | TargetConfig | Plan | Mapping[str, str | TargetConfig | None]
-AUTO = "auto"
 
 
 @dataclass
@@ -78,16 +74,38 @@ class Analysis:
 
 
 
-def _resolve(target: Target, options: dict[str, Any]) -> TargetConfig | Plan | AutoOptions:
+@dataclass(frozen=True)
+class Planner:
+    """A target name that chooses a plan per model: ``check`` turns the options into the planner's
+    (before the capture), ``plan(analysis, checked, filter_fn)`` makes the plan."""
+
+    check: Callable[[dict[str, Any]], Any]
+    plan: Callable[[Analysis, Any, SiteFilter | None], Plan]
+
+
+# planners by target name; swapformer.planner registers "auto" (the rewriter does not import it)
+PLANNERS: dict[str, Planner] = {}
+
+
+@dataclass(frozen=True)
+class _Planned:
+    planner: Planner
+    options: Any
+
+
+def register_planner(name: str, planner: Planner) -> None:
+    """Make ``target=name`` ask ``planner`` for a plan."""
+    PLANNERS[name] = planner
+
+
+def _resolve(target: Target, options: dict[str, Any]) -> TargetConfig | Plan | _Planned:
     """Check ``target`` and its options before the (slow) capture.
 
     Raises:
         UnknownTargetError, ConfigError: a bad target, option or budget. InputError: a bad plan.
     """
-    if isinstance(target, str) and target == AUTO:
-        from swapformer.planner.auto import AutoOptions
-
-        return AutoOptions.from_options(options)
+    if isinstance(target, str) and target in PLANNERS:
+        return _Planned(PLANNERS[target], PLANNERS[target].check(options))
     if isinstance(target, (Plan, Mapping)):
         if options:
             raise ConfigError(f"target options {sorted(options)} go into the plan's target configs, "
@@ -96,13 +114,12 @@ def _resolve(target: Target, options: dict[str, Any]) -> TargetConfig | Plan | A
     return resolve_target(target, **options)
 
 
-def _choose(analysis: Analysis, spec: TargetConfig | Plan | AutoOptions, filter_fn: SiteFilter | None) -> TargetConfig | Plan:
-    """The config or plan to apply: the planner's plan for ``target="auto"``."""
-    if isinstance(spec, (TargetConfig, Plan)):
-        return spec
-    from swapformer.planner.auto import auto_plan
-
-    return auto_plan(analysis, spec, filter_fn)
+def _choose(analysis: Analysis, spec: TargetConfig | Plan | _Planned,
+            filter_fn: SiteFilter | None) -> TargetConfig | Plan:
+    """The config or plan to apply: a planner's plan for a planner's name (``"auto"``)."""
+    if isinstance(spec, _Planned):
+        return spec.planner.plan(analysis, spec.options, filter_fn)
+    return spec
 
 
 

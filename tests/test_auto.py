@@ -136,6 +136,20 @@ def test_measured_costs_come_from_the_cores_accounting(analysis, ids) -> None:
     assert measured.fixed == 0  # a state budget: nothing but attention holds state
 
 
+def test_calibration_trains_only_what_the_plan_replaced(analysis, model, ids) -> None:
+    from swapformer.calibrate import CalibrationConfig, Stage, calibrate
+
+    student = analysis.rewrite(Plan.of({FAR: "fastweight"}))
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    stages = (Stage("transfer", steps=2, train="new"), Stage("distill", steps=2, train="new"))
+    # sequences longer than the hybrid's exact window of 64, so that its far memory matters
+    config = CalibrationConfig(stages=stages, batch_size=2, seq_len=SEQ, eval_fraction=0.0, eval_batches=0,
+                               lora_rank=0)
+    calibrate(student, model, ids.repeat(4, 1), config)
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(f"{FAR}.swapformer_core.") for n in changed)
+
+
 def test_auto_with_an_unreachable_budget_says_what_is_reachable(analysis, ids) -> None:
     with pytest.raises(ConfigError, match="no plan meets the budget decode@4096 >= 1000x.*gives"):
         analysis.explain("auto", budget=Budget.decode(1000, context=CONTEXT), calibration_data=ids,

@@ -72,8 +72,6 @@ class Analysis:
         return _rewrite(self, spec, filter_fn, verify, seed)
 
 
-
-
 @dataclass(frozen=True)
 class Planner:
     """A target name that chooses a plan per model: ``check`` turns the options into the planner's
@@ -120,7 +118,6 @@ def _choose(analysis: Analysis, spec: TargetConfig | Plan | _Planned,
     if isinstance(spec, _Planned):
         return spec.planner.plan(analysis, spec.options, filter_fn)
     return spec
-
 
 
 def _check_kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:

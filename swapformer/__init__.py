@@ -12,7 +12,9 @@ from swapformer.errors import (
     UnknownTargetError,
     VerificationError,
 )
+from swapformer.planner import Budget
 from swapformer.rewriter import RewriteReport, explain, find_sites, prepare, rewrite
+from swapformer.rewriter.plan import Plan, PlanChoice
 from swapformer.sites import AttentionSite, FFNSite, ProjectionRef, Site
 from swapformer.targets import TargetConfig, available_targets
 
@@ -21,10 +23,13 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "AttentionSite",
+    "Budget",
     "CaptureError",
     "ConfigError",
     "FFNSite",
     "InputError",
+    "Plan",
+    "PlanChoice",
     "ProjectionRef",
     "RecipeMismatchError",
     "RewriteReport",

@@ -5,7 +5,8 @@ A converted model is stored the PEFT way, as what is new relative to its base mo
 * ``swapformer.json``: the recipe: the base model's identity (class, Hugging Face ``model_type``
   and ``_name_or_path``, a hash of its config, the names and shapes of its parameters and a hash of
   them, a digest of each parameter's values), the target config (``config.to_dict()``, rebuilt only
-  through the target registry), the site kinds, the example inputs' shapes and dtypes, every site's
+  through the target registry) or, for a model rewritten by a :class:`~swapformer.Plan`, the plan
+  (every site's config and reason), the site kinds, the example inputs' shapes and dtypes, every site's
   decision (replaced: ``core_name``/``core_type``; skipped: the reason), versions, and a hash of all
   that;
 * ``cores.safetensors``: the state of every replacement core, keyed by its name in the model;

@@ -19,8 +19,8 @@ from swapformer.checkpoint.recipe import (
     excluded_prefixes,
     read_recipe,
     recipe_dir,
+    recipe_target,
     site_decisions,
-    target_config,
 )
 from swapformer.checkpoint.weights import check_weights, load_weights
 from swapformer.errors import InputError
@@ -47,20 +47,20 @@ def load(path: str | Path, base_model: nn.Module, *, example_inputs: Any = None,
 
     Raises:
         InputError: ``path`` holds no recipe, the recipe names a file outside ``path``, or a
-            file is missing or unreadable (each names the file). UnknownTargetError: the target
-            is not registered.
+            file is missing or unreadable (each names the file), or the recipe's plan is malformed.
+            UnknownTargetError: a target is not registered.
         RecipeMismatchError: a weight file's sha256 differs from the recorded one, the base
             model's class, config or parameters differ from the recipe's, the replay decided
             differently at some site, or the weights do not fit.
     """
     recipe = read_recipe(path)
-    config = target_config(recipe)
+    target = recipe_target(recipe)
     check_base_model(recipe, base_model)
     check_files(recipe_dir(path), recipe)  # before the replay, the slow step
     inputs = example_inputs if example_inputs is not None else build_inputs(
         recipe["rewrite"]["example_inputs"], base_model)
-    log.info("replaying %s on %s", config.name, type(base_model).__name__)
-    model = rewrite(base_model, config, example_inputs=inputs, kinds=tuple(recipe["rewrite"]["kinds"]),
+    log.info("replaying %s on %s", recipe["rewrite"]["target"]["target"], type(base_model).__name__)
+    model = rewrite(base_model, target, example_inputs=inputs, kinds=tuple(recipe["rewrite"]["kinds"]),
                     filter_fn=_replay_filter(recipe["sites"]), verify=verify)
     check_decisions(recipe["sites"], site_decisions(model.swapformer_report))
     load_weights(model, recipe_dir(path), recipe)
@@ -133,7 +133,9 @@ def check_decisions(recorded: list[dict[str, Any]], replayed: list[dict[str, Any
     problems += [f"site {n} was found but is not in the recipe" for n in new if n not in old]
     for name in old.keys() & new.keys():
         a, b = old[name], new[name]
-        changed = [k for k in keys if a.get(k) != b.get(k)]
+        # recipes written before per-site targets were recorded have none to compare
+        compared = (*keys, "target") if "target" in a else keys
+        changed = [k for k in compared if a.get(k) != b.get(k)]
         if changed:
             what = ", ".join(f"{k} {a.get(k)!r} recorded, {b.get(k)!r} now" for k in changed)
             problems.append(f"site {name}: {what}")

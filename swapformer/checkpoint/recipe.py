@@ -12,12 +12,15 @@ from typing import Any
 
 from swapformer.checkpoint.hashing import file_sha256, jsonable
 from swapformer.errors import InputError, SwapformerError
+from swapformer.rewriter.plan import Plan, PlanChoice
 from swapformer.rewriter.report import RewriteReport
 from swapformer.targets.base import TargetConfig, resolve_target
 
 log = logging.getLogger(__name__)
 FORMAT = "swapformer-recipe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this version reads; 2 added per-site plans (rewrite.plan)
+TARGET_FORMAT_VERSION = 1  # a single-target recipe: older versions read it too
+PLAN_FORMAT_VERSION = 2  # a recipe with a plan
 RECIPE_FILE = "swapformer.json"
 CORES_FILE = "cores.safetensors"
 HOST_FILE = "host.safetensors"
@@ -34,7 +37,7 @@ class RecipeMismatchError(SwapformerError, ValueError):
 
 def site_decisions(report: RewriteReport) -> list[dict[str, Any]]:
     """One JSON record per detected site, in report order: replaced (with ``core_name``,
-    ``core_type`` and ``how``) or skipped (with ``reason``)."""
+    ``core_type``, ``how`` and its ``target`` config) or skipped (with ``reason``)."""
     replaced = {r.site.name: r for r in report.replaced}
     skipped = {s.site.name: s for s in report.skipped}
     records = []
@@ -43,6 +46,8 @@ def site_decisions(report: RewriteReport) -> list[dict[str, Any]]:
         if site.name in replaced:
             r = replaced[site.name]
             record.update(decision="replaced", core_name=r.core_name, core_type=r.core_type, how=r.how)
+            if r.config is not None:
+                record["target"] = jsonable(r.config.to_dict())
         elif site.name in skipped:
             record.update(decision="skipped", reason=skipped[site.name].reason)
         else:
@@ -145,13 +150,36 @@ def target_config(recipe: Mapping[str, Any]) -> TargetConfig:
 
     Raises:
         UnknownTargetError: the target is not registered here. ConfigError: its options are invalid.
+        RecipeMismatchError: it does not rebuild identically.
     """
-    options = dict(recipe["rewrite"]["target"])
+    return config_from_dict(recipe["rewrite"]["target"])
+
+
+def recipe_target(recipe: Mapping[str, Any]) -> TargetConfig | Plan:
+    """What the recipe was rewritten with: its per-site plan when it has one, else its target config.
+
+    Raises:
+        As :func:`target_config`, for the plan's every target; InputError: a malformed plan.
+    """
+    plan = recipe["rewrite"].get("plan")
+    if plan is None:
+        return target_config(recipe)
+    try:
+        choices = tuple(PlanChoice(c["site"], None if c["target"] is None else config_from_dict(c["target"]),
+                                   c.get("reason", "")) for c in plan["choices"])
+        return Plan(choices, label=plan["label"], summary=plan.get("summary", ""))
+    except (KeyError, TypeError) as e:
+        raise InputError(f"the recipe's plan is malformed ({type(e).__name__}: {e})") from e
+
+
+def config_from_dict(recorded: Mapping[str, Any]) -> TargetConfig:
+    """A target config from its ``to_dict()`` record, through the registry, checked to rebuild identically."""
+    options = dict(recorded)
     name = options.pop("target")
     config = resolve_target(name, **{k: _tuples(v) for k, v in options.items()})
-    if jsonable(config.to_dict()) != recipe["rewrite"]["target"]:
-        raise RecipeMismatchError(f"target config {recipe['rewrite']['target']} does not rebuild "
-                                  f"identically here (got {config.to_dict()})")
+    if jsonable(config.to_dict()) != recorded:
+        raise RecipeMismatchError(f"target config {recorded} does not rebuild identically here "
+                                  f"(got {config.to_dict()})")
     return config
 
 

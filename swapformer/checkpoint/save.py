@@ -15,8 +15,9 @@ from swapformer.checkpoint.hashing import jsonable, recipe_hash, source_identity
 from swapformer.checkpoint.inputs import input_spec_for
 from swapformer.checkpoint.recipe import (
     FORMAT,
-    FORMAT_VERSION,
+    PLAN_FORMAT_VERSION,
     RECIPE_FILE,
+    TARGET_FORMAT_VERSION,
     excluded_prefixes,
     site_decisions,
 )
@@ -42,7 +43,8 @@ def save(model: nn.Module, path: str | Path, *, base_model: nn.Module | None = N
         example_inputs: the inputs ``model`` was captured with. Needed only for plain models
             captured by ``torch.fx`` (exported graphs record their input shapes, and Hugging Face
             models are rewritten with default inputs).
-        target: the target config (or name) used; default: the config the cores carry.
+        target: the target config (or name) used; default: the config the cores carry. A model
+            rewritten by a plan records its plan (every site's config) and takes no ``target``.
         kinds: the site kinds the rewrite looked for; default: the kinds of the detected sites.
         metadata: extra JSON-serialisable facts to store under ``"metadata"``.
 
@@ -51,20 +53,20 @@ def save(model: nn.Module, path: str | Path, *, base_model: nn.Module | None = N
 
     Raises:
         InputError: ``model`` has no rewrite report or its report is a dry run, the input shapes
-            are unknown, or ``metadata`` is not JSON-serialisable.
+            are unknown, ``metadata`` is not JSON-serialisable, or ``target`` is given for a plan.
     """
     report = report_of(model)
-    config = _target_config(model, report, target)
+    targets = _recorded_targets(model, report, target)
     extra = _checked_metadata(metadata)
     sites = site_decisions(report)
     skip = excluded_prefixes(sites)
     recipe = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": TARGET_FORMAT_VERSION if report.plan is None else PLAN_FORMAT_VERSION,
         "versions": _versions(),
         "source": source_identity(model, skip, base_model),
         "rewrite": {
-            "target": jsonable(config.to_dict()),
+            **targets,
             "kinds": list(kinds) if kinds else _site_kinds(report),
             "hf": is_hf_model(model),
             "capture": report.capture,
@@ -78,7 +80,7 @@ def save(model: nn.Module, path: str | Path, *, base_model: nn.Module | None = N
     recipe["files"] = write_weights(model, out, sites, skip, base_model)
     recipe["metadata"] = extra
     (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
-    log.info("saved %d replaced sites of %s to %s", len(report.replaced), config.name, out)
+    log.info("saved %d replaced sites of %s to %s", len(report.replaced), report.target, out)
     return out
 
 
@@ -89,6 +91,17 @@ def report_of(model: nn.Module) -> RewriteReport:
     if report.dry_run:
         raise InputError("the model's report is a dry run (from explain): nothing was replaced")
     return report
+
+
+def _recorded_targets(model: nn.Module, report: RewriteReport,
+                      target: str | TargetConfig | None) -> dict[str, Any]:
+    """``{"target": config}``, and for a plan ``{"target": {"target": label}, "plan": plan}``."""
+    if report.plan is None:
+        return {"target": jsonable(_target_config(model, report, target).to_dict())}
+    if target is not None:
+        raise InputError(f"the model was rewritten by a plan ({report.target!r}), which the recipe "
+                         "records with every site's target: pass no target")
+    return {"target": {"target": report.target}, "plan": jsonable(report.plan.to_dict())}
 
 
 def _target_config(model: nn.Module, report: RewriteReport,

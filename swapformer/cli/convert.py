@@ -14,7 +14,14 @@ from torch import nn
 
 from swapformer import checkpoint, rewrite
 from swapformer.bench import check_corpus, corpus_data, progress_bar
-from swapformer.cli.options import add_command, add_model_options, target_and_options
+from swapformer.cli.options import (
+    AUTO,
+    add_auto_options,
+    add_command,
+    add_model_options,
+    auto_options,
+    target_and_options,
+)
 from swapformer.errors import InputError
 from swapformer.models import load_model
 from swapformer.rewriter.hf import is_hf_model
@@ -32,8 +39,11 @@ def add_convert(sub: Any, common: argparse.ArgumentParser) -> None:
                     "  swapformer convert ./smol --target sdpa --out smol-sdpa\n"
                     "  swapformer convert ./smol -t fastweight -o feature_map=elu1 --kinds attention --out fw\n"
                     "  swapformer convert smollm2 -t window -o window=128 --calibrate-tokens 50000 \\\n"
-                    "      --corpus shakespeare --out smol-window --full\n", cmd_convert)
+                    "      --corpus shakespeare --out smol-window --full\n"
+                    "  swapformer convert smollm2 --target auto --budget decode@32768=3 --corpus wiki --out smol-auto\n",
+                    cmd_convert)
     add_model_options(p, target_required=True)
+    add_auto_options(p, with_data=False)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--full", action="store_true",
                    help="Hugging Face models: also write the base model into DIR (save_pretrained), "
@@ -75,7 +85,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """``swapformer convert``: rewrite, optionally calibrate, save."""
     config = target_and_options(args)
     calibrating = args.calibrate_tokens > 0
-    if calibrating:
+    if calibrating or config == AUTO:
         check_corpus(args.corpus)
     names = ["load", "rewrite"] + (["calibrate"] if calibrating else []) + ["save"]
     with _steps(args, names) as advance:
@@ -83,9 +93,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         loaded = load_model(args.model)
         _check_convertible(args, loaded)
         data = corpus_data(args.corpus, loaded.tokenizer, "calibration") if calibrating else None
-        advance(f"rewriting to {config.name}")
+        advance(f"rewriting to {AUTO if config == AUTO else config.name}")
         kinds = args.kinds or ("attention",)
-        student = rewrite(loaded.model, config, example_inputs=loaded.example_inputs, kinds=kinds)
+        options = auto_options(args, loaded.tokenizer) if config == AUTO else {}
+        student = rewrite(loaded.model, config, example_inputs=loaded.example_inputs, kinds=kinds, **options)
         meta: dict[str, Any] = {"model_spec": _portable_spec(args.model)}
         if calibrating:
             advance("calibrating")

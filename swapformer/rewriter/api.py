@@ -12,18 +12,19 @@ import contextlib
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from swapformer.errors import InputError
+from swapformer.errors import ConfigError, InputError
 from swapformer.rewriter import apply as graph_apply
 from swapformer.rewriter import hf, hf_cache
 from swapformer.rewriter.capture import Captured, capture, check_inputs, normalize_inputs, probe
 from swapformer.rewriter.detect import Detection, detect
+from swapformer.rewriter.plan import KEPT, Plan
 from swapformer.rewriter.report import Replacement, RewriteReport, Skip
 from swapformer.sites import Site
 from swapformer.targets.base import TargetConfig, TargetModule, core_class, resolve_target
@@ -35,6 +36,8 @@ KINDS = ("attention", "ffn")
 DEFAULT_KINDS: tuple[str, ...] = ("attention",)
 DEFAULT_SEED = 0
 SiteFilter = Callable[[Site], bool]
+# what ``target=`` takes: a registry or planner name, a config, a plan, or {site: target}
+Target = str | TargetConfig | Plan | Mapping[str, str | TargetConfig | None]
 
 
 @dataclass
@@ -56,17 +59,65 @@ class Analysis:
     def sites(self) -> list[Site]:
         return self.detection.sites
 
-    def explain(self, target: str | TargetConfig, *, filter_fn: SiteFilter | None = None,
+    def explain(self, target: Target, *, filter_fn: SiteFilter | None = None,
                 **target_options: Any) -> RewriteReport:
-        report = _plan(self, resolve_target(target, **target_options), self.model, filter_fn)
+        spec = _choose(self, _resolve(target, target_options), filter_fn)
+        report = _plan(self, spec, self.model, filter_fn)
         report.dry_run = True
         return report
 
-    def rewrite(self, target: str | TargetConfig, *, filter_fn: SiteFilter | None = None,
+    def rewrite(self, target: Target, *, filter_fn: SiteFilter | None = None,
                 verify: bool = True, seed: int = DEFAULT_SEED, **target_options: Any) -> nn.Module:
-        return _rewrite(self, resolve_target(target, **target_options), filter_fn, verify, seed)
+        spec = _choose(self, _resolve(target, target_options), filter_fn)
+        return _rewrite(self, spec, filter_fn, verify, seed)
 
 
+@dataclass(frozen=True)
+class Planner:
+    """A target name that chooses a plan per model: ``check`` turns the options into the planner's
+    (before the capture), ``plan(analysis, checked, filter_fn)`` makes the plan."""
+
+    check: Callable[[dict[str, Any]], Any]
+    plan: Callable[[Analysis, Any, SiteFilter | None], Plan]
+
+
+# planners by target name; swapformer.planner registers "auto" (the rewriter does not import it)
+PLANNERS: dict[str, Planner] = {}
+
+
+@dataclass(frozen=True)
+class _Planned:
+    planner: Planner
+    options: Any
+
+
+def register_planner(name: str, planner: Planner) -> None:
+    """Make ``target=name`` ask ``planner`` for a plan."""
+    PLANNERS[name] = planner
+
+
+def _resolve(target: Target, options: dict[str, Any]) -> TargetConfig | Plan | _Planned:
+    """Check ``target`` and its options before the (slow) capture.
+
+    Raises:
+        UnknownTargetError, ConfigError: a bad target, option or budget. InputError: a bad plan.
+    """
+    if isinstance(target, str) and target in PLANNERS:
+        return _Planned(PLANNERS[target], PLANNERS[target].check(options))
+    if isinstance(target, (Plan, Mapping)):
+        if options:
+            raise ConfigError(f"target options {sorted(options)} go into the plan's target configs, "
+                              "not next to a plan")
+        return target if isinstance(target, Plan) else Plan.of(target)
+    return resolve_target(target, **options)
+
+
+def _choose(analysis: Analysis, spec: TargetConfig | Plan | _Planned,
+            filter_fn: SiteFilter | None) -> TargetConfig | Plan:
+    """The config or plan to apply: a planner's plan for a planner's name (``"auto"``)."""
+    if isinstance(spec, _Planned):
+        return spec.planner.plan(analysis, spec.options, filter_fn)
+    return spec
 
 
 def _check_kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:
@@ -159,28 +210,33 @@ def find_sites(model: nn.Module, example_inputs: Any = None, *,
     return analyze(model, example_inputs, kinds).detection.sites
 
 
-def explain(model: nn.Module, target: str | TargetConfig, example_inputs: Any = None, *,
+def explain(model: nn.Module, target: Target, example_inputs: Any = None, *,
             kinds: tuple[str, ...] = DEFAULT_KINDS, filter_fn: SiteFilter | None = None,
             **target_options: Any) -> RewriteReport:
     """Dry run of :func:`rewrite`: every site, what would replace it, what would be skipped and why.
 
-    Arguments as :func:`rewrite` (``kinds`` defaults to attention sites only).
+    Arguments as :func:`rewrite` (``kinds`` defaults to attention sites only). With ``"auto"`` the
+    planner measures its candidates and the report lists each site's choice with its cost and
+    quality numbers; nothing is trained.
     """
-    config = resolve_target(target, **target_options)
+    spec = _resolve(target, target_options)
     analysis = analyze(model, example_inputs, kinds)
-    report = _plan(analysis, config, model, filter_fn)
+    report = _plan(analysis, _choose(analysis, spec, filter_fn), model, filter_fn)
     report.dry_run = True
     return report
 
 
-def rewrite(model: nn.Module, target: str | TargetConfig, *, example_inputs: Any = None,
+def rewrite(model: nn.Module, target: Target, *, example_inputs: Any = None,
             kinds: tuple[str, ...] = DEFAULT_KINDS, filter_fn: SiteFilter | None = None,
             verify: bool = True, seed: int = DEFAULT_SEED, **target_options: Any) -> nn.Module:
     """Return a copy of ``model`` whose detected sites run ``target``'s implementation.
 
     Args:
         model: the model to convert; it is not modified.
-        target: a registry name (``"sdpa"``, ``"window"``, ``"fastweight"``, ...) or a target config.
+        target: a registry name (``"sdpa"``, ``"window"``, ``"fastweight"``, ...), a target config,
+            a :class:`~swapformer.Plan` (or a ``{site or module name: target}`` dict) choosing per
+            site, or ``"auto"``: the planner chooses per site under ``budget=`` (see
+            :func:`swapformer.planner.auto_plan` for its options).
         example_inputs: inputs to capture the graph with (optional for Hugging Face models).
         kinds: site kinds to replace: ``"attention"``, ``"ffn"``; default ``("attention",)``.
         filter_fn: ``filter_fn(site) -> bool`` selects which sites to replace.
@@ -188,50 +244,59 @@ def rewrite(model: nn.Module, target: str | TargetConfig, *, example_inputs: Any
         seed: seeds the initial values of the cores' new parameters. The rewrite runs on its own
             forked RNG state, so the same call gives the same model and the caller's global RNG
             state is left exactly as it was.
-        target_options: options of the target's config (``window=64``, ``chunk_size=16``, ...).
+        target_options: options of the target's config (``window=64``, ``chunk_size=16``, ...);
+            for ``"auto"`` the planner's (``budget=``, ``calibration_data=``, ...).
 
     Returns:
         For Hugging Face models, the same model class with attention cores swapped; otherwise a
         ``torch.fx.GraphModule``. Its ``swapformer_report`` attribute holds the :class:`RewriteReport`.
 
     Raises:
-        UnknownTargetError, ConfigError: bad target or options. InputError, CaptureError: see find_sites.
+        UnknownTargetError, ConfigError: bad target, options or budget. InputError: a plan names
+            sites the model does not have; else see find_sites. CaptureError: see find_sites.
         VerificationError: an exact target does not reproduce the original.
     """
-    config = resolve_target(target, **target_options)
-    return _rewrite(analyze(model, example_inputs, kinds), config, filter_fn, verify, seed)
+    spec = _resolve(target, target_options)
+    analysis = analyze(model, example_inputs, kinds)
+    return _rewrite(analysis, _choose(analysis, spec, filter_fn), filter_fn, verify, seed)
 
 
-def _rewrite(analysis: Analysis, config: TargetConfig, filter_fn: SiteFilter | None, verify: bool,
+def _rewrite(analysis: Analysis, spec: TargetConfig | Plan, filter_fn: SiteFilter | None, verify: bool,
              seed: int) -> nn.Module:
     with own_rng(seed):
-        return _rewrite_seeded(analysis, config, filter_fn, verify)
+        return _rewrite_seeded(analysis, spec, filter_fn, verify)
 
 
-def _rewrite_seeded(analysis: Analysis, config: TargetConfig, filter_fn: SiteFilter | None,
+def _rewrite_seeded(analysis: Analysis, spec: TargetConfig | Plan, filter_fn: SiteFilter | None,
                     verify: bool) -> nn.Module:
-    report = _plan(analysis, config, analysis.model, filter_fn)
+    report = _plan(analysis, spec, analysis.model, filter_fn)
     weights = _weights(analysis.model)
-    rewritten = _build_model(analysis, report, config, weights)
+    rewritten = _build_model(analysis, report, weights)
     rewritten.swapformer_report = report
     if verify:
         from swapformer.rewriter.verify import verify_rewrite
 
         def rebuild(replaced: list[Replacement]) -> nn.Module:
             # the same rewrite with only some sites replaced, to find which site fails verification
-            return _build_model(analysis, dataclasses.replace(report, replaced=replaced), config, weights)
+            return _build_model(analysis, dataclasses.replace(report, replaced=replaced), weights)
 
-        verify_rewrite(rewritten, analysis, report, config, rebuild)
+        verify_rewrite(rewritten, analysis, report, _verified_config(spec), rebuild)
     return rewritten
 
 
-def _build_model(analysis: Analysis, report: RewriteReport, config: TargetConfig,
-                 weights: dict[str, torch.Tensor]) -> nn.Module:
+def _verified_config(spec: TargetConfig | Plan) -> TargetConfig:
+    """What verification holds a rewrite to: a plan is exact only when all its targets are."""
+    if isinstance(spec, TargetConfig):
+        return spec
+    return spec.representative() or resolve_target("sdpa")  # nothing replaced: must equal the original
+
+
+def _build_model(analysis: Analysis, report: RewriteReport, weights: dict[str, torch.Tensor]) -> nn.Module:
     model = analysis.model
     if hf.is_hf_model(model):
-        rewritten = _apply_hf(model, analysis, report, config, weights)
+        rewritten = _apply_hf(model, analysis, report, weights)
     else:
-        rewritten = _apply_graph(analysis, report, config, weights)
+        rewritten = _apply_graph(analysis, report, weights)
     rewritten.train(model.training)  # new cores start in training mode; follow the user's model
     return rewritten
 
@@ -240,32 +305,49 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_buffers()), **dict(model.named_parameters())}
 
 
-def _plan(analysis: Analysis, config: TargetConfig, model: nn.Module,
+def _plan(analysis: Analysis, spec: TargetConfig | Plan, model: nn.Module,
           filter_fn: SiteFilter | None) -> RewriteReport:
     det = analysis.detection
-    report = RewriteReport(target=config.name, capture=analysis.captured.strategy,
-                           attempts=analysis.captured.attempts, sites=list(det.sites))
+    plan = spec if isinstance(spec, Plan) else None
+    if plan is not None:
+        plan.check_names([*det.sites, *det.refused])
+    label = plan.label if plan is not None else spec.name
+    report = RewriteReport(target=label, capture=analysis.captured.strategy,
+                           attempts=analysis.captured.attempts, sites=list(det.sites), plan=plan)
     is_hf = hf.is_hf_model(model)
     claimed: set[str] = set()
     for site in det.sites:
-        reason = _skip_reason(site, config, filter_fn, is_hf, claimed, model)
+        config, why = _site_target(site, spec, filter_fn)
+        reason = why if config is None else _skip_reason(site, config, is_hf, claimed, model)
         if reason:
-            report.skipped.append(Skip(site, config.name, reason))
+            report.skipped.append(Skip(site, label, reason))
             continue
         claimed.add(site.module)
         cls = core_class(config, site.kind)
         where = _core_location(site, is_hf)
-        report.replaced.append(Replacement(site, config.name, cls.__name__, where, "module" if is_hf else "graph"))
+        report.replaced.append(Replacement(site, config.name, cls.__name__, where, "module" if is_hf else "graph",
+                                           config, why))
     for site in det.refused:  # attention detection could not describe exactly
         report.sites.append(site)
-        report.skipped.append(Skip(site, config.name, f"refused: {site.refused}"))
+        report.skipped.append(Skip(site, label, f"refused: {site.refused}"))
     return report
 
 
-def _skip_reason(site: Site, config: TargetConfig, filter_fn: SiteFilter | None, is_hf: bool,
-                 claimed: set[str], model: nn.Module) -> str | None:
+def _site_target(site: Site, spec: TargetConfig | Plan,
+                 filter_fn: SiteFilter | None) -> tuple[TargetConfig | None, str]:
+    """The site's target config and the plan's reason; no config: why the site is skipped."""
     if filter_fn is not None and not filter_fn(site):
-        return "excluded by filter_fn"
+        return None, "excluded by filter_fn"
+    if isinstance(spec, TargetConfig):
+        return spec, ""
+    choice = spec.choice_for(site)
+    if choice is None or choice.target is None:
+        return None, KEPT + (f": {choice.reason}" if choice is not None and choice.reason else "")
+    return choice.target, choice.reason
+
+
+def _skip_reason(site: Site, config: TargetConfig, is_hf: bool, claimed: set[str],
+                 model: nn.Module) -> str | None:
     cls = core_class(config, site.kind)
     if cls is None:
         return f"target {config.name!r} has no {site.kind} replacement"
@@ -328,8 +410,7 @@ def _host_weight(site: Site, weights: dict[str, torch.Tensor]) -> torch.Tensor |
     return None
 
 
-def _apply_graph(analysis: Analysis, report: RewriteReport, config: TargetConfig,
-                 weights: dict[str, torch.Tensor]) -> nn.Module:
+def _apply_graph(analysis: Analysis, report: RewriteReport, weights: dict[str, torch.Tensor]) -> nn.Module:
     captured, det = analysis.captured, analysis.detection
     gm = captured.gm
     # The captured module shares parameters with the user's model: splice into a copy.
@@ -339,7 +420,7 @@ def _apply_graph(analysis: Analysis, report: RewriteReport, config: TargetConfig
     for rep in report.replaced:
         match = copy.copy(det.matches[rep.site.name])
         _remap_match(match, remap)
-        core = _build_core(rep.site, config, weights)
+        core = _build_core(rep.site, rep.config, weights)
         if rep.site.kind == "attention":
             graph_apply.splice_attention(new_gm, det.graph, match, rep.core_name, core)
         else:
@@ -361,13 +442,13 @@ def _remap_match(match: Any, remap: dict) -> None:
                 s.node = remap[s.node]
 
 
-def _apply_hf(model: nn.Module, analysis: Analysis, report: RewriteReport, config: TargetConfig,
+def _apply_hf(model: nn.Module, analysis: Analysis, report: RewriteReport,
               weights: dict[str, torch.Tensor]) -> nn.Module:
     new = copy.deepcopy(model)
     attention = [r for r in report.replaced if r.site.kind == "attention"]
     shared: dict = {}  # the model-wide call context: the cache in use and the 2-D padding mask
     for rep in report.replaced:
-        core = _build_core(rep.site, config, weights)
+        core = _build_core(rep.site, rep.config, weights)
         if rep.site.kind == "attention":
             hf.attach_attention_core(new.get_submodule(rep.site.module), core, rep.site.scale, shared)
         else:

@@ -6,7 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from swapformer.rewriter.plan import Plan, target_label
 from swapformer.sites import AttentionSite, FFNSite, Site
+from swapformer.targets.base import TargetConfig
 
 
 @dataclass
@@ -14,7 +16,8 @@ class Replacement:
     """A site that was (or, in a dry run, would be) replaced by ``core_type`` at ``core_name``.
 
     ``core_name`` is the qualified name of the replacement core inside the rewritten model, so
-    ``model.get_submodule(core_name)`` returns it.
+    ``model.get_submodule(core_name)`` returns it. ``config`` is the site's own target config (under a
+    :class:`~swapformer.rewriter.plan.Plan` sites differ), ``reason`` the plan's reason for it.
     """
 
     site: Site
@@ -22,6 +25,8 @@ class Replacement:
     core_type: str
     core_name: str
     how: str  # "graph" (spliced into a GraphModule) or "module" (core swapped inside a module)
+    config: TargetConfig | None = None
+    reason: str = ""
 
 
 @dataclass
@@ -55,9 +60,12 @@ class RewriteReport:
     max_abs_diff: float | None = None  # of the verify step, when one ran
     verify_tolerance: float | None = None  # what an exact target's max_abs_diff was held to
     dry_run: bool = False
+    plan: Plan | None = None  # the per-site plan, when the rewrite followed one
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(dataclasses.replace(self, plan=None))
+        out["plan"] = None if self.plan is None else self.plan.to_dict()
+        return out
 
     def __str__(self) -> str:
         return format_report(self)
@@ -79,7 +87,7 @@ def _describe(site: Site) -> str:
 def format_report(report: RewriteReport) -> str:
     decided: dict[str, str] = {}
     for r in report.replaced:
-        decided[r.site.name] = f"{'would replace' if report.dry_run else 'replaced'} by {r.core_type}"
+        decided[r.site.name] = f"{'would replace' if report.dry_run else 'replaced'} by {_what(r, report)}"
     for s in report.skipped:
         decided[s.site.name] = f"skipped: {s.reason}"
     rows = [(s.name, s.kind, _describe(s), decided.get(s.name, "-")) for s in report.sites]
@@ -87,9 +95,18 @@ def format_report(report: RewriteReport) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
     out = [f"capture: {report.capture or 'failed'}"]
+    if report.plan is not None and report.plan.summary:
+        out.append(f"plan: {report.plan.summary}")
     out += [line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
     out.append(f"{len(report.replaced)} replaced, {len(report.skipped)} skipped, {len(report.sites)} sites")
     if report.max_abs_diff is not None:
         bound = f" (tolerance {report.verify_tolerance:.3g})" if report.verify_tolerance is not None else ""
         out.append(f"verify: max |Δ| = {report.max_abs_diff:.3g}{bound}")
     return "\n".join(out)
+
+
+def _what(r: Replacement, report: RewriteReport) -> str:
+    """The core type; under a plan also the site's own target and the plan's reason."""
+    if report.plan is None or r.config is None:
+        return r.core_type
+    return f"{target_label(r.config)} ({r.core_type})" + (f": {r.reason}" if r.reason else "")

@@ -17,7 +17,7 @@ from torch import nn
 from swapformer.patterns.attention import AttentionMatch, has_mask, temperatures, top_left_keep
 from swapformer.patterns.ffn import FFNMatch
 from swapformer.patterns.match import Graph, MaskStep, overwrites_private
-from swapformer.patterns.ops import INPLACE, arg, canonical
+from swapformer.patterns.ops import arg, canonical
 
 _TUPLE_DROPOUTS = frozenset({torch.ops.aten.native_dropout.default})  # return (out, mask): left alone
 
@@ -123,12 +123,33 @@ def splice_ffn(gm: fx.GraphModule, g: Graph, f: FFNMatch, name: str, core: nn.Mo
 _METADATA_ASSERTS = frozenset({torch.ops.aten._assert_tensor_metadata.default})
 
 
+_INPLACE_OPERATORS = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift,
+})
+
+
+def writes_in_place(node: fx.Node) -> bool:
+    """Whether ``node`` writes into one of its operands (``x.add_(1)``, ``x += 1``, ``aten.copy_``)."""
+    if node.op == "call_method":
+        return isinstance(node.target, str) and node.target.endswith("_") and not node.target.startswith("_")
+    if node.op != "call_function":
+        return False
+    if node.target in _INPLACE_OPERATORS:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
 def _is_impure(node: fx.Node) -> bool:
     # Random ops (dropout, the replaced SDPA call with its dropout_p) have no effect once nothing reads
     # their result; FX keeps them by default and with them the whole old QKᵀ -> softmax chain. So is an
-    # in-place op on an intermediate only it reads (``scores += bias`` of a replaced site).
-    if node.op == "call_function" and not node.users and canonical(node) in INPLACE and overwrites_private(node):
-        return False
+    # in-place op on an intermediate only it reads (``scores += bias`` of a replaced site). Any other
+    # in-place op stays even when nothing reads its result: FX would drop ``x.add_(1)`` on a buffer or
+    # an input (a BatchNorm's ``num_batches_tracked`` in Dynamo's and symbolic_trace's graphs).
+    if not node.users and writes_in_place(node):
+        return not overwrites_private(node)
     return node.is_impure(impure_random=False)
 
 

@@ -108,8 +108,8 @@ def unchanged(modules: Iterable[torch.nn.Module] = (), tensors: Iterable[Any] = 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     # bitwise, so that NaN payloads and the sign of zero count too
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
+    if a.shape != b.shape or a.dtype != b.dtype or a.layout != torch.strided:
+        return False  # other layouts are simply copied back
     return torch.equal(a.detach().contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
 
 

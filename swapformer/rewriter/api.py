@@ -270,7 +270,7 @@ def _skip_reason(site: Site, config: TargetConfig, filter_fn: SiteFilter | None,
     cls = core_class(config, site.kind)
     if cls is None:
         return f"target {config.name!r} has no {site.kind} replacement"
-    if SINK_NOTE in site.notes and (is_hf or not config.exact):
+    if site.kind == "attention" and SINK_NOTE in site.notes and (is_hf or not config.exact):
         return ("sink logits: only the exact target computes them (one more key with zero value), "
                 "and only in a captured graph (transformers passes them to the attention function "
                 "as s_aux, which the cores do not take)")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from swapformer import rewrite
 from swapformer.calibrate import CalibrationConfig, Stage, calibrate
 from swapformer.data import TokenSplits, heldout_split, pack
-from swapformer.evaluate import forward_logits, perplexity
+from swapformer.measure import forward_logits, perplexity
 from swapformer.offline import corpus_tokens, load_smollm2
 
 log = logging.getLogger("quality_smollm2.hybrid")

@@ -88,7 +88,7 @@ def load(args: argparse.Namespace) -> tuple[nn.Module, Any, torch.Tensor, torch.
 
 
 def perplexity(model: nn.Module, heldout: torch.Tensor) -> float:
-    from swapformer.evaluate import perplexity as ppl
+    from swapformer.measure import perplexity as ppl
 
     return ppl(model, heldout, seq_len=heldout.shape[1], batch_size=2)
 

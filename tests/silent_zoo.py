@@ -253,6 +253,46 @@ class SinkAttention(_Heads):
         return self.merge(probs @ v)
 
 
+class SlicedProbsAttention(_Heads):
+    """Probabilities that lose their last key column before the value product, with no sink column:
+    not attention over every key (``softmax(s)[..., :-1] @ v[..., :-1, :]``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split(x)
+        probs = ((q @ k.transpose(-2, -1)) * HEAD_DIM**-0.5).softmax(dim=-1)
+        out = probs[..., :-1] @ v[..., :-1, :]
+        return self.merge(out)
+
+
+class CrossCovarianceAttention(_Heads):
+    """XCiT / EdgeNeXt XCA: attention over the channel axis, ``[B, H, D, T]`` queries and keys, L2-
+    normalised along the tokens, with a learned per-head temperature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.temperature = nn.Parameter(torch.linspace(0.5, 2.0, N_HEADS).view(N_HEADS, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (y.transpose(-2, -1) for y in self.split(x))  # [B, H, D, T]
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        att = (q @ k.transpose(-2, -1)) * self.temperature  # [B, H, D, D]
+        return self.merge((att.softmax(dim=-1) @ v).transpose(-2, -1))
+
+
+class CosineAttention(_Heads):
+    """SwinV2-cr: cosine attention with a learned per-head logit scale, clamped and exponentiated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(N_HEADS, 1, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split(x)
+        att = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        att = att * torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
+        return self.merge(att.softmax(dim=-1) @ v)
+
+
 class Block(nn.Module):
     def __init__(self, attn: nn.Module, p: float = 0.0) -> None:
         super().__init__()

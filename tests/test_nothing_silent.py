@@ -13,6 +13,8 @@ import torch
 from models_zoo import ZOO, ZooCase, call
 from silent_zoo import (
     HEAD_DIM,
+    CosineAttention,
+    CrossCovarianceAttention,
     DropoutAttention,
     FixedMaskAttention,
     FoldedMQAAttention,
@@ -23,6 +25,7 @@ from silent_zoo import (
     RelativeBiasAttention,
     SdpaAttention,
     SinkAttention,
+    SlicedProbsAttention,
     TemperatureAttention,
     TupeAttention,
     hidden,
@@ -228,20 +231,63 @@ def test_forward_with_varargs_masks_keeps_dynamic_lengths() -> None:
         torch.testing.assert_close(out(*inputs(24)), model(*inputs(24)), rtol=1e-5, atol=1e-5)
 
 
-def test_sink_logits_are_left_alone_not_rewritten_wrongly() -> None:
-    # not supported yet: the softmax feeds a slice that drops the sink column, so no site is claimed
+def _exact_at_other_lengths(model: torch.nn.Module, out: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for t in (16, 24, 9):
+            torch.testing.assert_close(out(hidden(t)), model(hidden(t)), rtol=1e-5, atol=1e-5)
+
+
+def test_sink_logits_are_exact_with_sdpa_and_refused_by_learned_targets() -> None:
     model = stack(SinkAttention)
     out = swapformer.rewrite(model, "sdpa", example_inputs=hidden())
-    assert out.swapformer_report.replaced == []
+    assert len(out.swapformer_report.replaced) == 2
+    assert not _attention_ops_left(out)
+    _exact_at_other_lengths(model, out)
+    with torch.no_grad():  # the sinks are read live: training them moves the rewrite with the model
+        for net in (model, out):
+            for name, p in net.named_parameters():
+                if name.endswith("sinks"):
+                    p.add_(2.0)
+    _exact_at_other_lengths(model, out)
+    for target in ("window", "fastweight"):
+        report = swapformer.explain(model, target, hidden())
+        assert not report.replaced and all("sink logits" in s.reason for s in report.skipped)
+
+
+def test_sink_logits_through_the_compile_backend() -> None:
+    model = stack(SinkAttention)
+    b = swapformer.backend("sdpa", inner="eager")
     with torch.no_grad():
-        torch.testing.assert_close(out(hidden(24)), model(hidden(24)))
+        torch.testing.assert_close(torch.compile(model, backend=b)(hidden()), model(hidden()),
+                                   rtol=1e-5, atol=1e-5)
+    assert len(b.reports[-1].replaced) == 2
+
+
+def test_probabilities_sliced_without_a_sink_column_are_not_attention_over_every_key() -> None:
+    model = stack(SlicedProbsAttention)
+    out = swapformer.rewrite(model, "sdpa", example_inputs=hidden())
+    assert out.swapformer_report.replaced == []
+    _exact_at_other_lengths(model, out)
+
+
+@pytest.mark.parametrize("make", [CrossCovarianceAttention, CosineAttention], ids=["xca", "cosine"])
+def test_xca_and_cosine_attention_are_exact_or_refused(make: type) -> None:
+    # XCiT / EdgeNeXt cross-covariance attention runs over the channel axis and SwinV2-cr scales
+    # cosine scores by a clamped, exponentiated logit scale: both are a per-head temperature
+    model = stack(make)
+    out = swapformer.rewrite(model, "sdpa", example_inputs=hidden(12))
+    assert len(out.swapformer_report.replaced) == 2
+    _exact_at_other_lengths(model, out)
+    for target in ("window", "fastweight", "cat"):
+        report = swapformer.explain(model, target, hidden(12))
+        assert not report.replaced and all(s.reason for s in report.skipped)
 
 
 # 8. the new grammar axes, for users' suites too
 
 
 @pytest.mark.parametrize("mask", ["wide-window", "chunked", "band"])
-@pytest.mark.parametrize("score_mod", ["none", "temperature"])
+@pytest.mark.parametrize("score_mod", ["none", "temperature", "sink"])
 def test_grammar_fixed_masks_and_temperatures_are_exact_at_a_longer_length(mask: str, score_mod: str) -> None:
     window = {"wide-window": 16, "chunked": 8, "band": 12}[mask]
     program = attention_program(AttentionChoices(mask=mask, window=window, score_mod=score_mod, seq_len=8))

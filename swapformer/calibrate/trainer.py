@@ -47,7 +47,7 @@ from swapformer.calibrate.results import CalibrationDiverged, CalibrationResult,
 from swapformer.calibrate.transfer import TransferHooks
 from swapformer.data import BatchStream, TokenSplits, prepare
 from swapformer.errors import ConfigError, InputError
-from swapformer.evaluate import call_model, forward_logits, model_device, perplexity
+from swapformer.measure import call_model, forward_logits, model_device, perplexity
 from swapformer.rewriter.report import Replacement
 
 logger = logging.getLogger("swapformer.calibrate")

@@ -7,7 +7,7 @@ Failures exit with status 1 and one line ``swapformer: error: <reason>`` (usage 
 
 Layout: one module per command (``explain``, ``convert``, ``bench``, ``targets``, ``zoo``), each with its
 subparser and a thin ``cmd_*`` that calls the library; ``parser`` assembles them, ``options`` holds
-what they share. The measurement behind ``bench`` is :mod:`swapformer.bench`.
+what they share. The measurement behind ``bench`` is :mod:`swapformer.measure.bench`.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from swapformer import checkpoint
-from swapformer.bench import BenchSettings, bench_perplexity, bench_speed, format_rows
 from swapformer.cli.options import add_command
 from swapformer.errors import InputError
+from swapformer.measure.bench import BenchSettings, bench_perplexity, bench_speed, format_rows
 from swapformer.models import load_model
 
 log = logging.getLogger("swapformer.cli")

@@ -13,7 +13,6 @@ from typing import Any
 from torch import nn
 
 from swapformer import checkpoint, rewrite
-from swapformer.bench import check_corpus, corpus_data, progress_bar
 from swapformer.cli.options import (
     AUTO,
     add_auto_options,
@@ -23,6 +22,7 @@ from swapformer.cli.options import (
     target_and_options,
 )
 from swapformer.errors import InputError
+from swapformer.measure.bench import check_corpus, corpus_data, progress_bar
 from swapformer.models import load_model
 from swapformer.rewriter.hf import is_hf_model
 

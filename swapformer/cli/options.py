@@ -129,7 +129,7 @@ def plan_batches(args: argparse.Namespace, tokenizer: Any) -> list[torch.Tensor]
     Raises:
         InputError: MODEL has no tokenizer, an unknown corpus, or too little text for one sequence.
     """
-    from swapformer.bench import corpus_data
+    from swapformer.measure.bench import corpus_data
     from swapformer.data import as_documents, pack
 
     if args.plan_batches < 1:

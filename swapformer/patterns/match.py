@@ -6,6 +6,7 @@ A detector returns a :class:`Match` (the nodes it consumed, the values it read) 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,3 +190,65 @@ def is_last_two_swap(g: Graph, node: fx.Node) -> fx.Node | None:
         return src
     return None
 
+
+@dataclass
+class AttentionMatch:
+    """A detected core plus what the rewriter needs to splice a replacement in."""
+
+    anchor: fx.Node  # the softmax or sdpa node
+    output: fx.Node  # the node whose value is the attention output
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    k_transposed: bool = False  # ``k`` holds Kᵀ: the splice transposes it back
+    q_perm: list[int] | None = None
+    k_perm: list[int] | None = None
+    v_perm: list[int] | None = None
+    out_perm: list[int] | None = None
+    steps: list[MaskStep] = field(default_factory=list)
+    scale: float = 1.0
+    score_dtype: torch.dtype = torch.float32
+    score_shape: tuple[int, ...] = ()  # of the q·kᵀ product (probe)
+    score_sizes: tuple | None = None  # (Tq, Tk) of the scores, symbolic where the capture says so
+    dropout: float = 0.0
+    dropout_active: bool = False
+    softcap: float | None = None
+    causal_flag: bool = False  # sdpa is_causal=True
+    kv_repeat: int = 1
+    form: str = ""
+    # filled by describe()
+    mask_kind: str = "none"
+    causal: bool = False
+    window: int | None = None
+    drop_mask: bool = False  # the mask is exactly causal/windowed and input-free: pass None instead
+    hidden: fx.Node | None = None
+    notes: list[str] = field(default_factory=list)
+    refused: str | None = None  # attention, but not describable exactly: reported, never replaced
+    bypass: list[fx.Node] = field(default_factory=list)  # scalar muls on q/k upstream of reshapes
+    sink: fx.Node | None = None  # gpt-oss sink logits: the extra score column, ``[..., Tq, 1]``
+
+
+SINK_NOTE = ("sink logits: an extra key with zero value whose score is the sink; the mask reaches the "
+             "core as a bias over the keys plus that column")
+
+
+_STACK_PATH = re.compile(r"^L\['self'\]\.?")
+_STACK_INDEX = re.compile(r"\[(?:'(\w+)'|(\d+))\]")
+
+
+def module_path(path: str) -> str:
+    """``L['self'].layers[0].attn`` (Dynamo) or ``layers.0.attn`` (export) -> ``layers.0.attn``."""
+    path = _STACK_PATH.sub("", path)
+    path = _STACK_INDEX.sub(lambda m: "." + (m.group(1) or m.group(2)), path)
+    parts = [p for p in path.split(".") if p and p not in ("_modules", "_parameters", "_buffers")]
+    return ".".join(parts)
+
+
+def owner_module(node: fx.Node) -> tuple[str, str] | None:
+    """(qualified name, class name) of the innermost module that owns ``node``, from export metadata."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
+    return module_path(str(path)), cls_name

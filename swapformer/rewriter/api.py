@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from swapformer.errors import ConfigError, InputError
+from swapformer.patterns.attention import SINK_NOTE
 from swapformer.rewriter import apply as graph_apply
 from swapformer.rewriter import hf, hf_cache
 from swapformer.rewriter.capture import Captured, capture, check_inputs, normalize_inputs, probe
@@ -351,6 +352,10 @@ def _skip_reason(site: Site, config: TargetConfig, is_hf: bool, claimed: set[str
     cls = core_class(config, site.kind)
     if cls is None:
         return f"target {config.name!r} has no {site.kind} replacement"
+    if site.kind == "attention" and SINK_NOTE in site.notes and (is_hf or not config.exact):
+        return ("sink logits: only the exact target computes them (one more key with zero value), "
+                "and only in a captured graph (transformers passes them to the attention function "
+                "as s_aux, which the cores do not take)")
     reason = cls.unsupported(site, config)
     if reason:
         return reason

@@ -17,7 +17,7 @@ from torch import nn
 from swapformer.patterns.attention import AttentionMatch, has_mask, temperatures, top_left_keep
 from swapformer.patterns.ffn import FFNMatch
 from swapformer.patterns.match import Graph, MaskStep, overwrites_private
-from swapformer.patterns.ops import INPLACE, arg, canonical
+from swapformer.patterns.ops import arg, canonical
 
 _TUPLE_DROPOUTS = frozenset({torch.ops.aten.native_dropout.default})  # return (out, mask): left alone
 
@@ -70,9 +70,28 @@ def _apply_step(graph: fx.Graph, b: fx.Node, step: MaskStep, qk: tuple[fx.Node, 
     return graph.call_function(torch.where, (step.node, b, step.value))
 
 
+def _with_sink_column(b: torch.Tensor, q: torch.Tensor, k: torch.Tensor, sink: torch.Tensor
+                      ) -> torch.Tensor:
+    # the bias over every key, then the sink logit as the score of one more key
+    full = b.expand(*q.shape[:-1], k.shape[-2])
+    return torch.cat([full, sink.to(b.dtype).expand(*q.shape[:-1], 1)], dim=-1)
+
+
+def _zero_row(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with one more position of zeros along the keys: the sink's key and (zero) value."""
+    return torch.cat([x, x.new_zeros((*x.shape[:-2], 1, x.shape[-1]))], dim=-2)
+
+
 def _bias(graph: fx.Graph, m: AttentionMatch, qk: tuple[fx.Node, fx.Node]) -> fx.Node | None:
+    if m.sink is not None:
+        b = _mask_bias(graph, m, qk) if has_mask(m) else graph.call_function(_scalar_zero, (m.q, m.score_dtype))
+        return graph.call_function(_with_sink_column, (b, *qk, m.sink))
     if m.drop_mask or not has_mask(m):
         return None
+    return _mask_bias(graph, m, qk)
+
+
+def _mask_bias(graph: fx.Graph, m: AttentionMatch, qk: tuple[fx.Node, fx.Node]) -> fx.Node:
     views = any(s.kind == "view" for s in m.steps)
     if views:
         b = graph.call_function(_scores_zero, (m.q, m.k, m.k_transposed, m.score_dtype))
@@ -103,7 +122,10 @@ def splice_attention(gm: fx.GraphModule, g: Graph, m: AttentionMatch, name: str,
         k = _permute(graph, k, m.k_perm)
         v = _permute(graph, m.v, m.v_perm)
         kwargs = {"hidden": m.hidden} if m.hidden is not None else {}
-        out = graph.call_module(name, (q, k, v, _bias(graph, m, (q, k))), kwargs)
+        bias = _bias(graph, m, (q, k))
+        if m.sink is not None:
+            k, v = graph.call_function(_zero_row, (k,)), graph.call_function(_zero_row, (v,))
+        out = graph.call_module(name, (q, k, v, bias), kwargs)
         out = _permute(graph, out, m.out_perm)
         if out_dtype != g.value(m.q).dtype:
             out = graph.call_method("to", (out, out_dtype))
@@ -123,12 +145,33 @@ def splice_ffn(gm: fx.GraphModule, g: Graph, f: FFNMatch, name: str, core: nn.Mo
 _METADATA_ASSERTS = frozenset({torch.ops.aten._assert_tensor_metadata.default})
 
 
+_INPLACE_OPERATORS = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift,
+})
+
+
+def writes_in_place(node: fx.Node) -> bool:
+    """Whether ``node`` writes into one of its operands (``x.add_(1)``, ``x += 1``, ``aten.copy_``)."""
+    if node.op == "call_method":
+        return isinstance(node.target, str) and node.target.endswith("_") and not node.target.startswith("_")
+    if node.op != "call_function":
+        return False
+    if node.target in _INPLACE_OPERATORS:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
 def _is_impure(node: fx.Node) -> bool:
     # Random ops (dropout, the replaced SDPA call with its dropout_p) have no effect once nothing reads
     # their result; FX keeps them by default and with them the whole old QKᵀ -> softmax chain. So is an
-    # in-place op on an intermediate only it reads (``scores += bias`` of a replaced site).
-    if node.op == "call_function" and not node.users and canonical(node) in INPLACE and overwrites_private(node):
-        return False
+    # in-place op on an intermediate only it reads (``scores += bias`` of a replaced site). Any other
+    # in-place op stays even when nothing reads its result: FX would drop ``x.add_(1)`` on a buffer or
+    # an input (a BatchNorm's ``num_batches_tracked`` in Dynamo's and symbolic_trace's graphs).
+    if not node.users and writes_in_place(node):
+        return not overwrites_private(node)
     return node.is_impure(impure_random=False)
 
 

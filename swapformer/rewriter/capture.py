@@ -12,10 +12,11 @@ Strategies, tried in order until one works (each attempt is reported with its er
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,10 +75,48 @@ def describe_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+@contextlib.contextmanager
+def unchanged(modules: Iterable[torch.nn.Module] = (), tensors: Iterable[Any] = ()) -> Iterator[None]:
+    """Leave every parameter and buffer of ``modules``, and every tensor in ``tensors``, bit-identical
+    to what it was before the block, whatever the block runs.
+
+    Running a model updates its state: BatchNorm running statistics and ``num_batches_tracked`` in
+    training mode, EMA buffers and counters a forward writes, and rarely a parameter changed in place.
+    Each tensor is copied before the block (a transient second copy of the weights, as the rewrite's
+    own copy of the model) and copied back if its bits differ afterwards (version counters do not
+    see everything: ``aten.batch_norm`` updates its running statistics without bumping them); a
+    buffer or parameter the block replaced by another tensor object is put back.
+    """
+    slots = [(store, name, value) for module in modules for module_ in module.modules()
+             for store in (module_._parameters, module_._buffers) for name, value in store.items()
+             if value is not None]
+    seen: dict[int, torch.Tensor] = {}
+    for value in [slot[2] for slot in slots] + [t for t in tensors if isinstance(t, torch.Tensor)]:
+        seen.setdefault(id(value), value)
+    saved = [(t, t.detach().clone()) for t in seen.values()]
+    try:
+        yield
+    finally:
+        for store, name, value in slots:
+            if store.get(name) is not value:
+                store[name] = value
+        with torch.no_grad():
+            for tensor, copy in saved:
+                if not _same_bits(tensor, copy):
+                    tensor.copy_(copy)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # bitwise, so that NaN payloads and the sign of zero count too
+    if a.shape != b.shape or a.dtype != b.dtype or a.layout != torch.strided:
+        return False  # other layouts are simply copied back
+    return torch.equal(a.detach().contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
 def check_inputs(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run the model once so bad example inputs fail here with a clear message, not mid-capture."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), unchanged([model], [*args, *kwargs.values()]):
             return model(*args, **kwargs)
     except Exception as exc:  # re-raised with the inputs named; the cause stays chained
         raise InputError(
@@ -198,8 +237,9 @@ class _Recorder(fx.Interpreter):
 
 def probe(captured: Captured) -> Any:
     """Run the graph on the example inputs, keeping every node's value for the detectors; returns the
-    graph's output in the model's own output structure."""
-    with torch.no_grad():
+    graph's output in the model's own output structure. The graph shares its weights with the user's
+    model (and Dynamo's graphs take them as inputs): whatever the run writes is undone."""
+    with torch.no_grad(), unchanged([captured.gm], captured.flat_inputs):
         flat = _Recorder(captured.gm, captured.values).run(*captured.flat_inputs)
     spec = getattr(captured.gm, "_out_spec", None)
     return pytree.tree_unflatten(pytree.tree_leaves(flat), spec) if spec is not None else flat

@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from swapformer.errors import VerificationError
+from swapformer.rewriter.capture import unchanged
 from swapformer.rewriter.report import Replacement, RewriteReport
 from swapformer.targets.base import TargetConfig
 
@@ -157,8 +158,9 @@ def _sdpa_tail(args: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def interpret(gm: fx.GraphModule, flat_inputs: list[Any], cast: torch.dtype | None = None) -> Any:
-    """The output of ``gm`` on its flat inputs, without dropout (float64 inside with ``cast``)."""
-    with torch.no_grad(), _default_dtype(cast):
+    """The output of ``gm`` on its flat inputs, without dropout (float64 inside with ``cast``); the
+    weights it shares with the user's model and the inputs are left as they were."""
+    with torch.no_grad(), _default_dtype(cast), unchanged([gm], flat_inputs):
         flat = ReferenceInterpreter(gm, cast).run(*flat_inputs)
     spec = getattr(gm, "_out_spec", None)
     return pytree.tree_unflatten(pytree.tree_leaves(flat), spec) if spec is not None else flat
@@ -272,11 +274,13 @@ def compare(ref: Reference, out: torch.Tensor) -> Outcome:
 
 
 def run_rewritten(rewritten: nn.Module, analysis: Any) -> torch.Tensor:
-    """The rewritten model's main output on the example inputs, with dropout disabled."""
+    """The rewritten model's main output on the example inputs, with dropout disabled; the user's
+    inputs and the rewritten model's buffers are left as they were."""
     args, kwargs = analysis.args, analysis.kwargs or {}
     if isinstance(rewritten, fx.GraphModule) and in_training(analysis.model):
         return first_tensor(interpret(rewritten, analysis.captured.flat_inputs))
-    with torch.no_grad(), eval_mode(rewritten):
+    kept = [*rewritten.buffers(), *args, *kwargs.values()]
+    with torch.no_grad(), eval_mode(rewritten), unchanged(tensors=kept):
         return first_tensor(rewritten(*args, **kwargs))
 
 

@@ -49,7 +49,7 @@ PROJECTIONS = ("separate", "fused-split", "fused-chunk", "fused-unbind")
 SCALE_PLACEMENTS = ("scores-mul", "scores-div", "q-mul", "split-sqrt")
 MASKS = ("none", "tril-buffer", "additive-triu", "bool-where", "sdpa-causal", "window", "wide-window",
          "chunked", "band")
-SCORE_MODS = ("none", "temperature", "softcap", "manual-softmax")
+SCORE_MODS = ("none", "temperature", "softcap", "manual-softmax", "sink")
 _EXPLICIT_MASKS = ("chunked", "band")  # no causal/window pattern: passed to the core as a tensor
 HEAD_LAYOUTS = ("view-transpose", "reshape-permute", "einsum")
 GQA_FORMS = ("none", "repeat-interleave", "expand-reshape")
@@ -81,8 +81,9 @@ class AttentionChoices:
     seed: int = 0
 
     def expected(self) -> dict[str, Any]:
-        causal = self.mask not in ("none", "band")
-        explicit = self.mask in _EXPLICIT_MASKS
+        sink = self.score_mod == "sink"  # the core attends over one more key: the mask is a bias
+        causal = self.mask not in ("none", "band") and not sink
+        explicit = self.mask in _EXPLICIT_MASKS or sink
         return {
             "num_heads": self.num_heads,
             "num_kv_heads": self.num_kv_heads,
@@ -90,7 +91,7 @@ class AttentionChoices:
             "value_dim": self.head_dim,
             "scale": self.scale,
             "causal": causal,
-            "window": self.window if self.mask in ("window", "wide-window") else None,
+            "window": self.window if self.mask in ("window", "wide-window") and not sink else None,
             "mask": "bias" if explicit else ("causal" if causal else "none"),
             "softcap": _SOFTCAP if self.score_mod == "softcap" else None,
             "cross": False,
@@ -152,6 +153,8 @@ class GrammarAttention(nn.Module):
             self.register_buffer("bias", torch.tril(torch.ones(_MAX_LEN, _MAX_LEN))[None, None])
         if c.score_mod == "temperature":  # XCiT / SwinV2-cr: a learned per-head factor on the scores
             self.temperature = nn.Parameter(torch.linspace(0.5, 2.0, c.num_heads).view(c.num_heads, 1, 1))
+        if c.score_mod == "sink":  # gpt-oss: a learned per-head logit as one more softmax column
+            self.sinks = nn.Parameter(torch.linspace(-1.0, 1.0, c.num_heads))
 
     def _project(self, x: torch.Tensor) -> Sequence[torch.Tensor]:
         c = self.choices
@@ -247,6 +250,11 @@ class GrammarAttention(nn.Module):
         return s
 
     def _softmax(self, s: torch.Tensor) -> torch.Tensor:
+        if self.choices.score_mod == "sink":
+            b, h, t, _ = s.shape
+            logits = torch.cat([s, self.sinks.reshape(1, -1, 1, 1).expand(b, h, t, 1).to(s.dtype)], dim=-1)
+            logits = logits - logits.max(dim=-1, keepdim=True).values
+            return logits.softmax(dim=-1)[..., :-1]
         if self.choices.score_mod == "manual-softmax":
             e = (s - s.amax(dim=-1, keepdim=True)).exp()
             return e / e.sum(dim=-1, keepdim=True)
@@ -284,6 +292,11 @@ class GrammarAttention(nn.Module):
         if self.choices.score_mod == "temperature":
             q = q * self.temperature
         gqa = want["num_kv_heads"] != want["num_heads"]
+        if self.choices.score_mod == "sink":  # one more key with zero value and the sink as its score
+            k, v = (torch.cat([y, y.new_zeros(*y.shape[:2], 1, y.shape[-1])], dim=2) for y in (k, v))
+            bias = torch.zeros(t, t) if keep is None else torch.zeros(t, t).masked_fill(~keep, float("-inf"))
+            sinks = self.sinks.reshape(1, -1, 1, 1).expand(b, q.shape[1], t, 1)
+            keep = torch.cat([bias.expand(b, q.shape[1], t, t), sinks], dim=-1)
         if self.choices.score_mod == "softcap":  # no SDPA form: written out
             k, v = (y.repeat_interleave(q.shape[1] // y.shape[1], dim=1) for y in (k, v))
             s = _SOFTCAP * torch.tanh(q @ k.transpose(-2, -1) * want["scale"] / _SOFTCAP)

@@ -118,7 +118,8 @@ def attention_programs(
     * ``extras``: ``none``, ``rope`` (half-split RoPE), ``qk-norm`` (per-head RMSNorm) or ``both``.
     * ``score_mods`` (default ``none`` only): ``temperature`` (a learned per-head ``[H, 1, 1]``
       factor), ``softcap`` (Gemma 2's ``c·tanh(s/c)``, which ``"sdpa"`` refuses) or
-      ``manual-softmax`` (``exp(s - max) / sum``, not detected yet).
+      ``manual-softmax`` (``exp(s - max) / sum``, not detected yet) or ``sink`` (gpt-oss: a learned
+      per-head logit as one more softmax column, dropped before the value product).
 
     Masks ``wide-window`` (a window wider than the example), ``chunked`` (chunk-local causal) and
     ``band`` (``|i - j| < w``) look like plain causal or no mask at some lengths only.

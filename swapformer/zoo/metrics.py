@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from swapformer import checkpoint
-from swapformer.bench import BenchSettings, bench_perplexity, bench_speed
+from swapformer.measure.bench import BenchSettings, bench_perplexity, bench_speed
 from swapformer.targets.base import resolve_target
 from swapformer.targets.reference import sdpa_flops_per_token
 from swapformer.zoo.build import Built, has_logits

@@ -11,7 +11,7 @@ exactness for exact targets (``"sdpa"``: the rewrite report's ``max_abs_diff``) 
 others: outputs stay finite, a model that is causal stays causal (perturbing the last token leaves
 earlier outputs unchanged) and batch rows stay independent. Measurements: parameters, attention/FFN
 core FLOPs per token and decoding state (where the cores report them), prefill and decode speed of
-both models timed in alternating rounds (:func:`swapformer.bench.bench_speed`), and perplexity on the
+both models timed in alternating rounds (:func:`swapformer.measure.bench.bench_speed`), and perplexity on the
 Shakespeare corpus when the model has a tokenizer and logits.
 
 Each model runs in a worker process (``python -m swapformer.zoo _worker DIR/jobs/NAME.json``) that

@@ -8,7 +8,7 @@ from torch import nn
 
 from swapformer.data import TokenSplits
 from swapformer.errors import InputError
-from swapformer.evaluate import perplexity, quality_report
+from swapformer.measure import perplexity, quality_report
 
 
 class Uniform(nn.Module):

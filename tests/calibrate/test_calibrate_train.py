@@ -158,7 +158,7 @@ def test_input_and_config_errors():
 
 def test_normalised_transfer_loss_is_mse_over_the_reference_variance():
     from swapformer.calibrate.transfer import TransferHooks
-    from swapformer.evaluate import call_model
+    from swapformer.measure import call_model
 
     student, teacher = make_pair(3)
     replaced = student.swapformer_report.replaced

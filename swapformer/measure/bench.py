@@ -18,8 +18,8 @@ from torch import nn
 
 from swapformer.checkpoint import build_inputs
 from swapformer.errors import InputError
-from swapformer.evaluate import quality_report
-from swapformer.measure import decode_seconds, timed
+from swapformer.measure.quality import quality_report
+from swapformer.measure.speed import decode_seconds, timed
 from swapformer.offline import CORPORA, corpus_tokens
 from swapformer.rewriter.hf import is_hf_model
 

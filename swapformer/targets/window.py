@@ -8,9 +8,11 @@ Every host weight is reused; only the set of visible keys changes. Query ``i`` s
 additive mask. With ``window ≥ T`` and ``sinks = 0`` this is the host attention exactly. A host that
 already has a window keeps the smaller of the two.
 
-Prefill without a mask runs in query blocks that each attend to the sinks plus the last
-``window + block`` keys (``O(T·window)``); with a mask the dense masked SDPA is used. Decoding keeps
-only the sink keys and the last ``window − 1`` keys (and their positions / padding flags) in ``state``.
+Prefill and decoding run in query blocks that each attend to the sinks plus the last
+``window + block`` keys (``O(T·window)``, never a ``T×T`` mask), also when the host mask is only
+causal + key padding; only a mask with other content (a position bias, a host window) takes the dense
+masked SDPA. Decoding keeps only the sink keys and the last ``window − 1`` keys (their positions, and
+padding flags once a call had padding) in ``state``.
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ from swapformer.sites import AttentionSite, Site
 from swapformer.targets.base import TargetConfig, TargetModule, register_target
 from swapformer.targets.reference import (
     attention_site_problem,
+    bias_to_keep,
     key_keep_from_bias,
     masked_sdpa,
     sdpa_flops_per_token,
     state_pos,
+    window_buffer_slices,
+    window_keep,
 )
 
 
@@ -56,14 +61,6 @@ class WindowConfig(TargetConfig):
             raise ConfigError(f"window sinks must be >= 0, got {self.sinks}")
         if self.block_size < 0:
             raise ConfigError(f"window block_size must be >= 0, got {self.block_size}")
-
-
-def window_keep(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, sinks: int
-) -> torch.Tensor:
-    """``[Tq, Tk]`` bool from absolute query/key positions: causal ∧ (in window ∨ sink)."""
-    i, j = q_pos[:, None], k_pos[None, :]
-    return (j <= i) & ((i - j < window) | (j < sinks))
 
 
 @register_target(WindowConfig)
@@ -107,21 +104,37 @@ class WindowAttention(TargetModule):
     def _block(self) -> int:
         return self.config.block_size or min(max(64, self.window), 1024)
 
-    def _blocked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Full causal forward, one query block at a time over its sinks + window of keys."""
-        t, blk, dev = q.shape[-2], self._block(), q.device
+    def _blocked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
+                 start: int) -> torch.Tensor:
+        """The queries at positions ``start ..`` over a key buffer, one query block at a time.
+
+        ``k, v`` hold the sinks then one contiguous run of positions ending at this call's last
+        token (:func:`window_buffer_slices`); ``keep`` ``[B, R]`` flags their padding (None: all
+        real). Each block attends to its sinks plus the last ``window + block`` keys: ``O(T·window)``.
+        """
+        tq, length, blk, dev = q.shape[-2], k.shape[-2], self._block(), q.device
+        last = start + tq - 1
         outs = []
-        for s in range(0, t, blk):
-            e = min(t, s + blk)
-            lo = max(0, s - self.window + 1)
-            k_pos = torch.cat([torch.arange(min(self.sinks, lo), device=dev),
-                               torch.arange(lo, e, device=dev)])
-            keep = window_keep(torch.arange(s, e, device=dev), k_pos, self.window, self.sinks)
-            outs.append(masked_sdpa(q[:, :, s:e], k[:, :, k_pos], v[:, :, k_pos], keep, self.scale))
-        return torch.cat(outs, dim=2)
+        for a in range(0, tq, blk):
+            qa, qb = start + a, start + min(tq, a + blk)
+            lo = max(0, qa - self.window + 1)
+            sink_end, run_start, run_end = window_buffer_slices(last, length, self.sinks, lo, qb)
+            k_pos = torch.arange(lo, qb, device=dev)
+            kb, vb = k[:, :, run_start:run_end], v[:, :, run_start:run_end]
+            kept = None if keep is None else keep[:, run_start:run_end]
+            if sink_end:
+                k_pos = torch.cat([torch.arange(sink_end, device=dev), k_pos])
+                kb = torch.cat([k[:, :, :sink_end], kb], dim=2)
+                vb = torch.cat([v[:, :, :sink_end], vb], dim=2)
+                kept = None if keep is None else torch.cat([keep[:, :sink_end], kept], dim=1)
+            visible = window_keep(torch.arange(qa, qb, device=dev), k_pos, self.window, self.sinks)
+            if kept is not None:
+                visible = visible[None, None] & kept[:, None, None]
+            outs.append(masked_sdpa(q[:, :, a:a + qb - qa], kb, vb, visible, self.scale))
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
     def _dense(self, q, k, v, bias):
-        """Full forward with the host mask (bottom-right aligned when keys outnumber queries)."""
+        """Full forward with an arbitrary host mask (bottom-right aligned when keys outnumber queries)."""
         tq, tk, dev = q.shape[-2], k.shape[-2], q.device
         keep = window_keep(torch.arange(tk - tq, tk, device=dev), torch.arange(tk, device=dev),
                            self.window, self.sinks)
@@ -140,27 +153,53 @@ class WindowAttention(TargetModule):
         """Attend over the cached sinks + window and this call's tokens, then trim the cache."""
         b, tq, dev = q.shape[0], q.shape[-2], q.device
         start = state_pos(state)
-        q_pos = torch.arange(start, start + tq, device=dev)
         keep_new = key_keep_from_bias(bias, b, tq)
-        if keep_new is None:
+        cached_keep = state.get("keep")
+        # padding flags are kept from the first call that has padding on (all real before it)
+        if keep_new is None and cached_keep is not None:
             keep_new = torch.ones(b, tq, dtype=torch.bool, device=dev)
+        if keep_new is not None and cached_keep is None and "k" in state:
+            cached_keep = torch.ones(b, state["k"].shape[2], dtype=torch.bool, device=dev)
         if "k" in state:
             k = torch.cat([state["k"], k], dim=2)
             v = torch.cat([state["v"], v], dim=2)
-            k_pos = torch.cat([state["k_pos"][0], q_pos])
-            keep_keys = torch.cat([state["keep"], keep_new], dim=1)
+            keep_keys = None if keep_new is None else torch.cat([cached_keep, keep_new], dim=1)
         else:
-            k_pos, keep_keys = q_pos, keep_new
-        keep = window_keep(q_pos, k_pos, self.window, self.sinks)[None, None] & keep_keys[:, None, None]
-        out = masked_sdpa(q, k, v, keep, self.scale)
-        # future queries (position > last) only ever see sinks and keys after last + 1 - window
-        last = start + tq - 1
-        stay = (k_pos < self.sinks) | (k_pos > last + 1 - self.window)
-        state["k"], state["v"] = k[:, :, stay], v[:, :, stay]
+            keep_keys = keep_new
+        out = self._blocked(q, k, v, keep_keys, start)
+        # future queries (position >= end) only see the sinks and keys after end - window
+        end, length = start + tq, k.shape[-2]
+        sink_end, run_start, run_end = window_buffer_slices(end - 1, length, self.sinks,
+                                                            end - self.window + 1, end)
+        kept = [(0, sink_end), (run_start, run_end)] if sink_end else [(run_start, run_end)]
+        # copies, never views: a view of a long prefill's keys would keep all of them alive
+        state["k"], state["v"] = (torch.cat([t[:, :, i:j] for i, j in kept], dim=2) for t in (k, v))
+        # positions: the sinks, then the run (buffer index + end - length)
+        positions = torch.arange(run_start, run_end, device=dev) + (end - length)
+        if sink_end:
+            positions = torch.cat([torch.arange(sink_end, device=dev), positions])
         # every state tensor is batch-first (so caches can reorder beams); positions agree across rows
-        state["k_pos"] = k_pos[stay].expand(b, -1)
-        state["keep"], state["pos"] = keep_keys[:, stay], last + 1
+        state["k_pos"] = positions.expand(b, -1)
+        if keep_keys is not None:
+            state["keep"] = torch.cat([keep_keys[:, i:j] for i, j in kept], dim=1)
+        else:
+            state.pop("keep", None)
+        state["pos"] = end
         return out
+
+    def _padding_only(self, bias: torch.Tensor, batch: int, t: int) -> tuple[bool, torch.Tensor | None]:
+        """``(True, key keep [B, T] | None)`` when ``bias`` is causal + key padding and nothing else."""
+        if bias.shape[-1] != t or bias.shape[-2] != t:
+            return False, None
+        keep = key_keep_from_bias(bias, batch, t)
+        visible = bias_to_keep(bias)
+        if bias.dtype != torch.bool and bool((bias.masked_fill(~visible, 0) != 0).any()):
+            return False, None  # finite non-zero values (a position bias) must reach the scores
+        pos = torch.arange(t, device=bias.device)
+        expected = pos[None, :] <= pos[:, None]
+        if keep is not None:
+            expected = expected[None, None] & keep[:, None, None]
+        return bool((visible == expected).all()), keep
 
     def forward(
         self,
@@ -175,8 +214,12 @@ class WindowAttention(TargetModule):
         if state is not None:
             return self._decode(q, k, v, bias, state)
         tq, tk = q.shape[-2], k.shape[-2]
-        if bias is None and tq == tk and tk > self.window + self._block():
-            return self._blocked(q, k, v)
+        if tq == tk:
+            if bias is None:
+                return self._blocked(q, k, v, None, 0)
+            padding_only, keep = self._padding_only(bias, q.shape[0], tk)
+            if padding_only:
+                return self._blocked(q, k, v, keep, 0)
         return self._dense(q, k, v, bias)
 
     def new_parameters(self) -> list[torch.nn.Parameter]:

@@ -124,9 +124,12 @@ class WindowAttention(TargetModule):
             kept = None if keep is None else keep[:, run_start:run_end]
             if sink_end:
                 k_pos = torch.cat([torch.arange(sink_end, device=dev), k_pos])
-                kb = torch.cat([k[:, :, :sink_end], kb], dim=2)
-                vb = torch.cat([v[:, :, :sink_end], vb], dim=2)
-                kept = None if keep is None else torch.cat([keep[:, :sink_end], kept], dim=1)
+                # sinks right before the run (a decoding step): one view, no copy
+                adjacent = sink_end == run_start
+                kb = k[:, :, :run_end] if adjacent else torch.cat([k[:, :, :sink_end], kb], dim=2)
+                vb = v[:, :, :run_end] if adjacent else torch.cat([v[:, :, :sink_end], vb], dim=2)
+                if keep is not None:
+                    kept = keep[:, :run_end] if adjacent else torch.cat([keep[:, :sink_end], kept], 1)
             visible = window_keep(torch.arange(qa, qb, device=dev), k_pos, self.window, self.sinks)
             if kept is not None:
                 visible = visible[None, None] & kept[:, None, None]

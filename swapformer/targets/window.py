@@ -45,7 +45,10 @@ class WindowConfig(TargetConfig):
     Args:
         window: keys visible to a query counting itself (``i - window < j <= i``).
         sinks: number of first tokens every query also sees.
-        block_size: query block of the windowed prefill (0 = ``max(64, window)`` capped at 1024).
+        block_size: query block of the blocked attention (0 = ``window // 4`` within 64 .. 256).
+            Measured on SmolLM2-135M's cores (9 heads / 3 kv heads, d 64, window 512, 1 thread, CPU
+            time of a stateful prefill per layer): block 128: 38 ms at 2k, 173 ms at 8k; 256: 38 / 180;
+            512: 52 ms at 2k (the host's causal SDPA: 49 / 665 ms).
     """
 
     name = "window"
@@ -102,7 +105,7 @@ class WindowAttention(TargetModule):
         return core
 
     def _block(self) -> int:
-        return self.config.block_size or min(max(64, self.window), 1024)
+        return self.config.block_size or min(max(64, self.window // 4), 256)
 
     def _blocked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
                  start: int) -> torch.Tensor:

@@ -72,14 +72,20 @@ def local_terms(
 
     ``q [B, Hkv, G, Tq, D]``, ``k, v [B, Hkv, Tk, D]``, ``keep`` broadcastable to ``[B, 1, 1, Tq, Tk]``;
     returns ``[B, Hkv, G, Tq, Dv]``, ``[B, Hkv, G, Tq, 1]``, ``[B, Hkv, G, Tq, 1]`` (``c = 0`` on rows
-    that see no key, whose sums are then 0).
+    that see no key, whose sums are then 0). One batched matmul per product, the mask added and the
+    exponential taken in place (this is the hybrids' hot loop: one call per query block).
     """
-    s = torch.einsum("bkgtd,bksd->bkgts", q, k) * scale
-    s = s.masked_fill(~keep, -math.inf)
+    b, hk, g, tq, d = q.shape
+    tk = k.shape[-2]
+    s = torch.matmul((q * scale).reshape(b * hk, g * tq, d), k.reshape(b * hk, tk, d).transpose(1, 2))
+    s = s.view(b, hk, g, tq, tk)
+    bias = torch.zeros(keep.shape, dtype=s.dtype, device=s.device).masked_fill_(~keep, -math.inf)
+    s.add_(bias)
     c = s.amax(-1, keepdim=True)
     c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
-    e = torch.exp(s - c)
-    return torch.einsum("bkgts,bksd->bkgtd", e, v), e.sum(-1, keepdim=True), c
+    e = s.sub_(c).exp_()
+    num = torch.matmul(e.view(b * hk, g * tq, tk), v.reshape(b * hk, tk, v.shape[-1]))
+    return num.view(b, hk, g, tq, -1), e.sum(-1, keepdim=True), c
 
 
 class HybridAttention(TargetModule):

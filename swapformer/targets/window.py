@@ -18,6 +18,7 @@ padding flags once a call had padding) in ``state``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import torch
@@ -88,6 +89,8 @@ class WindowAttention(TargetModule):
         self.value_dim = value_dim or head_dim
         self.scale = scale if scale is not None else head_dim**-0.5
         self.window, self.sinks = self.config.window, self.config.sinks
+        # additive block masks by shape (see _window_bias); never saved, rebuilt on demand
+        self._bias_cache: dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def unsupported(cls, site: Site, config: TargetConfig) -> str | None:
@@ -133,11 +136,34 @@ class WindowAttention(TargetModule):
                 vb = v[:, :, :run_end] if adjacent else torch.cat([v[:, :, :sink_end], vb], dim=2)
                 if keep is not None:
                     kept = keep[:, :run_end] if adjacent else torch.cat([keep[:, :sink_end], kept], 1)
+            qb_ = q[:, :, a:a + qb - qa]
+            if kept is None:  # every query sees itself: no empty row, an additive mask from the cache
+                bias = self._window_bias(qa, qb, lo, sink_end, q.dtype, dev)
+                gqa = kb.shape[-3] != q.shape[-3]
+                outs.append(F.scaled_dot_product_attention(qb_, kb, vb, attn_mask=bias, scale=self.scale,
+                                                           enable_gqa=gqa))
+                continue
             visible = window_keep(torch.arange(qa, qb, device=dev), k_pos, self.window, self.sinks)
-            if kept is not None:
-                visible = visible[None, None] & kept[:, None, None]
-            outs.append(masked_sdpa(q[:, :, a:a + qb - qa], kb, vb, visible, self.scale))
+            outs.append(masked_sdpa(qb_, kb, vb, visible[None, None] & kept[:, None, None], self.scale))
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+    def _window_bias(self, qa: int, qb: int, lo: int, sink_end: int, dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+        """Additive ``[Tq, Tk]`` mask of a block: keys are the sinks ``< sink_end`` then ``lo .. qb − 1``.
+
+        It depends on the block only through ``(qb − qa, sink_end, qa − lo)`` and, near the start,
+        on ``lo`` (which run keys are sinks), so the few distinct ones are built once and reused.
+        """
+        key = (qb - qa, sink_end, qa - lo, min(lo, self.sinks), self.window, dtype, device)
+        bias = self._bias_cache.get(key)
+        if bias is None:
+            k_pos = torch.cat([torch.arange(sink_end, device=device), torch.arange(lo, qb, device=device)])
+            keep = window_keep(torch.arange(qa, qb, device=device), k_pos, self.window, self.sinks)
+            bias = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, -math.inf)
+            if len(self._bias_cache) >= 64:
+                self._bias_cache.clear()
+            self._bias_cache[key] = bias
+        return bias
 
     def _dense(self, q, k, v, bias):
         """Full forward with an arbitrary host mask (bottom-right aligned when keys outnumber queries)."""

@@ -80,10 +80,11 @@ def local_terms(
     s = torch.matmul((q * scale).reshape(b * hk, g * tq, d), k.reshape(b * hk, tk, d).transpose(1, 2))
     s = s.view(b, hk, g, tq, tk)
     bias = torch.zeros(keep.shape, dtype=s.dtype, device=s.device).masked_fill_(~keep, -math.inf)
-    s.add_(bias)
+    inplace = not torch.is_grad_enabled()  # autograd needs the scores that amax and exp read
+    s = s.add_(bias) if inplace else s + bias
     c = s.amax(-1, keepdim=True)
     c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
-    e = s.sub_(c).exp_()
+    e = s.sub_(c).exp_() if inplace else torch.exp(s - c)
     num = torch.matmul(e.view(b * hk, g * tq, tk), v.reshape(b * hk, tk, v.shape[-1]))
     return num.view(b, hk, g, tq, -1), e.sum(-1, keepdim=True), c
 

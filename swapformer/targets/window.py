@@ -11,8 +11,8 @@ already has a window keeps the smaller of the two.
 Prefill and decoding run in query blocks that each attend to the sinks plus the last
 ``window + block`` keys (``O(T·window)``, never a ``T×T`` mask), also when the host mask is only
 causal + key padding; only a mask with other content (a position bias, a host window) takes the dense
-masked SDPA. Decoding keeps only the sink keys and the last ``window − 1`` keys (their positions, and
-padding flags once a call had padding) in ``state``.
+masked SDPA. Decoding keeps only the sink keys and the last ``window − 1`` keys (and their positions /
+padding flags) in ``state``.
 """
 
 from __future__ import annotations
@@ -186,19 +186,16 @@ class WindowAttention(TargetModule):
         b, tq, dev = q.shape[0], q.shape[-2], q.device
         start = state_pos(state)
         keep_new = key_keep_from_bias(bias, b, tq)
-        cached_keep = state.get("keep")
-        # padding flags are kept from the first call that has padding on (all real before it)
-        if keep_new is None and cached_keep is not None:
+        if keep_new is None:
             keep_new = torch.ones(b, tq, dtype=torch.bool, device=dev)
-        if keep_new is not None and cached_keep is None and "k" in state:
-            cached_keep = torch.ones(b, state["k"].shape[2], dtype=torch.bool, device=dev)
         if "k" in state:
             k = torch.cat([state["k"], k], dim=2)
             v = torch.cat([state["v"], v], dim=2)
-            keep_keys = None if keep_new is None else torch.cat([cached_keep, keep_new], dim=1)
+            keep_keys = torch.cat([state["keep"], keep_new], dim=1)
         else:
             keep_keys = keep_new
-        out = self._blocked(q, k, v, keep_keys, start)
+        # no padding among the keys: the blocks take the cached additive masks
+        out = self._blocked(q, k, v, None if bool(keep_keys.all()) else keep_keys, start)
         # future queries (position >= end) only see the sinks and keys after end - window
         end, length = start + tq, k.shape[-2]
         sink_end, run_start, run_end = window_buffer_slices(end - 1, length, self.sinks,
@@ -212,10 +209,7 @@ class WindowAttention(TargetModule):
             positions = torch.cat([torch.arange(sink_end, device=dev), positions])
         # every state tensor is batch-first (so caches can reorder beams); positions agree across rows
         state["k_pos"] = positions.expand(b, -1)
-        if keep_keys is not None:
-            state["keep"] = torch.cat([keep_keys[:, i:j] for i, j in kept], dim=1)
-        else:
-            state.pop("keep", None)
+        state["keep"] = torch.cat([keep_keys[:, i:j] for i, j in kept], dim=1)
         state["pos"] = end
         return out
 

@@ -22,6 +22,12 @@ and the last ``w − 1`` tokens (``k``, ``v``, their positions and padding flags
 inputs the memory needs later, e.g. ELiTA's key logits) in ``state``, every tensor batch-first.
 Padding (keys the mask marks as padding) is skipped in both parts; positions are tensor positions,
 as in the ``window`` target.
+
+Block size (the configs' ``block_size``, default 64), measured on SmolLM2-135M's cores (9 / 3 kv
+heads, d 64, window 64 + 4 sinks, fastweight's Hedgehog memory, 1 thread, CPU time of a stateful
+prefill per layer): block 32: 93 ms at 2k; 64: 65 ms at 2k, 304 ms at 8k; 128: 65 / 311 ms;
+256: 417 ms at 8k. Smaller blocks pay per-block overhead, larger ones attend to ``w + block`` keys
+and read ``block`` items pairwise in the far part. (The host's causal SDPA: 49 ms at 2k, 665 at 8k.)
 """
 
 from __future__ import annotations

@@ -21,8 +21,7 @@ from torch import nn
 
 from swapformer.errors import InputError
 from swapformer.rewriter import hf_cache
-from swapformer.targets.reference import key_keep_from_bias
-from swapformer.targets.sdpa import window_mask
+from swapformer.targets.reference import causal_window_keep, key_keep_from_bias
 
 log = logging.getLogger(__name__)
 PREFIX = "swapformer_"
@@ -98,7 +97,7 @@ def _host_bias(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Ten
     if position_bias is not None:
         if bias is None and tq > 1 and kwargs.get("is_causal", getattr(module, "is_causal", True)):
             # HF skipped materialising a causal mask; once a bias is added it must carry the causal part
-            keep = window_mask(tq, key.shape[-2], None, query.device)
+            keep = causal_window_keep(tq, key.shape[-2], None, query.device)
             position_bias = position_bias.masked_fill(~keep, float("-inf"))
         bias = position_bias if bias is None else bias + position_bias
     if bias is not None and bias.shape[-1] != key.shape[-2]:

@@ -222,6 +222,44 @@ def sdpa_flops_per_token(num_heads: int, head_dim: int, value_dim: int, context_
     return 2 * num_heads * context_len * (head_dim + value_dim)
 
 
+def window_keep(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None, sinks: int = 0
+) -> torch.Tensor:
+    """``[Tq, Tk]`` bool from absolute query/key positions, True where a query may attend: causal
+    (``j ≤ i``) and, with a window, ``i − j < window`` or ``j < sinks`` (the window counts the query).
+
+    The one window rule of the package: the ``window`` target, the hybrids' exact part and the exact
+    target's causal / host-window masks (``causal_window_keep``) all read it.
+    """
+    i, j = q_pos[:, None], k_pos[None, :]
+    keep = j <= i
+    if window is not None:
+        keep = keep & ((i - j < window) | (j < sinks))
+    return keep
+
+
+def causal_window_keep(tq: int, tk: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """:func:`window_keep` for a call's ``tq`` queries over ``tk`` keys, bottom-right aligned (the
+    queries are the last ``tq`` of the ``tk`` positions), no sinks."""
+    return window_keep(torch.arange(tk - tq, tk, device=device), torch.arange(tk, device=device), window)
+
+
+def window_buffer_slices(
+    last: int, length: int, sinks: int, lo: int, hi: int
+) -> tuple[int, int, int]:
+    """Where keys ``lo .. hi − 1`` and the sinks before ``lo`` lie in a key buffer, as index slices.
+
+    The buffer holds ``length`` keys whose positions increase and end at ``last``: the sinks
+    ``0 .. min(sinks, last + 1) − 1`` first, then one contiguous run (what the window and hybrid
+    states keep: every position from the window's start on, so ``lo`` must not fall in a gap between
+    the sinks and the run). Returns ``(sink_end, run_start, run_end)``: ``buffer[:sink_end]`` are the
+    sinks with positions ``< lo`` and ``buffer[run_start:run_end]`` the positions ``lo .. hi − 1``.
+    """
+    offset = length - 1 - last  # buffer index of a run position p is p + offset
+    lo = max(lo, 0)
+    return min(sinks, lo, last + 1), lo + offset, max(lo, hi) + offset
+
+
 def masked_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float
 ) -> torch.Tensor:

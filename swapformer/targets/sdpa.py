@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from swapformer.sites import AttentionSite, Site
 from swapformer.targets.base import TargetConfig, TargetModule, register_target
-from swapformer.targets.reference import ACTIVATIONS
+from swapformer.targets.reference import ACTIVATIONS, causal_window_keep
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -28,17 +28,6 @@ class SdpaConfig(TargetConfig):
 
     name = "sdpa"
     exact = True
-
-
-def window_mask(tq: int, tk: int, window: int | None, device: torch.device) -> torch.Tensor:
-    """Boolean ``[Tq, Tk]`` mask, True where a query may attend: causal (bottom-right aligned), and
-    within ``window`` keys of the query when a window is given."""
-    i = torch.arange(tq, device=device)[:, None] + (tk - tq)
-    j = torch.arange(tk, device=device)[None, :]
-    keep = j <= i
-    if window is not None:
-        keep = keep & (i - j < window)
-    return keep
 
 
 @register_target(SdpaConfig)
@@ -89,7 +78,7 @@ class SdpaAttention(TargetModule):
         causal = self.causal and bias is None
         if causal and (self.window is not None or q.shape[-2] != k.shape[-2]):
             # SDPA's is_causal is top-left aligned and windowless: spell the mask out instead.
-            bias = window_mask(q.shape[-2], k.shape[-2], self.window, q.device)
+            bias = causal_window_keep(q.shape[-2], k.shape[-2], self.window, q.device)
             causal = False
         if bias is not None and bias.dtype not in (torch.bool, q.dtype):
             bias = bias.to(q.dtype)

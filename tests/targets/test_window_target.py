@@ -66,3 +66,78 @@ def test_explicit_sizes_constructor():
     k, v = torch.randn(1, 3, 300, 64), torch.randn(1, 3, 300, 64)
     assert core(q, k, v).shape == (1, 9, 300, 64)
     assert core.flops_per_token(8192) == core.flops_per_token(132)
+
+
+def _left_padding_bias(lengths: list[int], total: int) -> torch.Tensor:
+    """Boolean causal + left-padding mask ``[B, 1, T, T]`` (padding first)."""
+    i = torch.arange(total)[:, None]
+    j = torch.arange(total)[None, :]
+    real = torch.arange(total)[None, :] >= total - torch.tensor(lengths)[:, None]
+    return ((j <= i)[None] & real[:, None, :])[:, None]
+
+
+@pytest.mark.parametrize("length", [1, 5, 17, 40, 77])
+@pytest.mark.parametrize(("window", "sinks", "block"), [(4, 2, 3), (8, 0, 0), (6, 3, 16)])
+def test_blocked_stateful_path_equals_dense(length, window, sinks, block):
+    """Prefill with a state, split calls and single steps: the blocked path equals the dense mask."""
+    site, weights = attention_site(d_model=D_MODEL)
+    core = build("window", site, weights, window=window, sinks=sinks, block_size=block)
+    q, k, v, h = qkv_inputs(site, 2, length, D_MODEL, seed=length)
+    dense = core._dense(q, k, v, None)
+    for prefill, step in [(length, 1), (max(0, length - 5), 1), (length // 3, 4), (0, 1)]:
+        got = decode(core, q, k, v, h, prefill=prefill, step=step)
+        torch.testing.assert_close(got, dense, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_padding_mask_takes_the_blocked_path_and_equals_dense(padding, monkeypatch):
+    site, weights = attention_site(d_model=D_MODEL)
+    core = build("window", site, weights, window=5, sinks=2, block_size=4)
+    q, k, v, h = qkv_inputs(site, 2, 29, D_MODEL, seed=5)
+    bias = padding_bias([29, 18], 29) if padding == "right" else _left_padding_bias([29, 18], 29)
+    dense = core._dense(q, k, v, bias)
+    monkeypatch.setattr(core, "_dense", lambda *a: pytest.fail("padding-only mask went dense"))
+    got = core(q, k, v, bias)
+    real = slice(0, 18) if padding == "right" else slice(11, 29)
+    torch.testing.assert_close(got[1, :, real], dense[1, :, real], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[0], dense[0], rtol=1e-12, atol=1e-12)
+    # with a state: the padding flags are cached and later steps skip the padded keys
+    state: dict = {}
+    first = core(q[:, :, :20], k[:, :, :20], v[:, :, :20], bias[..., :20, :20], state=state)
+    torch.testing.assert_close(first[0], dense[0, :, :20], rtol=1e-12, atol=1e-12)
+    assert state["keep"].shape == (2, state["k"].shape[2])
+
+
+def test_position_bias_stays_dense():
+    site, weights = attention_site(d_model=D_MODEL)
+    core = build("window", site, weights, window=5, sinks=1)
+    q, k, v, h = qkv_inputs(site, 1, 12, D_MODEL, seed=6)
+    bias = padding_bias([12], 12) + torch.randn(1, 1, 12, 12, dtype=torch.float64)
+    torch.testing.assert_close(core(q, k, v, bias), core._dense(q, k, v, bias), rtol=1e-12, atol=1e-12)
+    assert not core._padding_only(bias, 1, 12)[0]
+
+
+def test_state_holds_copies_not_views_of_the_prefill():
+    site, weights = attention_site(d_model=D_MODEL)
+    core = build("window", site, weights, window=4, sinks=2)
+    q, k, v, h = qkv_inputs(site, 1, 50, D_MODEL, seed=7)
+    state: dict = {}
+    core(q, k, v, state=state)
+    assert state["k"].shape[2] == 2 + 3
+    assert state["k"].untyped_storage().nbytes() == state["k"].numel() * state["k"].element_size()
+    assert state["k_pos"][0].tolist() == [0, 1, 47, 48, 49]
+
+
+def test_padding_first_seen_after_a_clean_call():
+    site, weights = attention_site(d_model=D_MODEL)
+    core = build("window", site, weights, window=5, sinks=2, block_size=4)
+    q, k, v, h = qkv_inputs(site, 2, 20, D_MODEL, seed=8)
+    bias = padding_bias([20, 16], 20)
+    dense = core._dense(q, k, v, bias)
+    state: dict = {}
+    first = core(q[:, :, :12], k[:, :, :12], v[:, :, :12], state=state)
+    assert bool(state["keep"].all())
+    rest = core(q[:, :, 12:], k[:, :, 12:], v[:, :, 12:], bias[..., 12:, :], state=state)
+    got = torch.cat([first, rest], dim=2)
+    torch.testing.assert_close(got[0], dense[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1, :, :16], dense[1, :, :16], rtol=1e-12, atol=1e-12)

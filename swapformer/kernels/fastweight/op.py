@@ -40,7 +40,7 @@ def _primitive(backend: str, chunk_size: int, recurrent: bool) -> Primitive:
             o, ht = naive_fastweight_decay_recurrent(q, k, v, f, fhat, h0, True)
         else:
             # the factorised chunked form: same math as the naive spec, without [C, C, D] tensors
-            o, ht = chunked_fastweight_decay(q, k, v, f, fhat, h0, True)
+            o, ht = chunked_fastweight_decay(q, k, v, f, fhat, h0, True, chunk_size)
         return o.to(out_dtype).contiguous(), ht
 
     return run

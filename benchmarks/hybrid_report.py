@@ -35,7 +35,7 @@ BASELINE = {"window": 64, "sinks": 4}
 
 @dataclass
 class Corpus:
-    train: torch.Tensor  # [N, seq_len], cut from the training long sequences
+    train: torch.Tensor  # [N, long_len], the training long sequences
     short: torch.Tensor  # [M, seq_len], cut from the held-out long sequences
     long: torch.Tensor  # [K, long_len], held out
 
@@ -53,13 +53,20 @@ class Row:
 def load_corpus(name: str, tokenizer, args) -> Corpus:
     packed = pack(corpus_tokens(name, tokenizer), args.long_len, sep_token=tokenizer.eos_token_id)
     train, held = heldout_split(packed, args.eval_fraction)
-    return Corpus(train.reshape(-1, args.seq_len), held.reshape(-1, args.seq_len), held)
+    return Corpus(train, held.reshape(-1, args.seq_len), held)
 
 
-def mixed_train(corpora: dict[str, Corpus]) -> torch.Tensor:
-    """Rows of every corpus interleaved (general English: Shakespeare + wiki), as long as the shortest."""
-    n = min(c.train.shape[0] for c in corpora.values())
-    return torch.stack([c.train[:n] for c in corpora.values()], dim=1).flatten(0, 1)
+def mixed_train(corpora: dict[str, Corpus], length: int) -> torch.Tensor:
+    """``length``-token rows of every corpus interleaved (general English: Shakespeare + wiki), as
+    many from each as the shortest has."""
+    rows = [c.train.reshape(-1, length) for c in corpora.values()]
+    n = min(r.shape[0] for r in rows)
+    return torch.stack([r[:n] for r in rows], dim=1).flatten(0, 1)
+
+
+def train_batch_size(args) -> int:
+    """Sequences per transfer step: ``--train-batch-size``, else as many tokens as the eval batch."""
+    return args.train_batch_size or max(1, args.batch_size * args.seq_len // args.train_len)
 
 
 @torch.no_grad()
@@ -116,27 +123,32 @@ def transfer_config(args, tokens: int, first: bool) -> CalibrationConfig:
     short = tuple(int(w) for w in args.short_windows.split(",") if w)
     stage = Stage("transfer", tokens=tokens, lr=args.transfer_lr, init_mix=first, short_windows=short,
                   schedule="constant")
-    return CalibrationConfig(stages=(stage,), batch_size=args.batch_size, seq_len=args.seq_len,
+    return CalibrationConfig(stages=(stage,), batch_size=train_batch_size(args), seq_len=args.train_len,
                              eval_batches=0, seed=args.seed, log_every=25, progress=False,
                              device=args.device)
 
 
 def target_rows(target: str, teacher, corpora, train, vocab: int, args) -> list[Row]:
-    student = rewrite(copy.deepcopy(teacher), target)
+    from quality_smollm2 import target_options
+
+    options = target_options(args).get(target, {})
+    label = target + " hybrid" + "".join(f", {k}={v}" for k, v in options.items())
+    student = rewrite(copy.deepcopy(teacher), target, **options)
     state = state_per_layer(student, args.long_len)
-    row = Row(f"{target} hybrid, step 0", state_bytes=state, scores=evaluate(student, corpora, vocab, args))
+    row = Row(f"{label}, step 0", state_bytes=state, scores=evaluate(student, corpora, vocab, args))
     log.info("%s: %s", row.model, row.scores)
     rows, used, seconds = [row], 0, 0.0
     budgets = [int(float(b)) for b in args.curve.split(",") if b]
     for budget in (b for b in budgets if b > 0):
-        rows_needed = math.ceil((budget - used) / (args.batch_size * args.seq_len)) * args.batch_size
-        start = used // args.seq_len
+        batch = train_batch_size(args)
+        rows_needed = math.ceil((budget - used) / (batch * args.train_len)) * batch
+        start = used // args.train_len
         data = TokenSplits(train=train[start : start + rows_needed], heldout=train[:0])
         result = calibrate(student, teacher, data, transfer_config(args, budget - used, used == 0))
         stage = result.stages[0]
         used += stage.tokens
         seconds += stage.seconds
-        row = Row(f"{target} hybrid, transfer", used, seconds, stage.tokens / max(stage.seconds, 1e-9),
+        row = Row(f"{label}, transfer", used, seconds, stage.tokens / max(stage.seconds, 1e-9),
                   state, evaluate(student, corpora, vocab, args))
         log.info("%s %d tokens (%.0f s, %.0f tok/s, loss %.3g -> %.3g): %s", target, used, seconds,
                  row.tok_s, stage.first_loss, stage.last_loss, row.scores)
@@ -163,7 +175,8 @@ def markdown(rows: list[Row], teacher: Row, teacher_tok_s: float, args, machine:
         f"- command: `python {shlex.join([sys.argv[0], *sys.argv[1:]])}`",
         f"- calibrated (transfer only, all layers in one teacher forward, lr {args.transfer_lr:g}, "
         f"SWAX windows {args.short_windows or 'off'} on half the steps, closed-form mix init) on general "
-        f"English: Shakespeare and the wiki excerpt interleaved, batch {args.batch_size} x {args.seq_len}; "
+        f"English: Shakespeare and the wiki excerpt interleaved, batch {train_batch_size(args)} x "
+        f"{args.train_len}; "
         f"held out: every {round(1 / args.eval_fraction)}th {args.long_len}-token sequence of each corpus "
         f"({args.eval_batches} x {args.batch_size} x {args.seq_len} and {args.long_batches} x "
         f"{args.long_len} tokens per corpus); recall: NLL (nats/token) on the second copy, "
@@ -192,8 +205,11 @@ def hybrid_main(args, results: Path) -> int:
     teacher.to(args.device).eval()
     vocab = int(teacher.config.vocab_size)
     corpora = {name: load_corpus(name, tokenizer, args) for name in EVAL_CORPORA}
-    train = mixed_train(corpora)
-    teacher_tok_s = teacher_throughput(teacher, train, args)
+    if args.long_len % args.train_len or args.long_len % args.seq_len:
+        raise SystemExit(f"--train-len {args.train_len} and --seq-len {args.seq_len} must divide "
+                         f"--long-len {args.long_len}")
+    train = mixed_train(corpora, args.train_len)
+    teacher_tok_s = teacher_throughput(teacher, mixed_train(corpora, args.seq_len), args)
     teacher_row = Row("teacher", scores=evaluate(teacher, corpora, vocab, args))
     log.info("teacher %s, %.0f tok/s no-grad forward", teacher_row.scores, teacher_tok_s)
     rows = [window_row(teacher, corpora, vocab, args, BASELINE["window"], "baseline")]
@@ -201,7 +217,10 @@ def hybrid_main(args, results: Path) -> int:
     for target in (t for t in args.targets.split(",") if t):
         target_rows_ = target_rows(target, teacher, corpora, train, vocab, args)
         rows += target_rows_
-        w = equal_memory_window(rewrite(copy.deepcopy(teacher), target), args.long_len)
+        from quality_smollm2 import target_options
+
+        options = target_options(args).get(target, {})
+        w = equal_memory_window(rewrite(copy.deepcopy(teacher), target, **options), args.long_len)
         if w not in windows_done:
             windows_done.add(w)
             rows.append(window_row(teacher, corpora, vocab, args, w, f"equal memory to {target}"))

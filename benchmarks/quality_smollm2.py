@@ -16,10 +16,12 @@ probe (a random token sequence of length L repeated twice; NLL on the second cop
 ``window=64, sinks=4`` and the window whose KV bytes equal the target's whole state (equal memory):
 
     python benchmarks/quality_smollm2.py --hybrid --targets fastweight,elita,cat --curve 0,100000 --write
+    python benchmarks/quality_smollm2.py --hybrid --targets fastweight --train-len 2048 \
+        -o fastweight:decay_half_life=512 --curve 0,100000,300000      # train at the long length
 
 In that mode every corpus is packed to ``--long-len`` tokens first and every 20th sequence is held
-out; the 512-token held-out and training sequences are cut from those, so no calibration token is
-ever evaluated.
+out; the 512-token held-out and ``--train-len`` training sequences are cut from those, so no
+calibration token is ever evaluated. ``-o TARGET:KEY=VALUE`` options apply to the hybrid targets too.
 
 Calibration uses ``--corpus``; held-out perplexity is measured on it and on every ``--eval-corpora``
 entry (out of domain: never calibrated on), token-weighted over ``--eval-batches`` batches of
@@ -94,7 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recall-samples", type=int, default=2)
     p.add_argument("--curve", default="0,100000", help="hybrid: cumulative transfer-token budgets")
     p.add_argument("--short-windows", default="16,32", help="hybrid: SWAX windows ('' = off)")
-    return p.parse_args(argv)
+    p.add_argument("--train-len", type=int, default=None,
+                   help="hybrid: transfer sequence length (default --seq-len; e.g. 2048 = --long-len)")
+    p.add_argument("--train-batch-size", type=int, default=None,
+                   help="hybrid: transfer sequences per step (default: --batch-size x --seq-len tokens)")
+    args = p.parse_args(argv)
+    if args.train_len is None:
+        args.train_len = args.seq_len
+    return args
 
 
 def target_options(args: argparse.Namespace) -> dict[str, dict]:

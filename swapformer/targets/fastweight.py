@@ -30,10 +30,26 @@ memory of the evicted tokens in the same normaliser (:mod:`swapformer.targets.hy
     y_i = (Σ_{N_i} e^{scale q_i·k_j − c_i} v_j + g_h m_i) / (Σ_{N_i} e^{…} + g_h n_i)
 
 φq per query head and φk per KV head (so the state is counted per KV head) are Hedgehog maps with
-identity init by default, fed the post-RoPE ``q·√scale``, ``k·√scale``. No decay gates (they are
-per-query-head and data dependent, which would multiply the state by the GQA group size); the
-mixing ``g_h = softplus(θ_h)`` starts at ``mix_init`` so the converted model starts at the window
-baseline. ``local_window=0`` keeps the seed-exact decaying form above.
+identity init by default, fed the post-RoPE ``q·√scale``, ``k·√scale``. No data-dependent decay gates
+(they are per-query-head, which would multiply the state by the GQA group size); the mixing
+``g_h = softplus(θ_h)`` starts at ``mix_init`` so the converted model starts at the window baseline.
+``local_window=0`` keeps the seed-exact decaying form above.
+
+Far-memory decay (``decay_half_life > 0``, quality-recipes §4.2): a learned ``γ_u = σ(λ_u) ∈ (0, 1)``
+per KV (memory) head ``u``, initialised to ``γ = 2^(−1/decay_half_life)``. A token ``j`` becomes part
+of the memory at ``avail_j = j + w`` and weighs ``γ_u^(i − avail_j)`` for query ``i``, in the read-out
+and in the normaliser alike::
+
+    S_i = Σ_{j ∈ F_i} γ^(i − avail_j) φk(k_j) v_jᵀ,   z_i = Σ_{j ∈ F_i} γ^(i − avail_j) φk(k_j)
+
+so a memory that has absorbed everything available at a block start ``a`` is advanced to the end
+``b`` of the block exactly by ``S_b = γ^(b − a) S_a + Σ_{avail_j ∈ (a, b]} γ^(b − avail_j) φk_j v_jᵀ``
+(likewise ``z``), and query ``i ∈ [a, b)`` reads ``γ^(i − a) φq_iᵀ S_a`` plus the block's own items
+with ``avail_j ≤ i``. The state keeps its size (``S``, ``z`` are referenced to the next query's
+position, which the hybrid already tracks), so decoding, block size and prefill length do not change
+the output. Without decay, a model trained on 512-token sequences sees a normaliser at 2k context
+that sums ~4× more evicted tokens than in training; the decay bounds it to ~``half_life / ln 2``.
+``decay_half_life=0`` is the undecayed form above exactly (no parameter is created).
 """
 
 from __future__ import annotations
@@ -45,12 +61,13 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from swapformer.errors import ConfigError
 from swapformer.sites import AttentionSite, Site
 from swapformer.targets.base import TargetConfig, TargetModule, register_target
-from swapformer.targets.hybrid import LinearFarMemory, check_hybrid_options
+from swapformer.targets.hybrid import FarRead, LinearFarMemory, check_hybrid_options
 from swapformer.targets.reference import (
     attention_site_problem,
     check_full_call,
@@ -91,6 +108,8 @@ class FastWeightConfig(TargetConfig):
         sinks: first tokens every query of the hybrid also sees exactly.
         block_size: query block of the hybrid's prefill.
         mix_init: initial per-head mix ``g_h`` of the far memory (small: starts at the window).
+        decay_half_life: hybrid: initial half-life, in tokens, of the learned per-KV-head decay of
+            the far memory (0 = no decay).
     """
 
     name = "fastweight"
@@ -103,10 +122,14 @@ class FastWeightConfig(TargetConfig):
     sinks: int = 4
     block_size: int = 64
     mix_init: float = 1e-3
+    decay_half_life: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_hybrid_options(self.name, self.local_window, self.sinks, self.block_size)
+        if not self.decay_half_life >= 0:
+            raise ConfigError(f"fastweight decay_half_life must be >= 0 (0 = no decay), got "
+                              f"{self.decay_half_life}")
         if not self.mix_init > 0:
             raise ConfigError(f"fastweight mix_init must be > 0, got {self.mix_init}")
         if self.feature_map is None:  # frozen: resolve the default in place
@@ -321,6 +344,43 @@ class HybridFastWeight(LinearFarMemory):
             self.feature_dim = 2 * width
         else:
             self.feature_dim = head_dim
+        self.decay_logit: nn.Parameter | None = None
+        if config.decay_half_life:
+            gamma = 2.0 ** (-1.0 / config.decay_half_life)
+            self.decay_logit = nn.Parameter(torch.full((num_kv_heads,), math.log(gamma / (1.0 - gamma))))
+
+    def log_decay(self) -> torch.Tensor | None:
+        """``log γ_u`` per memory head ``[Hkv]`` (None without decay)."""
+        if self.decay_logit is None:
+            return None
+        return F.logsigmoid(self.decay_logit.to(torch.promote_types(self.decay_logit.dtype, torch.float32)))
+
+    def far_block(self, mem, qf, items, avail, item_keep, q_pos, c) -> FarRead:
+        """The decayed memory of the module docstring; the undecayed base form without decay."""
+        log_gamma = self.log_decay()
+        if log_gamma is None:
+            return super().far_block(mem, qf, items, avail, item_keep, q_pos, c)
+        b, h, tq, f = qf.shape
+        log_gamma = log_gamma.to(qf.dtype)
+        start, end = q_pos[0], q_pos[-1] + 1  # the memory holds every item with avail <= start
+        qg = qf.reshape(b, self.memory_heads, -1, tq, f)
+        read = torch.exp(log_gamma[:, None] * (q_pos - start).to(qf.dtype))[None, :, None, :, None]
+        m = torch.einsum("bkgtf,bkfd->bkgtd", qg, mem["S"]) * read
+        n = torch.einsum("bkgtf,bkf->bkgt", qg, mem["z"])[..., None] * read
+        carry = torch.exp(log_gamma * (end - start).to(qf.dtype))[None, :, None]
+        S, z = mem["S"] * carry[..., None], mem["z"] * carry
+        if avail.numel():
+            fk, fv = self.memory_items(items)
+            fk = fk * item_keep[:, None, :, None]
+            age = (q_pos[:, None] - avail[None, :]).to(qf.dtype)  # [Tq, Te]; visible where >= 0
+            weight = torch.exp(log_gamma[:, None, None] * age.clamp_min(0)) * (age >= 0)
+            a = torch.einsum("bkgtf,bkef->bkgte", qg, fk) * weight[None, :, None]
+            m = m + torch.einsum("bkgte,bked->bkgtd", a, fv)
+            n = n + a.sum(-1, keepdim=True)
+            written = fk * torch.exp(log_gamma[:, None] * (end - avail).to(qf.dtype))[None, :, :, None]
+            S = S + torch.einsum("bkef,bked->bkfd", written, fv)
+            z = z + written.sum(2)
+        return m.reshape(b, h, tq, -1), n.reshape(b, h, tq, 1), {"S": S, "z": z}
 
     @classmethod
     def from_site(
@@ -346,4 +406,6 @@ class HybridFastWeight(LinearFarMemory):
         """Exact window attention, both feature maps, and the memory write + read."""
         h, hkv, d, f, dv = self.num_heads, self.num_kv_heads, self.head_dim, self.feature_dim, self.value_dim
         fmap = 2 * (h + hkv) * d * (f // 2) if self.q_map is not None else 0
-        return self.window_flops_per_token(context_len) + fmap + 2 * hkv * f * (dv + 1) + 2 * h * f * (dv + 1)
+        decay = hkv * f * (dv + 1) if self.decay_logit is not None else 0  # S, z scaled once per token
+        return (self.window_flops_per_token(context_len) + fmap + 2 * hkv * f * (dv + 1)
+                + 2 * h * f * (dv + 1) + decay)

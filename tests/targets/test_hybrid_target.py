@@ -26,13 +26,17 @@ from swapformer.targets.sdpa import SdpaAttention, SdpaConfig
 from swapformer.targets.window import WindowAttention, WindowConfig
 
 D_MODEL = 24
-HYBRIDS = {"fastweight": {}, "elita": {}, "cat": {"chunk_size": 3}}
+# "fastweight+decay": the fastweight hybrid with a decaying far memory, through every property test
+HYBRIDS = {"fastweight": {}, "fastweight+decay": {"decay_half_life": 3.0}, "elita": {},
+           "cat": {"chunk_size": 3}}
+TARGETS = ("fastweight", "elita", "cat")
 
 
 def _hybrid(target, window, sinks, block=3, seed=1, dtype=torch.float64, **options):
     site, weights = attention_site(d_model=D_MODEL, qkv_bias=True, dtype=dtype)
     options = {**HYBRIDS[target], **options}
-    core = build(target, site, weights, local_window=window, sinks=sinks, block_size=block, **options)
+    core = build(target.split("+")[0], site, weights, local_window=window, sinks=sinks, block_size=block,
+                 **options)
     assert isinstance(core, HybridAttention)
     return randomize(core, seed=seed), site
 
@@ -42,7 +46,7 @@ def _strong_mix(core):
     return core
 
 
-@pytest.mark.parametrize("target", HYBRIDS)
+@pytest.mark.parametrize("target", TARGETS)
 def test_defaults_build_the_hybrid_and_zero_keeps_the_seed_form(target):
     site, weights = attention_site(d_model=D_MODEL)
     assert isinstance(build(target, site, weights), HybridAttention)
@@ -189,3 +193,83 @@ def test_closed_form_mix_init_does_not_move_away_from_the_host(target):
     g = core.init_from_inputs(q, k, v, hidden=h)
     assert g.shape == (site.num_heads,) and torch.allclose(core.mix(), g.to(core.mix().dtype))
     assert (core(q, k, v, hidden=h) - ref).square().mean() <= before + 1e-12
+
+
+# elita's output depends on the block size (found 2026-12-03: up to 0.07 at window 1, block 2 vs 1;
+# reported, not fixed here: elita is not this change's target)
+BLOCK_TARGETS = ["fastweight", "fastweight+decay", "cat",
+                 pytest.param("elita", marks=pytest.mark.xfail(strict=True, reason="elita depends on block"))]
+
+
+@pytest.mark.parametrize("target", BLOCK_TARGETS)
+@hypothesis_settings(8)
+@given(window=st.integers(1, 6), sinks=st.integers(0, 2), length=st.integers(1, 30),
+       block=st.integers(2, 9), seed=st.integers(0, 5))
+def test_block_size_does_not_change_the_output(target, window, sinks, length, block, seed):
+    one, site = _hybrid(target, window, sinks, block=1, seed=seed)
+    many, _ = _hybrid(target, window, sinks, block=block, seed=seed)
+    _strong_mix(one), _strong_mix(many)
+    q, k, v, h = qkv_inputs(site, 2, length, D_MODEL, seed=seed)
+    torch.testing.assert_close(many(q, k, v, hidden=h), one(q, k, v, hidden=h), rtol=1e-10, atol=1e-10)
+
+
+def _dense_decayed_fastweight(core: HybridFastWeight, q, k, v) -> torch.Tensor:
+    """The decayed fastweight hybrid of the module docstring, query by query, key by key."""
+    w, s, g = core.window, core.sinks, core.mix()
+    groups = core.num_heads // core.num_kv_heads
+    qf = core.query_features(q, None, None)
+    kf = core.memory_items({"k": k, "v": v})[0]
+    gamma = core.log_decay().exp()
+    q, k, v, qf, kf = q[0], k[0], v[0], qf[0], kf[0]  # one sequence
+    out = torch.zeros_like(q)
+    for hq in range(core.num_heads):
+        u = hq // groups
+        for i in range(q.shape[-2]):
+            near = [j for j in range(i + 1) if i - j < w or j < s]
+            far = range(s, i - w + 1)
+            logits = torch.stack([core.scale * q[hq, i] @ k[u, j] for j in near])
+            e = (logits - logits.max()).exp()
+            num = sum(e[n] * v[u, j] for n, j in enumerate(near))
+            den = e.sum()
+            for j in far:
+                weight = gamma[u] ** (i - (j + w)) * (qf[hq, i] @ kf[u, j])
+                num, den = num + g[hq] * weight * v[u, j], den + g[hq] * weight
+            out[hq, i] = num / den
+    return out[None]
+
+
+def test_decayed_memory_is_the_docstring_formula():
+    core, site = _hybrid("fastweight+decay", 3, 1, block=4, seed=2)
+    _strong_mix(core)
+    with torch.no_grad():
+        core.decay_logit.copy_(torch.linspace(-1.0, 2.0, core.num_kv_heads))  # γ differs per kv head
+    q, k, v, h = qkv_inputs(site, 1, 17, D_MODEL, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(core(q, k, v, hidden=h), _dense_decayed_fastweight(core, q, k, v),
+                                   rtol=1e-10, atol=1e-10)
+
+
+def test_no_decay_is_todays_form_and_decay_changes_the_far_part():
+    undecayed, site = _hybrid("fastweight", 3, 1, seed=4)
+    assert undecayed.decay_logit is None and undecayed.config.decay_half_life == 0
+    decayed, _ = _hybrid("fastweight+decay", 3, 1, seed=4)
+    decayed.load_state_dict(undecayed.state_dict(), strict=False)  # same maps and mix
+    for core in (undecayed, decayed):
+        _strong_mix(core)
+    q, k, v, h = qkv_inputs(site, 2, 24, D_MODEL)
+    with torch.no_grad():
+        base = undecayed(q, k, v, hidden=h)
+        decayed.decay_logit.fill_(60.0)  # γ = σ(60) = 1 − 1e-26: no decay within float64
+        torch.testing.assert_close(decayed(q, k, v, hidden=h), base, rtol=1e-12, atol=1e-12)
+        decayed.decay_logit.fill_(0.0)  # γ = 1/2
+        fast = decayed(q, k, v, hidden=h)
+    assert torch.equal(fast[:, :, :4], base[:, :, :4])  # nothing evicted before position 4
+    assert (fast[:, :, 5:] - base[:, :, 5:]).abs().max() > 1e-3
+
+
+def test_decay_half_life_sets_gamma_per_kv_head_and_is_validated():
+    core = HybridFastWeight(9, 3, 8, 8, config=FastWeightConfig(decay_half_life=512.0))
+    assert core.log_decay().shape == (3,)
+    torch.testing.assert_close(core.log_decay().exp() ** 512, torch.full((3,), 0.5), rtol=1e-4, atol=0)
+    with pytest.raises(ConfigError, match="decay_half_life"):
+        FastWeightConfig(decay_half_life=-1.0)

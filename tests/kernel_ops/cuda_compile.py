@@ -5,7 +5,7 @@ loop-carried values that change type, ...). ``triton.compile`` with an explicit 
 through the real pipeline down to a cubin (Triton ships ``ptxas``), so this catches those errors on a
 CPU-only machine. Run as a script (``TRITON_INTERPRET`` must be unset when the kernels are imported):
 
-    python tests/kernels/cuda_compile.py [--all-configs] [--arch 90]
+    python tests/kernel_ops/cuda_compile.py [--all-configs] [--arch 90]
 """
 
 from __future__ import annotations

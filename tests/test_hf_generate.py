@@ -3,6 +3,8 @@ and the cache holds the targets' state alone (no host keys/values for replaced l
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -142,6 +144,37 @@ def test_cache_holds_only_the_target_state(llama, target: str) -> None:
         context = prompt + 3
         assert cache.get_seq_length() == context
         assert cache.nbytes() == sum(core.state_bytes(context) for core in cores), target
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)) or dataclasses.is_dataclass(value):
+        items = vars(value).values() if dataclasses.is_dataclass(value) else value
+        for v in items:
+            yield from _tensors(v)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("target", ["window", "fastweight"])
+def test_cache_keeps_no_view_of_a_long_prompt(llama, target: str, padded: bool) -> None:
+    """What a cache keeps for crop (the last call's tail) owns its memory: a view of the prompt's
+    q/k/v/hidden kept 1.5 GB alive after an 8k prefill of SmolLM2."""
+    model = _converted(llama, target)
+    ids = _ids(2, 150)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :7] = 0
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+    held = [t for layer in cache.core_layers() for part in (layer.state, layer.rows, layer.replay)
+            for t in _tensors(part)]
+    assert held
+    for t in held:
+        assert t.untyped_storage().nbytes() <= t.numel() * t.element_size(), (target, tuple(t.shape))
 
 
 def test_a_host_cache_with_tokens_is_refused(llama) -> None:

@@ -83,6 +83,11 @@ class CoreCall:
         transients = self.transients if end is None or end >= self.length else 0
         return CoreCall(self.q[:, :, sl], self.k[:, :, sl], self.v[:, :, sl], hidden, transients)
 
+    def copy(self) -> CoreCall:
+        """The same rows in tensors of their own: a kept slice would keep the whole call's alive."""
+        hidden = self.hidden.clone() if self.hidden is not None else None
+        return CoreCall(self.q.clone(), self.k.clone(), self.v.clone(), hidden, self.transients)
+
     @property
     def length(self) -> int:
         return self.q.shape[-2]
@@ -315,7 +320,7 @@ def _batched_with_replay(core: nn.Module, call: CoreCall, layer: Any) -> torch.T
     split = max(0, t - REPLAY_TOKENS)
     outs = [run_core(core, call.tokens(0, split), layer.state)] if split else []
     tail = call.tokens(split)
-    layer.replay = (dict(layer.state), tail)
+    layer.replay = (dict(layer.state), tail.copy())
     outs.append(run_core(core, tail, layer.state))
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
@@ -336,9 +341,10 @@ def _per_sequence(core: nn.Module, call: CoreCall, keep: torch.Tensor | None, st
         split = max(0, row.stored - REPLAY_TOKENS) if replayable else row.length
         pieces = [run_core(core, row.tokens(0, split), states[i])] if split else []
         snapshots.append(dict(states[i]) if states[i] is not None else None)
-        tails.append(row.tokens(split))
+        tail = row.tokens(split)
+        tails.append(tail.copy() if replayable else tail)
         if split < row.length:
-            pieces.append(run_core(core, tails[-1], states[i]))
+            pieces.append(run_core(core, tail, states[i]))
         out = torch.cat(pieces, dim=2) if pieces else call.q.new_zeros(1, call.q.shape[1], 0, call.v.shape[-1])
         full = out.new_zeros(1, out.shape[1], t, out.shape[-1])
         full[:, :, idx] = out

@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from swapformer import rewrite
 from swapformer.calibrate import CalibrationConfig, Stage, calibrate
 from swapformer.data import TokenSplits, heldout_split, pack
-from swapformer.measure import forward_logits, perplexity
+from swapformer.measure import forward_logits, perplexity, recall_nll
 from swapformer.offline import corpus_tokens, load_smollm2
 
 log = logging.getLogger("quality_smollm2.hybrid")
@@ -67,16 +66,6 @@ def mixed_train(corpora: dict[str, Corpus], length: int) -> torch.Tensor:
 def train_batch_size(args) -> int:
     """Sequences per transfer step: ``--train-batch-size``, else as many tokens as the eval batch."""
     return args.train_batch_size or max(1, args.batch_size * args.seq_len // args.train_len)
-
-
-@torch.no_grad()
-def recall_nll(model, length: int, samples: int, vocab: int, seed: int = 0) -> float:
-    """Mean NLL on the second copy of ``samples`` random ``length``-token sequences repeated twice."""
-    g = torch.Generator().manual_seed(seed + length)
-    x = torch.randint(100, vocab, (samples, length), generator=g)
-    ids = torch.cat([x, x], dim=1)
-    logits = forward_logits(model, ids)[:, length - 1 : 2 * length - 1]
-    return float(F.cross_entropy(logits.flatten(0, 1).float(), ids[:, length:].flatten()))
 
 
 def evaluate(model, corpora: dict[str, Corpus], vocab: int, args) -> dict[str, float]:

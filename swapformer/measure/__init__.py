@@ -1,5 +1,5 @@
 """Measurement, in one place: speed and memory of converted models next to their originals
-(:mod:`.speed`), quality as token-weighted perplexity (:mod:`.quality`), and the side-by-side bench
+(:mod:`.speed`), quality as token-weighted perplexity and the in-context recall probe (:mod:`.quality`), and the side-by-side bench
 that ``swapformer bench`` and the zoo runner both call (:mod:`.bench`, imported by name: it reads
 checkpoints and corpora, which the two modules above do not need).
 """
@@ -13,6 +13,7 @@ from swapformer.measure.quality import (
     model_device,
     perplexity,
     quality_report,
+    recall_nll,
     sequence_nll,
 )
 from swapformer.measure.speed import (
@@ -28,5 +29,5 @@ from swapformer.measure.speed import (
 __all__ = [
     "QualityReport", "QualityRow", "Speed", "call_model", "compare_speed", "decode_seconds", "forward_logits",
     "heldout_sequences", "kv_cache_bytes", "model_device", "perplexity", "prefill_and_decode",
-    "quality_report", "sequence_nll", "state_bytes", "timed",
+    "quality_report", "recall_nll", "sequence_nll", "state_bytes", "timed",
 ]

@@ -72,6 +72,23 @@ def sequence_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def recall_nll(model: nn.Module, length: int, samples: int, vocab: int, seed: int = 0) -> float:
+    """In-context recall: mean NLL (nats/token) on the second copy of ``samples`` random ``length``-token
+    sequences repeated twice (ids drawn from ``100 .. vocab − 1``, seeded by ``seed + length``).
+
+    A model that attends to the first copy predicts the second almost perfectly; a window narrower
+    than ``length`` cannot, and scores about as badly as on random text.
+    """
+    if length < 1 or samples < 1 or vocab <= 100:
+        raise InputError(f"recall needs length >= 1, samples >= 1 and vocab > 100; got {length}, {samples}, {vocab}")
+    g = torch.Generator().manual_seed(seed + length)
+    x = torch.randint(100, vocab, (samples, length), generator=g)
+    ids = torch.cat([x, x], dim=1).to(model_device(model))
+    logits = forward_logits(model, ids)[:, length - 1 : 2 * length - 1]
+    return float(F.cross_entropy(logits.flatten(0, 1).float(), ids[:, length:].flatten()))
+
+
+@torch.no_grad()
 def perplexity(
     model: nn.Module,
     data: Any,

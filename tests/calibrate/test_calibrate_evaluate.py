@@ -63,3 +63,29 @@ def test_quality_report_ratios():
     assert [r.name for r in report.rows] == ["ref", "worse"]
     assert report.rows[1].ratio == pytest.approx(2.0)
     assert "| worse | 20.00 | 2.000 |" in report.to_markdown()
+
+
+class CopyFrom(nn.Module):
+    """Predicts the token ``lag − 1`` positions back with certainty (the copy a recalling model makes)."""
+
+    def __init__(self, vocab: int, lag: int) -> None:
+        super().__init__()
+        self.vocab, self.lag = vocab, lag
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids):
+        logits = torch.full((*input_ids.shape, self.vocab), -30.0) + self.dummy
+        # logits at t name the token at t − lag + 1: in the second copy, the next token
+        source = torch.cat([input_ids[:, :1].expand(-1, self.lag - 1), input_ids], 1)[:, : input_ids.shape[1]]
+        return logits.scatter(-1, source[..., None], 30.0)
+
+
+def test_recall_probe_separates_a_copying_model_from_a_uniform_one():
+    from swapformer.measure import recall_nll
+
+    vocab, length = 300, 24
+    assert recall_nll(Uniform(vocab), length, samples=2, vocab=vocab) == pytest.approx(math.log(vocab), rel=1e-5)
+    # the token after position t in the second copy is the one length − 1 positions before t
+    assert recall_nll(CopyFrom(vocab, length), length, samples=2, vocab=vocab) < 1e-6
+    with pytest.raises(InputError, match="recall"):
+        recall_nll(Uniform(vocab), 0, samples=2, vocab=vocab)

@@ -9,7 +9,7 @@ TF_OLDEST := 5.17.0
 TF_OLDEST_DIR := $(VENV)/tf-oldest
 HF_TESTS := tests/test_hf_generate.py tests/test_hf_models.py tests/test_targets_rewrite.py
 
-.PHONY: demo test test-slow test-hf-oldest lint bench clean fuzz
+.PHONY: demo demo-hf-oldest test test-slow test-hf-oldest lint bench clean fuzz
 
 $(STAMP): pyproject.toml scripts/install.sh
 	PY=$(PY) VENV=$(VENV) bash scripts/install.sh
@@ -31,6 +31,10 @@ $(TF_OLDEST_DIR)/.installed: $(STAMP)
 test-hf-oldest: $(TF_OLDEST_DIR)/.installed
 	PYTHONPATH=$(TF_OLDEST_DIR) $(BIN)/python -c "import transformers as t; assert t.__version__ == '$(TF_OLDEST)', t.__version__"
 	PYTHONPATH=$(TF_OLDEST_DIR) $(BIN)/python -m pytest -q -p no:cacheprovider $(HF_TESTS)
+
+# The demo on the oldest supported transformers (the newest is what `make demo` gets from pip).
+demo-hf-oldest: $(TF_OLDEST_DIR)/.installed
+	PYTHONPATH=$(TF_OLDEST_DIR) $(BIN)/python -m swapformer.demo
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

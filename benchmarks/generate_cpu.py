@@ -71,7 +71,7 @@ class _PeakRss(threading.Thread):
 def measure(target: str, length: int, new_tokens: int) -> dict:
     """Runs in the child: load, convert, generate once, report."""
     import swapformer
-    from swapformer.offline import corpus_tokens, load_smollm2
+    from swapformer.loading.offline import corpus_tokens, load_smollm2
     from swapformer.rewriter.hf_cache import cache_nbytes
 
     torch.manual_seed(0)

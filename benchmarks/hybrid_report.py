@@ -23,9 +23,9 @@ import torch
 
 from swapformer import rewrite
 from swapformer.calibrate import CalibrationConfig, Stage, calibrate
-from swapformer.data import TokenSplits, heldout_split, pack
+from swapformer.loading.data import TokenSplits, heldout_split, pack
+from swapformer.loading.offline import corpus_tokens, load_smollm2
 from swapformer.measure import forward_logits, perplexity, recall_nll
-from swapformer.offline import corpus_tokens, load_smollm2
 
 log = logging.getLogger("quality_smollm2.hybrid")
 EVAL_CORPORA = ("shakespeare", "wiki")

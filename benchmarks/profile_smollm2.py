@@ -32,7 +32,7 @@ TARGETS = ("window", "fastweight", "elita", "cat")
 
 
 def _tokens(tok, length: int) -> torch.Tensor:
-    from swapformer.offline import corpus_tokens
+    from swapformer.loading.offline import corpus_tokens
 
     docs = corpus_tokens("shakespeare", tok)
     ids = torch.cat(docs)[:length]
@@ -97,7 +97,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import swapformer
-    from swapformer.offline import load_smollm2
+    from swapformer.loading.offline import load_smollm2
 
     model, tok = load_smollm2()
     ids = _tokens(tok, args.length)

@@ -48,9 +48,9 @@ from pathlib import Path
 import torch
 
 from swapformer.calibrate import CalibrationConfig, Stage, calibrate
-from swapformer.data import TokenSplits, prepare
-from swapformer.evaluate import perplexity
-from swapformer.offline import corpus_tokens, load_smollm2
+from swapformer.loading.data import TokenSplits, prepare
+from swapformer.loading.offline import corpus_tokens, load_smollm2
+from swapformer.measure import perplexity
 
 log = logging.getLogger("quality_smollm2")
 RESULTS = Path(__file__).with_name("RESULTS.md")

@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    from swapformer.offline import load_smollm2
+    from swapformer.loading.offline import load_smollm2
     from swapformer.rewriter.api import default_example_inputs
 
     model, _ = load_smollm2()

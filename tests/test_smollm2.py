@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    offline = pytest.importorskip("swapformer.offline")
+    offline = pytest.importorskip("swapformer.loading.offline")
     model, tokenizer = offline.load_smollm2()
     return model.eval(), tokenizer
 

@@ -6,7 +6,7 @@ Two ways to say what to calibrate:
   takes no arguments and returns a dict (or an object with attributes) with ``student``, ``teacher``,
   ``data`` and optionally ``tokenizer``;
 * ``--model smollm2|SPEC --target NAME --data CORPUS|PATH``: the teacher (SmolLM2-135M from
-  :mod:`swapformer.offline`, or a factory returning a model or ``(model, tokenizer)``) is rewritten
+  :mod:`swapformer.loading.offline`, or a factory returning a model or ``(model, tokenizer)``) is rewritten
   with ``swapformer.rewrite`` into the student.
 
 Stages: ``--stage KIND[:key=value,...]``, repeatable (``--stage transfer:steps=50,lr=0.01
@@ -149,7 +149,7 @@ def load_job(args: argparse.Namespace) -> dict[str, Any]:
 
 def _load_model(spec: str) -> tuple[torch.nn.Module, Any]:
     if spec == "smollm2":
-        from swapformer.offline import load_smollm2
+        from swapformer.loading.offline import load_smollm2
 
         return load_smollm2()
     made = load_factory(spec)()
@@ -164,9 +164,9 @@ def rewrite_copy(teacher: torch.nn.Module, target: str, **options: Any) -> torch
 
 
 def load_data(spec: str, tokenizer: Any) -> Any:
-    """A corpus name (via :func:`swapformer.offline.corpus_tokens`), a ``.pt`` / ``.safetensors``
+    """A corpus name (via :func:`swapformer.loading.offline.corpus_tokens`), a ``.pt`` / ``.safetensors``
     token file, or a text file or folder (returned as a path, tokenized later)."""
-    from swapformer.offline import CORPORA, corpus_tokens
+    from swapformer.loading.offline import CORPORA, corpus_tokens
 
     if spec in CORPORA:
         if tokenizer is None:

@@ -1,7 +1,7 @@
 """The calibration loop: stages, checkpoints and resume, NaN rollback, data parallelism.
 
 Reproducibility: the batch of step ``i`` is a pure function of ``(seed, i)`` (see
-:class:`~swapformer.data.BatchStream`) and the global RNG is reseeded from ``(seed, step, rank)``
+:class:`~swapformer.loading.data.BatchStream`) and the global RNG is reseeded from ``(seed, step, rank)``
 before every step, so a run resumed from a checkpoint replays exactly the steps an uninterrupted run
 would have taken (bitwise on CPU). The caller's RNG state is restored at the end.
 """
@@ -45,8 +45,8 @@ from swapformer.calibrate.distill import kl_distillation, lm_loss
 from swapformer.calibrate.lora import add_lora, is_lora_parameter, merge_lora, projection_modules
 from swapformer.calibrate.results import CalibrationDiverged, CalibrationResult, StageResult
 from swapformer.calibrate.transfer import TransferHooks
-from swapformer.data import BatchStream, TokenSplits, prepare
 from swapformer.errors import ConfigError, InputError
+from swapformer.loading.data import BatchStream, TokenSplits, prepare
 from swapformer.measure import call_model, forward_logits, model_device, perplexity
 from swapformer.rewriter.report import Replacement
 
@@ -73,9 +73,9 @@ def calibrate(student: nn.Module, teacher: nn.Module | None, data: Any,
             trained in place.
         teacher: the original model (a separate copy; never modified), needed by distill stages
             with ``kl_weight > 0``; ``None`` otherwise.
-        data: token data in any form :func:`swapformer.data.prepare` accepts (token tensors, an
+        data: token data in any form :func:`swapformer.loading.data.prepare` accepts (token tensors, an
             iterable of them, a text file or folder with ``tokenizer``, a ``datasets`` object, or a
-            :class:`~swapformer.data.TokenSplits`).
+            :class:`~swapformer.loading.data.TokenSplits`).
         config: the options (default :class:`CalibrationConfig`).
         tokenizer: a Hugging Face tokenizer, for text data.
 

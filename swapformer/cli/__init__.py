@@ -1,7 +1,7 @@
 """The ``swapformer`` command line: explain, convert, bench, targets, zoo.
 
 ``MODEL`` is a local Hugging Face directory, a ``.gguf`` file, ``smollm2``, or
-``package.module:factory`` / ``path/to/file.py:factory`` (see :mod:`swapformer.models`).
+``package.module:factory`` / ``path/to/file.py:factory`` (see :mod:`swapformer.loading.models`).
 Failures exit with status 1 and one line ``swapformer: error: <reason>`` (usage errors: status 2);
 ``-v`` shows progress logs and ``-vv`` debug logs and full tracebacks.
 

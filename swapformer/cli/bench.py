@@ -12,8 +12,8 @@ from typing import Any
 from swapformer import checkpoint
 from swapformer.cli.options import add_command
 from swapformer.errors import InputError
+from swapformer.loading.models import load_model
 from swapformer.measure.bench import BenchSettings, bench_perplexity, bench_speed, format_rows
-from swapformer.models import load_model
 
 log = logging.getLogger("swapformer.cli")
 

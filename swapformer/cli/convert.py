@@ -22,8 +22,8 @@ from swapformer.cli.options import (
     target_and_options,
 )
 from swapformer.errors import InputError
+from swapformer.loading.models import load_model
 from swapformer.measure.bench import check_corpus, corpus_data, progress_bar
-from swapformer.models import load_model
 from swapformer.rewriter.hf import is_hf_model
 
 log = logging.getLogger("swapformer.cli")

@@ -14,7 +14,7 @@ from swapformer.cli.options import (
     auto_options,
     target_and_options,
 )
-from swapformer.models import load_model
+from swapformer.loading.models import load_model
 
 
 def add_explain(sub: Any, common: argparse.ArgumentParser) -> None:

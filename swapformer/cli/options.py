@@ -129,7 +129,7 @@ def plan_batches(args: argparse.Namespace, tokenizer: Any) -> list[torch.Tensor]
     Raises:
         InputError: MODEL has no tokenizer, an unknown corpus, or too little text for one sequence.
     """
-    from swapformer.data import as_documents, pack
+    from swapformer.loading.data import as_documents, pack
     from swapformer.measure.bench import corpus_data
 
     if args.plan_batches < 1:

@@ -18,9 +18,9 @@ from torch import nn
 
 from swapformer.checkpoint import build_inputs
 from swapformer.errors import InputError
+from swapformer.loading.offline import CORPORA, corpus_tokens
 from swapformer.measure.quality import quality_report
 from swapformer.measure.speed import decode_seconds, timed
-from swapformer.offline import CORPORA, corpus_tokens
 from swapformer.rewriter.hf import is_hf_model
 
 

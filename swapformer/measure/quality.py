@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swapformer.data import TokenSplits, prepare
 from swapformer.errors import InputError
+from swapformer.loading.data import TokenSplits, prepare
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -102,8 +102,8 @@ def perplexity(
 
     Args:
         model: anything :func:`forward_logits` understands; run in eval mode (its mode is restored).
-        data: a ``[N, seq_len]`` token tensor, a :class:`~swapformer.data.TokenSplits` (its held-out
-            part is used), or any data form :func:`~swapformer.data.prepare` packs.
+        data: a ``[N, seq_len]`` token tensor, a :class:`~swapformer.loading.data.TokenSplits` (its held-out
+            part is used), or any data form :func:`~swapformer.loading.data.prepare` packs.
         seq_len: sequence length (tokens per window).
         batch_size: sequences per forward pass.
         max_batches: evaluate at most this many batches (the first ones, in corpus order).
@@ -136,7 +136,7 @@ def perplexity(
 
 def heldout_sequences(data: Any, *, seq_len: int, tokenizer: Any = None) -> torch.Tensor:
     """The ``[N, seq_len]`` sequences to evaluate on: the held-out part of a
-    :class:`~swapformer.data.TokenSplits`, else all of ``data`` packed."""
+    :class:`~swapformer.loading.data.TokenSplits`, else all of ``data`` packed."""
     if isinstance(data, TokenSplits):
         if data.seq_len != seq_len:
             raise InputError(f"data is packed to {data.seq_len} tokens, not {seq_len}")

@@ -20,7 +20,7 @@ from torch import nn
 
 from swapformer.calibrate.transfer import TransferHooks
 from swapformer.errors import InputError
-from swapformer.evaluate import call_model
+from swapformer.measure.quality import call_model
 from swapformer.rewriter.report import Replacement
 
 log = logging.getLogger(__name__)

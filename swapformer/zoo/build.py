@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from swapformer.models import load_model
-from swapformer.offline import load_minilm
+from swapformer.loading.models import load_model
+from swapformer.loading.offline import load_minilm
 from swapformer.rewriter.api import default_example_inputs
 from swapformer.rewriter.hf import is_hf_model
 from swapformer.zoo.spec import TIMM_ENV_HINT, ZooEntry, import_timm

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import swapformer
 from swapformer.calibrate import CalibrationConfig, Stage, calibrate
-from swapformer.offline import corpus_tokens
+from swapformer.loading.offline import corpus_tokens
 from swapformer.targets.base import resolve_target
 from swapformer.zoo.build import Built, build_model, has_logits
 from swapformer.zoo.records import slug, write_json

@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from swapformer.data import BatchStream, TokenSplits, as_documents, heldout_split, pack, prepare
 from swapformer.errors import InputError
+from swapformer.loading.data import (
+    BatchStream,
+    TokenSplits,
+    as_documents,
+    heldout_split,
+    pack,
+    prepare,
+)
 
 
 class CharTokenizer:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from swapformer.data import TokenSplits
 from swapformer.errors import InputError
+from swapformer.loading.data import TokenSplits
 from swapformer.measure import perplexity, quality_report
 
 

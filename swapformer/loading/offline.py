@@ -200,7 +200,7 @@ def corpus_tokens(name: str, tokenizer: Any, *, cache: bool = True) -> list[torc
     """
     from safetensors.torch import load_file, save_file
 
-    from swapformer.data import tokenize_documents
+    from swapformer.loading.data import tokenize_documents
 
     path = cache_dir() / "tokens" / f"{name}-{_tokenizer_key(tokenizer)}.safetensors"
     if cache and path.exists():

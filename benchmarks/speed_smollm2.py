@@ -31,37 +31,19 @@ import inspect
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
+from swapformer.measure.speed import PeakRss, rss_mib
+
 TARGETS = ("window", "fastweight", "elita", "cat", "worker")
 RESULTS = Path(__file__).with_name("RESULTS.md")
 WARMUP_TOKENS = 64
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-class _PeakRss(threading.Thread):
-    """Samples the process's resident memory until stopped; ``peak`` is the largest sample."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.peak, self.running = _rss_mib(), True
-
-    def run(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, _rss_mib())
-            time.sleep(0.005)
 
 
 def _text_ids(tokenizer, length: int) -> torch.Tensor:
@@ -119,7 +101,7 @@ def measure(target: str, length: int, steps: int, synthetic_above: int) -> dict:
     with torch.no_grad():
         model(ids[:, :WARMUP_TOKENS], use_cache=True, logits_to_keep=1)
         gc.collect()
-        before, sampler = _rss_mib(), _PeakRss()
+        before, sampler = rss_mib(), PeakRss()
         sampler.start()
         prefill_s = None
         if synthetic:

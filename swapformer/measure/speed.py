@@ -6,7 +6,9 @@ them alike; ratios are the number to read, not absolute times.
 
 from __future__ import annotations
 
+import resource
 import statistics
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -14,6 +16,26 @@ from typing import Any
 
 import torch
 from torch import nn
+
+
+def rss_mib() -> float:
+    """This process's resident memory in MiB (Linux ``/proc``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class PeakRss(threading.Thread):
+    """Samples this process's resident memory every 5 ms until ``running`` is cleared; ``peak`` is the
+    largest sample (a whole-process figure: what ``ru_maxrss`` gives, but for one stretch of a run)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak, self.running = rss_mib(), True
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, rss_mib())
+            time.sleep(0.005)
 
 
 @dataclass

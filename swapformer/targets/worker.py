@@ -40,7 +40,9 @@ seed bit for bit; ``local_window ≥ T`` gives every non-worker row the causal s
 ``k', v'``, hence, at the start (taps ``(0, 0, 1)``, ``β = 0``, ``W_G = 0``), the attention core
 equals the host's causal attention at every row for every ``k`` (the seed's start does only at
 ``k = 1``). Prefix consistency is as before: the stored rows' outputs are causal, only the last
-(forced worker) row depends on where the input ends.
+(forced worker) row depends on where the input ends. Padding keys (from the mask) are skipped and the
+window and sinks count tensor positions, as in the ``window`` target (right padding gives each
+sequence what it gives alone; a Hugging Face model runs a padded sequence on its real tokens only).
 
 FFN core: ``y_t = FFN(x_t)`` for ``t ∈ W`` and ``y_t = 0`` otherwise, with the host FFN copied.
 Residual stream: a non-worker row gets ``x + o_proj(o_t) + 0``: with ``local_window = 0`` it is not

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import swapformer
@@ -24,21 +24,25 @@ from test_hf_generate import (  # noqa: E402  (after the transformers skip)
 )
 
 
-def _core(interval: int) -> WorkerAttention:
+def _core(interval: int, local_window: int = 64, sinks: int = 4) -> WorkerAttention:
     torch.manual_seed(interval)
-    core = WorkerAttention(4, 2, 8, 16, config=WorkerConfig(interval=interval)).double()
+    config = WorkerConfig(interval=interval, local_window=local_window, sinks=sinks)
+    core = WorkerAttention(4, 2, 8, 16, config=config).double()
     with torch.no_grad():
         for p in core.parameters():
             p.normal_()
     return core
 
 
+@settings(max_examples=60)  # the window adds two dimensions to the seed's four
 @given(interval=st.integers(1, 4), prompt=st.integers(1, 7), repeats=st.integers(1, 3),
-       steps=st.integers(1, 4))
-def test_repeats_equal_the_full_forward_of_their_prefix(interval, prompt, repeats, steps):
+       steps=st.integers(1, 4), local_window=st.sampled_from([0, 1, 2, 3, 64]), sinks=st.integers(0, 2))
+def test_repeats_equal_the_full_forward_of_their_prefix(interval, prompt, repeats, steps, local_window,
+                                                        sinks):
     """In a model a repeat's inputs differ from its token's (the repeat was a worker in the layers
-    below): its output is the full forward of the prefix ending with the repeat's inputs."""
-    core, repeats = _core(interval), min(repeats, prompt)
+    below): its output is the full forward of the prefix ending with the repeat's inputs. The stored
+    non-worker rows read their local window from the state (windows shorter than the input here)."""
+    core, repeats = _core(interval, local_window, sinks), min(repeats, prompt)
     g = torch.Generator().manual_seed(prompt * 7 + steps)
     n = prompt + steps
 
@@ -68,6 +72,8 @@ def test_repeats_equal_the_full_forward_of_their_prefix(interval, prompt, repeat
         for t in range(prompt, n):
             out = call(t, t + 1, 1, state)
             torch.testing.assert_close(out[:, :, -1], prefix_ending_with_repeat(t), rtol=1e-12, atol=1e-12)
+            if t < n - 1:  # the stored row (its window read from the state), as in the longer input
+                torch.testing.assert_close(out[:, :, 0], longer[:, :, t], rtol=1e-12, atol=1e-12)
         plain: dict = {}  # the state holds the stored rows only: the same as a call without repeats
         core(*tokens[:3], hidden=tokens[3], state=plain)
         torch.testing.assert_close(state["k"], plain["k"], rtol=0, atol=0)
@@ -83,7 +89,9 @@ def test_a_call_cannot_repeat_more_tokens_than_it_stores():
 
 @pytest.fixture(scope="module")
 def attention_and_ffn():
-    return swapformer.prepare(_host(), kinds=("attention", "ffn")).rewrite("worker", interval=3)
+    """A window shorter than the test inputs, so decoding reads it from the state."""
+    return swapformer.prepare(_host(), kinds=("attention", "ffn")).rewrite("worker", interval=3, local_window=4,
+                                                                            sinks=1)
 
 
 def test_worker_ffn_decodes_exactly(attention_and_ffn) -> None:

@@ -8,19 +8,47 @@ Attention core (``q, k, v`` are the host's, post-RoPE)::
 
     [k'|v']_t = β + a₀⊙[k|v]_{t−2} + a₁⊙[k|v]_{t−1} + a₂⊙[k|v]_t     causal depthwise conv, all t
     o_w = 2 σ(x_w W_G) ⊙ Σ_{j≤w} softmax_j(scale · q_w·k'_j) v'_j         w ∈ W (per head, GQA)
-    o_t = 0                                                                t ∉ W
+    o_t = Σ_{j∈N_t} softmax_j(scale · q_t·k'_j) v'_j                       t ∉ W, local_window > 0
+    o_t = 0                                                                t ∉ W, local_window = 0
+
+    N_t = { j ≤ t : t − j < local_window  or  j < sinks }                  (the ``window`` target's set)
 
 Mapping: the seed convolves the residual stream before the norm and the projections; a core only
 sees the projected ``k, v``, so the conv runs on them instead (the same map at the identity taps, and
 a linear token mixer either way). The gate reads ``hidden`` (the block input) and multiplies the
 per-head output before the host ``o_proj``; the factor 2 stands in for the seed's ``W_O ← 2·Wo``.
 Start (seeds 1.3): taps ``(0, 0, 1)``, ``β = 0``, ``W_G = 0`` — at ``k = 1`` exactly the host's causal
-attention; for ``k > 1`` no start preserves the host (non-worker rows stop being updated).
+attention; for ``k > 1`` no start preserves the host (non-worker rows see only their local window,
+or, with ``local_window = 0``, stop being updated).
+
+Local window (``local_window > 0``, the default 64 + 4 sinks; a departure from the seed). In the seed
+a non-worker row reads nothing: its output is 0 and its residual stream stays its embedding, so its
+logits are a function of its own token only (seeds 1.1), and on a converted pretrained model 3/4 of
+the rows (``k = 4``) lose all context. Here a non-worker row reads its local window with the host's
+softmax, over the same keys/values ``k', v'`` the workers read (the host's ``k, v`` at the start
+taps), with the host's query and scale: the whole layer is then ONE masked
+softmax attention over one key set, each row with its own visible set (``j ≤ t`` at a worker,
+``N_t`` elsewhere) — a row-sparse pattern; nothing else (no summary of the far keys) enters a
+non-worker's normaliser, so what lies beyond its window reaches it only through the keys of the
+workers inside the window (their residual streams carry the context of the layers below). The gate
+stays worker-only (``W_G`` is computed at worker rows, as in the seed; at its start ``2σ(0) = 1``
+is the same as no gate). Kept from the seed: the worker set, the workers' dense attention, gate and
+FFN (the FFN core is unchanged: non-workers still skip the FFN). Cost: ``O(T·(window + sinks))`` on
+the non-worker rows, beside the workers' ``O(T²/k)``; no new parameters; no state of its own (the
+window's keys are in the workers' full cache). Degenerate cases (tests): ``local_window = 0`` is the
+seed bit for bit; ``local_window ≥ T`` gives every non-worker row the causal softmax attention over
+``k', v'``, hence, at the start (taps ``(0, 0, 1)``, ``β = 0``, ``W_G = 0``), the attention core
+equals the host's causal attention at every row for every ``k`` (the seed's start does only at
+``k = 1``). Prefix consistency is as before: the stored rows' outputs are causal, only the last
+(forced worker) row depends on where the input ends. Padding keys (from the mask) are skipped and the
+window and sinks count tensor positions, as in the ``window`` target (right padding gives each
+sequence what it gives alone; a Hugging Face model runs a padded sequence on its real tokens only).
 
 FFN core: ``y_t = FFN(x_t)`` for ``t ∈ W`` and ``y_t = 0`` otherwise, with the host FFN copied.
-Residual stream: a non-worker row gets ``x + o_proj(0) + 0``, i.e. it is not updated except for the
-host's o_proj bias (zero in Llama-family hosts), so as in the seed it stays (close to) its embedding
-and acts only as a key/value source. Positions count real tokens: the FFN core takes the call's
+Residual stream: a non-worker row gets ``x + o_proj(o_t) + 0``: with ``local_window = 0`` it is not
+updated except for the host's o_proj bias (zero in Llama-family hosts), so as in the seed it stays
+(close to) its embedding and acts only as a key/value source; with the local window it carries its
+window's attention (but never an FFN update). Positions count real tokens: the FFN core takes the call's
 ``positions`` and ``keep`` ``[B, T]`` (a Hugging Face model passes them from its 2-D mask, so left
 padding gives each prompt what it gives alone); without them it counts from the state's, or from 0.
 
@@ -31,7 +59,8 @@ non-worker (unless a residue), and in a multi-layer model the keys/values the de
 it must be the non-worker ones. So a call can end with ``transients`` repeats of its last tokens:
 
 - the call's own tokens (the rows before the repeats) are processed as in the full forward of a
-  longer input (workers at residues only, no forced last worker) and are the only ones stored;
+  longer input (workers at residues only, no forced last worker; the other rows over their local
+  window of stored keys) and are the only ones stored;
 - repeat ``j`` of token ``p`` is a transient worker at position ``p``: it attends over the stored keys
   before ``p`` and over its own conv'd key/value (conv of the stored raw rows before ``p`` and its own
   raw row), which stands in for ``p``'s stored one; nothing of it is stored.
@@ -55,6 +84,7 @@ A plain call without ``transients`` (the full forward) makes its last position a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping
 
@@ -76,9 +106,19 @@ from swapformer.targets.reference import (
     site_model_dim,
     state_pos,
     to_kernel_layout,
+    window_keep,
 )
 
 logger = logging.getLogger(__name__)
+
+# query block of the non-worker local window (the hybrids' measured best at window 64)
+_LOCAL_BLOCK = 64
+
+
+@functools.cache
+def _note_local_window_path() -> None:
+    logger.info("worker: the non-worker local window runs on PyTorch SDPA; the Triton worker kernel "
+                "computes the worker rows only")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -89,12 +129,18 @@ class WorkerConfig(TargetConfig):
         interval: worker interval k (every k-th position and the last are workers; 1 = all).
         conv_kernel: taps of the causal depthwise conv on keys/values (the seed uses 3).
         gate: learn the output gate ``2 σ(x W_G)`` (False: no gate, output as the host).
+        local_window: keys a non-worker row sees, counting itself (``t − j < local_window``), with
+            the host's softmax; 0 = the seed's context-free non-workers (module docstring, "Local
+            window").
+        sinks: first positions every non-worker row also sees (with ``local_window > 0``).
     """
 
     name = "worker"
     interval: int = 4
     conv_kernel: int = 3
     gate: bool = True
+    local_window: int = 64
+    sinks: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,6 +148,10 @@ class WorkerConfig(TargetConfig):
             raise ConfigError(f"worker interval must be >= 1, got {self.interval}")
         if self.conv_kernel < 1:
             raise ConfigError(f"worker conv_kernel must be >= 1, got {self.conv_kernel}")
+        if self.local_window < 0:
+            raise ConfigError(f"worker local_window must be >= 0 (0 = the seed), got {self.local_window}")
+        if self.sinks < 0:
+            raise ConfigError(f"worker sinks must be >= 0, got {self.sinks}")
 
 
 def worker_positions(start: int, length: int, interval: int, device: torch.device,
@@ -296,6 +346,11 @@ class WorkerAttention(TargetModule):
             o_w = self._gated(self._attend(q_in[:, idx - start], k_all, v_all, idx, keep_all), hidden,
                               idx - start)
             out[:, idx - start] = o_w if rows is None else o_w * rows[:, :, None, None]
+        if self.config.local_window and stored:
+            local = self._local(q_in[:, :stored], k_all, v_all, keep_all, start)
+            is_worker = torch.zeros(b, stored, dtype=torch.bool, device=q.device)
+            is_worker[:, idx - start] = True if rows is None else rows
+            out[:, :stored] = torch.where(is_worker[:, :, None, None], out[:, :stored], local.to(out.dtype))
         if transients:
             own_u = u[:, stored - transients:] + self.conv_weight[:, -1].to(raw.dtype) * (
                 raw[:, stored:] - raw[:, stored - transients:stored])  # the last tap reads the repeat
@@ -306,6 +361,26 @@ class WorkerAttention(TargetModule):
         if state is not None:
             state["pos"] = start + stored
         return from_kernel_layout(out)
+
+    def _local(self, q, k_all, v_all, keep_all, start):
+        """The stored rows' queries ``q [B, S, H, D]`` (positions ``start ..``) over the sinks and their
+        window of the stored keys (``k_all`` holds every position from 0), one query block at a
+        time: ``O(S·(window + block))``, never ``S × T``."""
+        if q.is_cuda:
+            _note_local_window_path()
+        w, s, dev = self.config.local_window, self.config.sinks, q.device
+        qh, kh, vh = q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2)
+        outs = []
+        for a in range(0, q.shape[1], _LOCAL_BLOCK):
+            qa, qb = start + a, start + min(q.shape[1], a + _LOCAL_BLOCK)
+            lo = max(0, qa - w + 1)
+            k_pos = torch.cat([torch.arange(min(s, lo), device=dev), torch.arange(lo, qb, device=dev)])
+            visible = window_keep(torch.arange(qa, qb, device=dev), k_pos, w, s)[None, None]
+            if keep_all is not None:
+                visible = visible & keep_all[:, k_pos][:, None, None]
+            outs.append(masked_sdpa(qh[:, :, a:a + qb - qa], kh[:, :, k_pos], vh[:, :, k_pos], visible,
+                                    self.scale))
+        return torch.cat(outs, 2).transpose(1, 2)
 
     def _attend_transients(self, q_t, own_u, k_all, v_all, keep_all, own_keep, first_pos):
         """Repeat ``j`` (of the token at ``first_pos + j``) attends over the stored keys before its
@@ -324,15 +399,21 @@ class WorkerAttention(TargetModule):
         return out.transpose(1, 2)
 
     def flops_per_token(self, context_len: int) -> int:
-        """Average per token: conv on every row; attention and gate on 1/interval of the rows."""
+        """Average per token: conv on every row; attention and gate on 1/interval of the rows; the
+        local window (sinks + window keys) on the other rows."""
         h, d, k = self.num_heads, self.head_dim, self.config.interval
         conv = 2 * self.config.conv_kernel * self.conv_bias.numel()
         attend = 4 * h * d * context_len
         gate = 0 if self.gate is None else 2 * self.d_model * h * d + h * d
-        return conv + (attend + gate) // k
+        local = 0
+        if self.config.local_window:
+            visible = min(context_len, self.config.local_window + self.config.sinks)
+            local = 4 * h * d * visible * (k - 1) // k
+        return conv + (attend + gate) // k + local
 
     def state_bytes(self, context_len: int) -> int:
-        """Full (conv'd) KV cache of every past token plus the conv's last raw rows, fp32."""
+        """Full (conv'd) KV cache of every past token plus the conv's last raw rows, fp32 (the local
+        window reads from the same cache: no state of its own)."""
         rows = context_len + self.config.conv_kernel - 1
         return rows * self.conv_bias.numel() * 4
 

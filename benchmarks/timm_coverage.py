@@ -11,7 +11,7 @@ smallest, counted on the meta device) and at most ``--max-params`` parameters. `
 N of them, taken in turn from each family, smallest first. Each one is built with random weights
 (``pretrained=False``) at ``--img-size`` where the model takes an ``img_size`` and runs at it (else
 at its default size), batch 1; every constant-filled weight (norm weights, layer scales, learned
-temperatures, zero-initialised heads) is then redrawn in [0.5, 1.5] so that no attention branch is
+temperatures) is then redrawn in [0.5, 1.5] so that no attention branch is
 multiplied away (``spread_constant_parameters``).
 
 Ground truth: the outermost modules whose class name contains ``Attention``/``Attn`` (or is ConViT's
@@ -180,8 +180,8 @@ def spread_constant_parameters(model: torch.nn.Module, seed: int = 0) -> None:
     """Redraw every constant-filled weight (not biases) uniformly in [0.5, 1.5], in place.
 
     timm initialises some of them so that a block's attention cannot reach the output: Swin V2's
-    res-post-norm weights and zero-filled heads are 0, EdgeNeXt's layer scales 1e-6, and XCiT's
-    temperatures are all 1. Compared at that init, a rewrite that dropped the attention (or its
+    (and V2-cr's) res-post-norm weights are 0 and EdgeNeXt's layer scales 1e-6; XCiT's temperatures
+    are all 1. Compared at that init, a rewrite that dropped the attention (or its
     temperature) would still be "exact"; redrawn, every attention branch moves the output.
     """
     gen = torch.Generator().manual_seed(seed)

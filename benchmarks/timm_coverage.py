@@ -10,7 +10,9 @@ large/huge/giant and resolution variants, keeping one model per distinct module 
 smallest, counted on the meta device) and at most ``--max-params`` parameters. ``--limit N`` keeps
 N of them, taken in turn from each family, smallest first. Each one is built with random weights
 (``pretrained=False``) at ``--img-size`` where the model takes an ``img_size`` and runs at it (else
-at its default size), batch 1.
+at its default size), batch 1; every constant-filled weight (norm weights, layer scales, learned
+temperatures) is then redrawn in [0.5, 1.5] so that no attention branch is
+multiplied away (``spread_constant_parameters``).
 
 Ground truth: the outermost modules whose class name contains ``Attention``/``Attn`` (or is ConViT's
 ``GPSA``/``MHSA``, XCiT's ``XCA``) or whose name ends in ``.attn``. swapformer: the attention sites of
@@ -174,6 +176,21 @@ def build(name: str, img_size: int) -> tuple[torch.nn.Module, int]:
     return create_timm_model(timm, name, img_size)
 
 
+def spread_constant_parameters(model: torch.nn.Module, seed: int = 0) -> None:
+    """Redraw every constant-filled weight (not biases) uniformly in [0.5, 1.5], in place.
+
+    timm initialises some of them so that a block's attention cannot reach the output: Swin V2's
+    (and V2-cr's) res-post-norm weights are 0 and EdgeNeXt's layer scales 1e-6; XCiT's temperatures
+    are all 1. Compared at that init, a rewrite that dropped the attention (or its
+    temperature) would still be "exact"; redrawn, every attention branch moves the output.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not name.endswith("bias") and bool((p == p.flatten()[0]).all()):
+                p.copy_(torch.rand(p.shape, generator=gen, dtype=p.dtype) + 0.5)
+
+
 def measure(row: Row, img_size: int) -> None:
     """Fill ``row``: build, ground truth, rewrite to sdpa, exactness."""
     import swapformer
@@ -186,6 +203,7 @@ def measure(row: Row, img_size: int) -> None:
         row.status, row.note = "build-failed", f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
         return
     row.params = sum(p.numel() for p in model.parameters())
+    spread_constant_parameters(model)
     gt = attention_modules(model)
     row.expected, row.classes = len(gt), sorted(set(gt.values()))
     x = torch.randn(1, 3, row.img_size, row.img_size, generator=torch.Generator().manual_seed(0))
@@ -222,6 +240,7 @@ def miss_reasons(row: Row, img_size: int) -> None:
 
     torch.manual_seed(0)
     model, size = build(row.model, img_size)
+    spread_constant_parameters(model)
     gt = attention_modules(model)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     det = analyze(model, (x,), ("attention",)).detection

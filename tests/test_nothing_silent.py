@@ -6,13 +6,17 @@ case it guards and fails on the code before its fix.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from models_zoo import ZOO, ZooCase, call
 from silent_zoo import (
     HEAD_DIM,
+    MAX_LEN,
+    N_HEADS,
     CosineAttention,
     CrossCovarianceAttention,
     DropoutAttention,
@@ -28,9 +32,11 @@ from silent_zoo import (
     SlicedProbsAttention,
     TemperatureAttention,
     TupeAttention,
+    _Heads,
     hidden,
     stack,
 )
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import swapformer
@@ -281,6 +287,61 @@ def test_xca_and_cosine_attention_are_exact_or_refused(make: type) -> None:
     for target in ("window", "fastweight", "cat"):
         report = swapformer.explain(model, target, hidden(12))
         assert not report.replaced and all(s.reason for s in report.skipped)
+
+
+class TimmSwinV2CrAttention(_Heads):
+    """timm's SwinV2-cr spelling: the logit scale is ``[H]``, reshaped to ``[1, H, 1, 1]`` in the
+    forward, and a relative-position bias from an MLP over a coordinate buffer follows it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.full((N_HEADS,), math.log(10)))
+        offsets = torch.arange(MAX_LEN)[:, None] - torch.arange(MAX_LEN)[None, :]
+        coords = torch.sign(offsets) * torch.log1p(offsets.abs())
+        self.register_buffer("coords", coords.float().unsqueeze(-1), persistent=False)
+        self.meta_mlp = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, N_HEADS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        q, k, v = self.split(x)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        logit_scale = torch.clamp(self.logit_scale.reshape(1, N_HEADS, 1, 1), max=math.log(1.0 / 0.01)).exp()
+        attn = attn * logit_scale
+        attn = attn + self.meta_mlp(self.coords[:t, :t]).permute(2, 0, 1).unsqueeze(0)
+        return self.merge(attn.softmax(dim=-1) @ v)
+
+
+class TimmFusedXca(_Heads):
+    """timm's XCiT fused path (``TIMM_FUSED_ATTN=2``): the temperature multiplies the normalised
+    channel-axis queries and SDPA runs with ``scale=1.0``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.temperature = nn.Parameter(torch.ones(N_HEADS, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (y.transpose(-2, -1) for y in self.split(x))  # [B, H, D, T]
+        q = F.normalize(q, dim=-1) * self.temperature
+        k = F.normalize(k, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        return self.merge(y.transpose(-2, -1))
+
+
+@pytest.mark.parametrize("make", [TimmSwinV2CrAttention, TimmFusedXca], ids=["swinv2-cr", "xcit-fused"])
+def test_timm_spellings_of_cosine_and_xca_attention_read_their_parameters_live(make: type) -> None:
+    # benchmarks/timm_coverage.py: timm writes these differently from the hand-built ones above, and
+    # at timm's init (temperature 1) a rewrite that dropped the temperature would still look exact
+    model = stack(make)
+    out = swapformer.rewrite(model, "sdpa", example_inputs=hidden(12))
+    assert len(out.swapformer_report.replaced) == 2
+    _exact_at_other_lengths(model, out)
+    with torch.no_grad():  # "train" the scales and the bias MLP of both models the same way
+        for net in (model, out):
+            for name, p in net.named_parameters():
+                if name.endswith(("temperature", "logit_scale")) or "meta_mlp" in name:
+                    p.copy_(torch.linspace(0.5, 1.5, p.numel()).view_as(p))
+        assert not torch.allclose(model(hidden(24)), stack(make)(hidden(24)))
+        torch.testing.assert_close(out(hidden(24)), model(hidden(24)), rtol=1e-5, atol=1e-5)
 
 
 # 8. the new grammar axes, for users' suites too

@@ -1,8 +1,9 @@
 """Detection coverage on timm's ViT-like architectures: attention blocks vs the sites swapformer finds.
 
-Run it with the timm venv (timm needs torch==2.14.1 + torchvision==0.29.1, see swapformer.zoo.runner)::
+Run it from the repository root with the timm venv (timm needs torch==2.14.1 + torchvision==0.29.1, see
+swapformer.zoo.runner; ``PYTHONPATH=.`` unless swapformer is installed there)::
 
-    .venv-timm/bin/python benchmarks/timm_coverage.py [--families 'vit_*' 'swin*' ...] [--limit N]
+    PYTHONPATH=. .venv-timm/bin/python benchmarks/timm_coverage.py [--families 'vit_*' 'swin*' ...] [--limit N]
         [--max-params 100e6] [--img-size 64] [--timeout 30] [--json out.json] [--write]
 
 Architectures: the models of each family glob (``timm.list_models``), minus sizes named like

@@ -329,6 +329,8 @@ class HybridCat(HybridAttention, ChunkCompressor):
                    "real": torch.cat([mem["real"], real], 1), **rest}
         return m, n, mem
 
+    far_reads_row_max = True
+
     def far_tiles_supported(self) -> bool:
         return True
 

@@ -151,17 +151,21 @@ def test_long_prefill_is_not_dense(monkeypatch):
     from swapformer.targets import hybrid
 
     seen = []
-    original = hybrid.local_terms
+    for name in ("local_terms", "tile_terms"):  # the block loop's and the tiled prefill's
+        original = getattr(hybrid, name)
 
-    def spy(q, k, v, keep, scale):
-        seen.append(k.shape[-2])
-        return original(q, k, v, keep, scale)
+        def spy(q, k, *args, original=original):
+            seen.append(k.shape[-2])
+            return original(q, k, *args)
 
-    monkeypatch.setattr(hybrid, "local_terms", spy)
+        monkeypatch.setattr(hybrid, name, spy)
     core, site = _hybrid("fastweight", 8, 2, block=4, dtype=torch.float32)
     q, k, v, h = qkv_inputs(site, 1, 200, D_MODEL, dtype=torch.float32)
-    core(q, k, v, hidden=h)
-    assert max(seen) <= 2 + 8 + 4 - 1
+    for tiled in (True, False):
+        seen.clear()
+        core.tiled_prefill = tiled
+        core(q, k, v, hidden=h)
+        assert seen and max(seen) <= 2 + 8 + 4 - 1
 
 
 def test_seed_form_classes_refuse_a_window():

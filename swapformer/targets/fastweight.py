@@ -171,12 +171,16 @@ class HedgehogFeatureMap(nn.Module):
     def head_major(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """``φ(scale · x)`` for ``x [B, H, T, D]`` -> ``[B, H, T, 2F]``, as one matmul per head.
 
-        ``x (s W)`` and ``x (−s W)`` come from one product with ``[W, −W]`` (the negation is exact),
-        and both softmaxes from one call over their ``[2, F]`` view: no permute, no concatenation.
+        No permute and no concatenation of the two halves: ``z`` and ``−z`` are stacked on a new
+        axis and take one softmax. The scale goes on the weights for long inputs and on ``x`` for
+        short ones (a decoding step), whichever is smaller.
         """
-        w = self.weight.to(x.dtype) * scale
-        z = torch.matmul(x, torch.cat([w, -w], dim=-1))
-        return z.view(*z.shape[:-1], 2, -1).softmax(-1).flatten(-2)
+        w = self.weight.to(x.dtype)
+        if x[..., :1].numel() >= w[:, :, :1].numel():  # more rows in x than in W
+            z = torch.matmul(x, w * scale)
+        else:
+            z = torch.matmul(x * scale, w)
+        return torch.stack([z, -z], dim=-2).softmax(-1).flatten(-2)
 
 
 def _simple_feature_map(name: str, x: torch.Tensor) -> torch.Tensor:

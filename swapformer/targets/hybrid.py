@@ -303,7 +303,7 @@ class HybridAttention(TargetModule):
     # a prefill from position 0 without padding runs as tiles (False: the block loop, which the
     # tests take as the reference); queries per segment of tiles, chosen by measurement (see below)
     tiled_prefill: bool = True
-    segment_len: int = 512
+    segment_len: int = 256
     # the far memory reads the exact part's row max c_i (cat's chunks are shifted by it)
     far_reads_row_max: bool = False
 

@@ -61,7 +61,7 @@ from swapformer.sites import AttentionSite, Site
 from swapformer.targets.base import TargetConfig, TargetModule, register_target
 from swapformer.targets.cat_config import CatConfig, check_chunk_size
 from swapformer.targets.cat_layer import CatLayer, rope
-from swapformer.targets.hybrid import STATE_ELEMENT_BYTES, HybridAttention
+from swapformer.targets.hybrid import STATE_ELEMENT_BYTES, HybridAttention, own
 from swapformer.targets.reference import (
     attention_site_problem,
     check_full_call,
@@ -344,8 +344,8 @@ class HybridCat(HybridAttention, ChunkCompressor):
         kc, vc, real = self.compress(k.transpose(1, 2), v.transpose(1, 2), None, c)
         kc, vc = kc.transpose(1, 2), vc.transpose(1, 2)
         keep = torch.ones(k.shape[0], evicted - done, dtype=torch.bool, device=k.device)
-        after = {"kc": kc, "vc": vc, "real": real, "pk": buf["k"][:, :, s + done:s + evicted],
-                 "pv": buf["v"][:, :, s + done:s + evicted], "pkeep": keep}
+        after = {"kc": kc, "vc": vc, "real": real, "pk": own(buf["k"][:, :, s + done:s + evicted]),
+                 "pv": own(buf["v"][:, :, s + done:s + evicted]), "pkeep": keep}
         # chunk n is read from its last token's eviction on: position s + (n + 1)·C − 1 + w
         return {"kc": kc * self.scale, "vc": torch.cat([vc, torch.ones_like(vc[..., :1])], dim=-1),
                 "first": s + c - 1 + w, "after": after, "padded_len": padded_len}

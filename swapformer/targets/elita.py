@@ -57,6 +57,7 @@ from swapformer.targets.hybrid import (
     STATE_ELEMENT_BYTES,
     LinearFarMemory,
     check_hybrid_options,
+    own,
     query_rows,
 )
 from swapformer.targets.reference import (
@@ -364,7 +365,7 @@ class HybridElita(LinearFarMemory):
         read = read.view(b, hk, g, nb, blk, -1).transpose(2, 3)
         if e == ctx["padded_len"]:
             total = memory[:, :, 0] + ctx["total"]
-            mem = {"S": total[:, :, None, :-1], "z": total[:, :, -1:]}
+            mem = {"S": own(total[:, :, None, :-1]), "z": own(total[:, :, -1:])}
         return read[..., :-1], read[..., -1:], mem
 
     def memory_items(self, items) -> tuple[torch.Tensor, torch.Tensor]:

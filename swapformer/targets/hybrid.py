@@ -23,11 +23,21 @@ inputs the memory needs later, e.g. ELiTA's key logits) in ``state``, every tens
 Padding (keys the mask marks as padding) is skipped in both parts; positions are tensor positions,
 as in the ``window`` target.
 
+A prefill from position 0 without padding (the one a model's prompt takes) computes the same sums
+as tiles instead (:meth:`HybridAttention._tiled`): the queries run in segments of ``segment_len``
+(256), and within a segment every query block is one tile of one batched matmul (its queries, the
+sinks and its ``w + block − 1`` window keys, an unfolded view of the keys), with the mask built once
+and the far memory for all its blocks at once (:meth:`HybridAttention.far_tiles`: chunked linear
+attention for fast weights, one cumulative sum for ELiTA, CAT's chunks compressed once). The block
+loop stays for decoding, continued prefills and padding, and is the reference the tests pin the
+tiles to (outputs, gradients, state); ``tiled_prefill = False`` selects it.
+
 Block size (the configs' ``block_size``, default 64), measured on SmolLM2-135M's cores (9 / 3 kv
 heads, d 64, window 64 + 4 sinks, fastweight's Hedgehog memory, 1 thread, CPU time of a stateful
-prefill per layer): block 32: 93 ms at 2k; 64: 65 ms at 2k, 304 ms at 8k; 128: 65 / 311 ms;
-256: 417 ms at 8k. Smaller blocks pay per-block overhead, larger ones attend to ``w + block`` keys
-and read ``block`` items pairwise in the far part. (The host's causal SDPA: 49 ms at 2k, 665 at 8k.)
+prefill per layer): with the block loop, block 32: 93 ms at 2k; 64: 65 ms at 2k, 304 ms at 8k; 128:
+65 / 311 ms; 256: 417 ms at 8k (the host's causal SDPA: 49 ms at 2k, 665 at 8k). With tiles, blocks
+32 and 64 and segments 256 and 512 measured within the noise of a loaded machine at 2k and 8k, 16
+and 128 slower (``benchmarks/profile_smollm2.py --cores``).
 """
 
 from __future__ import annotations
@@ -118,6 +128,12 @@ def tile_terms(
     return o.view(*lead, g, tq, -1), inv_den, c
 
 
+def own(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` in storage of its own: what a decoding state keeps must not hold a larger
+    tensor alive through a view (a long prompt's keys, a memory's normaliser column)."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def query_rows(x: torch.Tensor, a: int, e: int) -> torch.Tensor:
     """``x[:, :, a:e]`` (token axis 2), zero-padded at the end to ``e − a`` rows."""
     part = x[:, :, a:e]
@@ -205,10 +221,11 @@ class HybridAttention(TargetModule):
                   c: torch.Tensor) -> FarRead:
         """``(m, n, memory after)`` of queries ``a .. e − 1`` of a prefill from position 0, in tiles.
 
-        ``qt [B, Hkv, blocks, G, block, D]`` the queries, ``qf [B, H, padded_len, F]`` the query
-        features of the whole call, ``c`` the exact part's row max in the layout of ``qt``; returns
-        ``m [B, Hkv, blocks, G, block, Dv]``, ``n [..., 1]`` and the memory holding every item
-        with ``avail ≤ e`` (at ``e = length``: the loop's final memory).
+        ``qt [B, Hkv, blocks, G, block, D]`` the queries, ``qf [B, H, length, F]`` the query features
+        of the whole call (:func:`query_rows` pads the last segment), ``c`` the exact part's row max
+        in the layout of ``qt`` (None unless ``far_reads_row_max``); returns
+        ``m [B, Hkv, blocks, G, block, Dv]``, ``n [..., 1]`` and the memory the next segment needs;
+        after the last segment (``e`` = the padded length), the block loop's final memory.
         """
         raise NotImplementedError
 
@@ -540,7 +557,7 @@ class LinearFarMemory(HybridAttention):
         scores = scores * below if torch.is_grad_enabled() else scores.mul_(below)
         read = torch.matmul(qm, before) + torch.matmul(scores.view(b, hm, nb, gm * blk, blk), fv)
         memory = before[:, :, -1] + blocks[:, :, -1]
-        mem = {"S": memory[..., :dv], "z": memory[..., dv]}
+        mem = {"S": own(memory[..., :dv]), "z": own(memory[..., dv])}
         read = self._kv_tiles(read.view(b, hm, nb, gm, blk, dv + 1))
         return read[..., :dv], read[..., dv:], mem
 

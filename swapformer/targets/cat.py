@@ -61,7 +61,7 @@ from swapformer.sites import AttentionSite, Site
 from swapformer.targets.base import TargetConfig, TargetModule, register_target
 from swapformer.targets.cat_config import CatConfig, check_chunk_size
 from swapformer.targets.cat_layer import CatLayer, rope
-from swapformer.targets.hybrid import STATE_ELEMENT_BYTES, HybridAttention
+from swapformer.targets.hybrid import STATE_ELEMENT_BYTES, HybridAttention, own
 from swapformer.targets.reference import (
     attention_site_problem,
     check_full_call,
@@ -328,6 +328,53 @@ class HybridCat(HybridAttention, ChunkCompressor):
             mem = {"kc": torch.cat([mem["kc"], kc], 2), "vc": torch.cat([mem["vc"], vc], 2),
                    "real": torch.cat([mem["real"], real], 1), **rest}
         return m, n, mem
+
+    far_reads_row_max = True
+
+    def far_tiles_supported(self) -> bool:
+        return True
+
+    def far_tiles_context(self, qf, buf, length, padded_len) -> dict:
+        """Every chunk that fills within the call, compressed at once (a chunk's summary does not
+        depend on when it is made), the first position that reads each, and the memory after the call."""
+        w, s, c = self.window, self.sinks, self.chunk_size
+        evicted = max(0, length - w + 1 - s)  # tokens s .. length − w are in the memory after the call
+        done = evicted // c * c
+        k, v = buf["k"][:, :, s:s + done], buf["v"][:, :, s:s + done]
+        kc, vc, real = self.compress(k.transpose(1, 2), v.transpose(1, 2), None, c)
+        kc, vc = kc.transpose(1, 2), vc.transpose(1, 2)
+        keep = torch.ones(k.shape[0], evicted - done, dtype=torch.bool, device=k.device)
+        after = {"kc": kc, "vc": vc, "real": real, "pk": own(buf["k"][:, :, s + done:s + evicted]),
+                 "pv": own(buf["v"][:, :, s + done:s + evicted]), "pkeep": keep}
+        # chunk n is read from its last token's eviction on: position s + (n + 1)·C − 1 + w
+        return {"kc": kc * self.scale, "vc": torch.cat([vc, torch.ones_like(vc[..., :1])], dim=-1),
+                "first": s + c - 1 + w, "after": after, "padded_len": padded_len}
+
+    def far_tiles(self, ctx, qt, qf, mem, a, e, c):
+        """Attention over the chunks readable by the segment's last query, masked per query.
+
+        Between segments the memory is passed on untouched (the chunks are all in ``ctx``); the last
+        segment returns the memory after the call.
+        """
+        b, hk, nb, g, blk, d = qt.shape
+        kc, vc, first, cs = ctx["kc"], ctx["vc"], ctx["first"], self.chunk_size
+        if e == ctx["padded_len"]:
+            mem = ctx["after"]
+        end = min(kc.shape[2], max(0, (e - 1 - first) // cs + 1))  # chunks readable by query e − 1
+        if end == 0:
+            zero = qt.new_zeros(b, hk, nb, g, blk, 1)
+            return zero.expand(-1, -1, -1, -1, -1, d), zero, mem
+        scores = torch.matmul(qt.view(b, hk, nb * g * blk, d), kc[:, :, :end].transpose(-1, -2))
+        i = torch.arange(a, e, device=qt.device).view(nb, 1, blk, 1)
+        seen = torch.arange(end, device=qt.device) * cs + first <= i  # [blocks, 1, block, chunks]
+        scores = scores.view(b, hk, nb, g, blk, end)
+        if torch.is_grad_enabled():
+            weights = torch.exp((scores - c).masked_fill(~seen, -math.inf))
+        else:
+            weights = scores.sub_(c).masked_fill_(~seen, -math.inf).exp_()
+        read = torch.matmul(weights.view(b, hk, nb * g * blk, end), vc[:, :, :end])
+        read = read.view(b, hk, nb, g, blk, d + 1)
+        return read[..., :d], read[..., d:], mem
 
     def memory_bytes(self, context_len: int) -> int:
         evicted = self.evicted(context_len)

@@ -53,7 +53,13 @@ from torch import nn
 from swapformer.errors import ConfigError
 from swapformer.sites import AttentionSite, FFNSite, Site
 from swapformer.targets.base import TargetConfig, TargetModule, copy_projection, register_target
-from swapformer.targets.hybrid import STATE_ELEMENT_BYTES, LinearFarMemory, check_hybrid_options
+from swapformer.targets.hybrid import (
+    STATE_ELEMENT_BYTES,
+    LinearFarMemory,
+    check_hybrid_options,
+    own,
+    query_rows,
+)
 from swapformer.targets.reference import (
     attention_site_problem,
     check_full_call,
@@ -208,6 +214,24 @@ class ElitaAttention(TargetModule):
         p = (waves * self.amp).sum(-1)
         return p[0], p[1]
 
+    def position_term(self, t: int, start: int, device: torch.device, index: int) -> torch.Tensor:
+        """``p₁`` (``index`` 0) or ``p₂`` (1) alone as ``[T, H]``: the same values as :meth:`_positions`."""
+        s = torch.arange(start, start + t, device=device, dtype=torch.float32) * self.config.position_step
+        waves = torch.sin(self.freq[index] * s[:, None, None] + self.phase[index])
+        return (waves * self.amp).sum(-1)
+
+    def key_logit(self, hidden: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Pre-clip ``κ`` ``[B, T, H]`` alone (what :meth:`logits` returns first)."""
+        dt = torch.promote_types(hidden.dtype, torch.float32)
+        x = hidden.to(dt)
+        return x @ self.k1.to(dt).t() + self.position_term(x.shape[1], start, x.device, 0).to(dt)
+
+    def query_logit(self, hidden: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Pre-clip ``ρ`` ``[B, T, H]`` alone (what :meth:`logits` returns last)."""
+        dt = torch.promote_types(hidden.dtype, torch.float32)
+        x = hidden.to(dt)
+        return x @ self.k3.to(dt).t() + self.position_term(x.shape[1], start, x.device, 1).to(dt)
+
     def logits(self, hidden: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, ...]:
         """Pre-clip ``(κ, δ, ρ)``, each ``[B, T, H]``."""
         # logits are exponentiated: never compute them below float32
@@ -308,13 +332,41 @@ class HybridElita(LinearFarMemory):
 
     def token_inputs(self, k, v, hidden, pos) -> dict[str, torch.Tensor]:
         hidden = require_hidden(hidden, self.target_name)
-        kappa, _, _ = self.logit_core.logits(hidden, int(pos[0]) if pos.numel() else 0)
+        kappa = self.logit_core.key_logit(hidden, int(pos[0]) if pos.numel() else 0)
         return {"kappa": kappa.transpose(1, 2)[..., None].to(k.dtype)}  # [B, H, T, 1]
 
     def query_features(self, q, hidden, pos) -> torch.Tensor:
         hidden = require_hidden(hidden, self.target_name)
-        _, _, rho = self.logit_core.logits(hidden, int(pos[0]) if pos.numel() else 0)
+        rho = self.logit_core.query_logit(hidden, int(pos[0]) if pos.numel() else 0)
         return self._exp(rho).to(q.dtype)
+
+    def far_tiles_context(self, qf, buf, length, padded_len) -> dict:
+        """The memory read by every query of the call, as one cumulative sum: query ``i`` reads
+        ``Q_i Σ_{s ≤ j ≤ i − w} C_j [v_j, 1]`` (feature width 1, so no chunking is needed)."""
+        w, s = self.window, self.sinks
+        weight, values = self.memory_items(buf)  # C [B, H, T, 1], v [B, H, T, Dv]
+        n = max(0, length - w + 1 - s)  # items j = s .. length − w: every one in the memory after the call
+        items = weight[:, :, s:s + n] * torch.cat([values[:, :, s:s + n],
+                                                   torch.ones_like(values[:, :, s:s + n, :1])], dim=-1)
+        sums = items.cumsum(2)
+        # query i reads the sum up to item i − w, at index i − w − s of sums
+        front = min(w + s, padded_len)
+        read = F.pad(sums[:, :, :padded_len - front], (0, 0, front, 0))
+        read = F.pad(read, (0, 0, 0, padded_len - read.shape[2]))
+        total = sums[:, :, -1] if n else items.new_zeros(items.shape[0], items.shape[1], items.shape[3])
+        return {"read": read, "total": total, "padded_len": padded_len}
+
+    def far_tiles(self, ctx, qt, qf, mem, a, e, c):
+        """``Q_i`` times the cumulative sum; between segments the memory is passed on untouched, the
+        last segment returns the memory after the call."""
+        b, hk, nb, g, blk, _ = qt.shape
+        memory = torch.cat([mem["S"], mem["z"][..., None]], dim=-1)  # [B, H, 1, Dv + 1]
+        read = query_rows(qf, a, e) * (memory + ctx["read"][:, :, a:e])
+        read = read.view(b, hk, g, nb, blk, -1).transpose(2, 3)
+        if e == ctx["padded_len"]:
+            total = memory[:, :, 0] + ctx["total"]
+            mem = {"S": own(total[:, :, None, :-1]), "z": own(total[:, :, -1:])}
+        return read[..., :-1], read[..., -1:], mem
 
     def memory_items(self, items) -> tuple[torch.Tensor, torch.Tensor]:
         kappa = items["kappa"].clamp(-self.config.clip, self.config.clip)

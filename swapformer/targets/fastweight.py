@@ -168,6 +168,20 @@ class HedgehogFeatureMap(nn.Module):
         z = torch.einsum("bthd,hdf->bthf", x, self.weight.to(x.dtype))
         return torch.cat([z.softmax(-1), (-z).softmax(-1)], dim=-1)
 
+    def head_major(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """``φ(scale · x)`` for ``x [B, H, T, D]`` -> ``[B, H, T, 2F]``, as one matmul per head.
+
+        No permute and no concatenation of the two halves: ``z`` and ``−z`` are stacked on a new
+        axis and take one softmax. The scale goes on the weights for long inputs and on ``x`` for
+        short ones (a decoding step), whichever is smaller.
+        """
+        w = self.weight.to(x.dtype)
+        if x[..., :1].numel() >= w[:, :, :1].numel():  # more rows in x than in W
+            z = torch.matmul(x, w * scale)
+        else:
+            z = torch.matmul(x * scale, w)
+        return torch.stack([z, -z], dim=-2).softmax(-1).flatten(-2)
+
 
 def _simple_feature_map(name: str, x: torch.Tensor) -> torch.Tensor:
     if name == "elu1":
@@ -390,11 +404,15 @@ class HybridFastWeight(LinearFarMemory):
         return cls(site.num_heads, site.num_kv_heads or site.num_heads, site.head_dim,
                    site.value_dim or site.head_dim, site.scale, config)
 
+    def far_tiles_supported(self) -> bool:
+        # the tiled prefill computes the undecayed memory; the decayed one runs the block loop
+        return self.decay_logit is None
+
     def _map(self, fmap: HedgehogFeatureMap | None, x: torch.Tensor) -> torch.Tensor:
         """``[B, H, T, D]`` -> features ``[B, H, T, F]`` of ``x·√scale``."""
-        x = to_kernel_layout(x * math.sqrt(self.scale))
-        f = fmap(x) if fmap is not None else _simple_feature_map(self.config.feature_map, x)
-        return from_kernel_layout(f)
+        if fmap is not None:
+            return fmap.head_major(x, math.sqrt(self.scale))
+        return _simple_feature_map(self.config.feature_map, x * math.sqrt(self.scale))
 
     def query_features(self, q, hidden, pos) -> torch.Tensor:
         return self._map(self.q_map, q)

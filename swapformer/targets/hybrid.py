@@ -23,11 +23,21 @@ inputs the memory needs later, e.g. ELiTA's key logits) in ``state``, every tens
 Padding (keys the mask marks as padding) is skipped in both parts; positions are tensor positions,
 as in the ``window`` target.
 
+A prefill from position 0 without padding (the one a model's prompt takes) computes the same sums
+as tiles instead (:meth:`HybridAttention._tiled`): the queries run in segments of ``segment_len``
+(256), and within a segment every query block is one tile of one batched matmul (its queries, the
+sinks and its ``w + block − 1`` window keys, an unfolded view of the keys), with the mask built once
+and the far memory for all its blocks at once (:meth:`HybridAttention.far_tiles`: chunked linear
+attention for fast weights, one cumulative sum for ELiTA, CAT's chunks compressed once). The block
+loop stays for decoding, continued prefills and padding, and is the reference the tests pin the
+tiles to (outputs, gradients, state); ``tiled_prefill = False`` selects it.
+
 Block size (the configs' ``block_size``, default 64), measured on SmolLM2-135M's cores (9 / 3 kv
 heads, d 64, window 64 + 4 sinks, fastweight's Hedgehog memory, 1 thread, CPU time of a stateful
-prefill per layer): block 32: 93 ms at 2k; 64: 65 ms at 2k, 304 ms at 8k; 128: 65 / 311 ms;
-256: 417 ms at 8k. Smaller blocks pay per-block overhead, larger ones attend to ``w + block`` keys
-and read ``block`` items pairwise in the far part. (The host's causal SDPA: 49 ms at 2k, 665 at 8k.)
+prefill per layer): with the block loop, block 32: 93 ms at 2k; 64: 65 ms at 2k, 304 ms at 8k; 128:
+65 / 311 ms; 256: 417 ms at 8k (the host's causal SDPA: 49 ms at 2k, 665 at 8k). With tiles, blocks
+32 and 64 and segments 256 and 512 measured within the noise of a loaded machine at 2k and 8k, 16
+and 128 slower (``benchmarks/profile_smollm2.py --cores``).
 """
 
 from __future__ import annotations
@@ -72,27 +82,87 @@ def inverse_softplus(x: float) -> float:
 
 
 def local_terms(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Shifted exact sums over the visible keys: ``(Σ e v, Σ e, c)``.
 
-    ``q [B, Hkv, G, Tq, D]``, ``k, v [B, Hkv, Tk, D]``, ``keep`` broadcastable to ``[B, 1, 1, Tq, Tk]``;
-    returns ``[B, Hkv, G, Tq, Dv]``, ``[B, Hkv, G, Tq, 1]``, ``[B, Hkv, G, Tq, 1]`` (``c = 0`` on rows
-    that see no key, whose sums are then 0). One batched matmul per product, the mask added and the
-    exponential taken in place (this is the hybrids' hot loop: one call per query block).
+    ``q [..., G, Tq, D]``, ``k, v [..., Tk, D]`` with the same leading dims (``[B, Hkv]`` for one
+    query block, ``[B, Hkv, blocks]`` for a tiled prefill), ``bias`` (0 where a key is seen, −inf
+    where not: :func:`mask_bias`) broadcastable to ``[..., G, Tq, Tk]``; returns ``[..., G, Tq, Dv]``,
+    ``[..., G, Tq, 1]``, ``[..., G, Tq, 1]`` (``c = 0`` on rows that see no key, whose sums are then
+    0). One batched matmul per product (the scale goes on the keys, the smaller operand), the mask
+    added (a broadcast ``masked_fill`` measured 20× slower) and the exponential taken in place when
+    no gradient is recorded.
     """
-    b, hk, g, tq, d = q.shape
+    *lead, g, tq, d = q.shape
     tk = k.shape[-2]
-    s = torch.matmul((q * scale).reshape(b * hk, g * tq, d), k.reshape(b * hk, tk, d).transpose(1, 2))
-    s = s.view(b, hk, g, tq, tk)
-    bias = torch.zeros(keep.shape, dtype=s.dtype, device=s.device).masked_fill_(~keep, -math.inf)
+    s = torch.matmul(q.reshape(*lead, g * tq, d), (k * scale).transpose(-1, -2))
+    s = s.view(*lead, g, tq, tk)
     inplace = not torch.is_grad_enabled()  # autograd needs the scores that amax and exp read
     s = s.add_(bias) if inplace else s + bias
     c = s.amax(-1, keepdim=True)
     c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
     e = s.sub_(c).exp_() if inplace else torch.exp(s - c)
-    num = torch.matmul(e.view(b * hk, g * tq, tk), v.reshape(b * hk, tk, v.shape[-1]))
-    return num.view(b, hk, g, tq, -1), e.sum(-1, keepdim=True), c
+    num = torch.matmul(e.view(*lead, g * tq, tk), v)
+    return num.view(*lead, g, tq, -1), e.sum(-1, keepdim=True), c
+
+
+def tile_terms(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, row_max: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`local_terms` for rows that each see at least one key, as ``(o, 1 / Σ e, c)``.
+
+    ``o = Σ e v / Σ e`` comes from one softmax, and ``1 / Σ e`` is its largest weight (``e^0 / Σ e``),
+    so ``(Σ e v, Σ e) = (o, 1) / (1 / Σ e)``: the softmax kernel takes the masked (−inf) scores at
+    full speed where ``exp`` of −inf measured 4× slower than of finite scores. ``c`` (the row max)
+    only when ``row_max`` (a far memory that reads it); shapes as in :func:`local_terms`.
+    """
+    *lead, g, tq, d = q.shape
+    s = torch.matmul(q.reshape(*lead, g * tq, d), (k * scale).transpose(-1, -2))
+    s = s.view(*lead, g, tq, -1)
+    s = s + bias if torch.is_grad_enabled() else s.add_(bias)
+    c = s.amax(-1, keepdim=True) if row_max else None
+    p = torch.softmax(s, dim=-1)
+    inv_den = p.amax(-1, keepdim=True)
+    o = torch.matmul(p.view(*lead, g * tq, -1), v)
+    return o.view(*lead, g, tq, -1), inv_den, c
+
+
+def own(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` in storage of its own: what a decoding state keeps must not hold a larger
+    tensor alive through a view (a long prompt's keys, a memory's normaliser column)."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def query_rows(x: torch.Tensor, a: int, e: int) -> torch.Tensor:
+    """``x[:, :, a:e]`` (token axis 2), zero-padded at the end to ``e − a`` rows."""
+    part = x[:, :, a:e]
+    return part if part.shape[2] == e - a else F.pad(part, (0, 0, 0, e - a - part.shape[2]))
+
+
+def mask_bias(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive form of a keep mask: 0 where True, −inf where False."""
+    return torch.where(keep, 0.0, -math.inf).to(dtype)
+
+
+def tile_bias(a: int, e: int, block: int, window: int, sinks: int, dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor:
+    """``[blocks, 1, block, sinks + window + block − 1]``: :func:`mask_bias` of the keys of its tile
+    that each query sees.
+
+    Queries ``a .. e − 1`` in tiles of ``block``; tile ``β`` (queries from ``p = a + β·block``) holds
+    the sinks ``0 .. sinks − 1`` then the keys ``p − window + 1 .. p + block − 1``. A window column is
+    seen when it is a real position within the window (:func:`window_keep`), a sink column when the
+    sink has left the window (else its window column holds it): together exactly ``N_i``.
+    """
+    span = block + window - 1
+    i = torch.arange(a, e, device=device).view(-1, block, 1)
+    j = (torch.arange(a, e, block, device=device) - (window - 1)).view(-1, 1, 1) + torch.arange(span, device=device)
+    keep = (j >= 0) & (j <= i) & (i - j < window)
+    if sinks:
+        p = torch.arange(sinks, device=device)
+        keep = torch.cat([(p <= i) & (i - p >= window), keep], dim=-1)
+    return mask_bias(keep[:, None], dtype)
 
 
 class HybridAttention(TargetModule):
@@ -137,6 +207,27 @@ class HybridAttention(TargetModule):
 
     def token_bytes(self) -> int:
         return 0
+
+    # ---- far-memory hooks of the tiled prefill (see :meth:`_tiled`) ----------------------------
+    def far_tiles_supported(self) -> bool:
+        """Whether :meth:`far_tiles` computes this memory (else a prefill runs the block loop)."""
+        return False
+
+    def far_tiles_context(self, qf: torch.Tensor, buf: Tokens, length: int, padded_len: int) -> dict:
+        """What every segment of a tiled prefill reads (e.g. the memory items of the whole call)."""
+        raise NotImplementedError
+
+    def far_tiles(self, ctx: dict, qt: torch.Tensor, qf: torch.Tensor, mem: Memory, a: int, e: int,
+                  c: torch.Tensor) -> FarRead:
+        """``(m, n, memory after)`` of queries ``a .. e − 1`` of a prefill from position 0, in tiles.
+
+        ``qt [B, Hkv, blocks, G, block, D]`` the queries, ``qf [B, H, length, F]`` the query features
+        of the whole call (:func:`query_rows` pads the last segment), ``c`` the exact part's row max
+        in the layout of ``qt`` (None unless ``far_reads_row_max``); returns
+        ``m [B, Hkv, blocks, G, block, Dv]``, ``n [..., 1]`` and the memory the next segment needs;
+        after the last segment (``e`` = the padded length), the block loop's final memory.
+        """
+        raise NotImplementedError
 
     # ---- shared machinery --------------------------------------------------------------------
     def mix(self) -> torch.Tensor:
@@ -190,7 +281,7 @@ class HybridAttention(TargetModule):
             kept = keep[:, run_start:run_end]
         vis = window_keep(q_pos, k_pos, w, s)
         vis = vis if kept is None else vis[None, None, None] & kept[:, None, None, None]
-        num, den, c = local_terms(self._grouped(q), kb, vb, vis, self.scale)
+        num, den, c = local_terms(self._grouped(q), kb, vb, mask_bias(vis, q.dtype), self.scale)
         # items evicted inside this block: positions max(s, qa − w + 1) .. qb − w, all in the run
         _, ev_start, ev_end = window_buffer_slices(last, length, 0, max(s, lo), qb - w + 1)
         items = {n: t[:, :, ev_start:ev_end] for n, t in buf.items()}
@@ -226,6 +317,67 @@ class HybridAttention(TargetModule):
 
     # the far memory reads the attention block's input (elita's logits)
     needs_hidden: bool = False
+    # a prefill from position 0 without padding runs as tiles (False: the block loop, which the
+    # tests take as the reference); queries per segment of tiles, chosen by measurement (see below)
+    tiled_prefill: bool = True
+    segment_len: int = 256
+    # the far memory reads the exact part's row max c_i (cat's chunks are shifted by it)
+    far_reads_row_max: bool = False
+
+    def _tiled(self, q: torch.Tensor, qf: torch.Tensor, buf: Tokens, mem: Memory) -> tuple[torch.Tensor, Memory]:
+        """The block loop of a prefill from position 0 without padding, computed tile by tile at once.
+
+        Queries run in segments of ``segment_len`` (a multiple of the block); within one, every
+        query block is a tile: its queries, the sinks and its keys ``p − w + 1 .. p + block − 1``
+        (an unfolded view of the keys padded by ``w − 1`` in front), so each product is one batched
+        matmul over ``[B, Hkv, blocks]`` with no per-block Python; the mask (:func:`tile_bias`) is
+        the same for every segment past the first. The far memory comes from :meth:`far_tiles`. Same sums as the loop,
+        in another order (equal to rounding, checked by the tests).
+        """
+        b, h, t, d = q.shape
+        blk, w, hk = self.block_size, self.window, self.num_kv_heads
+        g, sinks, dv = h // hk, min(self.sinks, t), buf["v"].shape[-1]
+        tp = -(-t // blk) * blk
+        span = blk + w - 1
+        seg = max(blk, self.segment_len // blk * blk)
+        kp, vp = (F.pad(buf[n], (0, 0, w - 1, tp - t)) for n in WINDOW_KEYS)
+        sink_k, sink_v = buf["k"][:, :, None, :sinks], buf["v"][:, :, None, :sinks]
+        ctx = self.far_tiles_context(qf, buf, t, tp)
+        mix = self.mix().to(q.dtype).view(1, hk, 1, g, 1, 1)
+        # from position w + sinks − 1 on, every tile sees its keys the same way: one mask for all
+        settled = -(-(w + sinks - 1) // blk) * blk
+        interior = tile_bias(settled, settled + seg, blk, w, sinks, q.dtype, q.device) if tp > settled else None
+        grad = torch.is_grad_enabled()
+        outs, out = [], None if grad else q.new_empty(b, h, tp, dv)
+        for a in range(0, tp, seg):
+            e = min(tp, a + seg)
+            nb = (e - a) // blk
+            # [B, Hkv, blocks, G, block, D]: one copy, so that the products below are views
+            qt = query_rows(q, a, e).view(b, hk, g, nb, blk, d).transpose(2, 3).contiguous()
+            kt = kp[:, :, a:e + w - 1].unfold(2, span, blk).transpose(-1, -2)  # [B, Hkv, blocks, span, D]
+            vt = vp[:, :, a:e + w - 1].unfold(2, span, blk).transpose(-1, -2)
+            if sinks:
+                kt = torch.cat([sink_k.expand(-1, -1, nb, -1, -1), kt], dim=3)
+                vt = torch.cat([sink_v.expand(-1, -1, nb, -1, -1), vt], dim=3)
+            else:
+                vt = vt.contiguous()
+            bias = interior[:nb] if a >= settled else tile_bias(a, e, blk, w, sinks, q.dtype, q.device)
+            o, inv_den, c = tile_terms(qt, kt, vt, bias, self.scale, self.far_reads_row_max)
+            m, n, mem = self.far_tiles(ctx, qt, qf, mem, a, e, c)
+            if self._far_ratios is not None:  # far normaliser per unit mix / exact mass (init_mix)
+                ratio = (n * inv_den).transpose(2, 3).reshape(b, h, e - a, 1)
+                self._far_ratios.append(ratio[:, :, :t - a])
+            # (Σ e v + g m) / (Σ e + g n), numerator and denominator divided by Σ e (≥ 1)
+            r = mix * inv_den
+            if grad:
+                tile = (o + m * r) / (1 + n * r)
+                outs.append(tile.transpose(2, 3).reshape(b, h, e - a, dv))
+            else:
+                dest = out[:, :, a:e].view(b, hk, g, nb, blk, dv).transpose(2, 3)
+                torch.div(o.addcmul_(m, r), (n * r).add_(1), out=dest)
+        if grad:
+            out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+        return out[:, :, :t], mem
 
     def forward(
         self,
@@ -257,6 +409,12 @@ class HybridAttention(TargetModule):
         mem = self._memory_from(state, b, q)
         qf = self.query_features(q, hidden, torch.arange(start, start + tq, device=q.device))
         outs, last, padded = [], start + tq - 1, not bool(keep.all())
+        if self.tiled_prefill and start == 0 and not padded and tq > self.block_size \
+                and self.far_tiles_supported():
+            out, mem = self._tiled(q, qf, buf, mem)
+            if state is not None:
+                self._store(state, buf, pos, keep, mem, tq)
+            return out
         for a in range(0, tq, self.block_size):
             e = min(tq, a + self.block_size)
             out, mem = self._block(q[:, :, a:e], qf[:, :, a:e], buf, pos, keep, mem, start + a, start + e,
@@ -359,6 +517,59 @@ class LinearFarMemory(HybridAttention):
 
     def memory_bytes(self, context_len: int) -> int:
         return self.memory_heads * self.feature_dim * (self.value_dim + 1) * STATE_ELEMENT_BYTES
+
+    def far_tiles_supported(self) -> bool:
+        return True
+
+    def far_tiles_context(self, qf, buf, length, padded_len) -> dict:
+        """The memory items of the call at their read index ``j' = j + w − 1`` (zero elsewhere).
+
+        Token ``j ≥ s`` is read by query ``i`` iff ``j ≤ i − w``, i.e. ``j' < i``: with ``j'``
+        blocked like the queries, tile ``β`` reads every item of the earlier item blocks (the memory)
+        and those of item block ``β`` strictly below the diagonal. Items with ``j' ≥ length`` are
+        read by no query of this call and not yet in the memory after it: left out.
+        """
+        w, s = self.window, self.sinks
+        fk, fv = self.memory_items(buf)  # [B, Hm, T, F], [B, Hm, T, Dv]
+        lead = w - 1 + s  # j' of token s
+        n = max(0, length - lead)  # items read within this call
+        front = min(lead, padded_len)
+        back = padded_len - front - n
+        fv = torch.cat([fv, torch.ones_like(fv[..., :1])], dim=-1)  # the normaliser as a value column
+        return {"fk": F.pad(fk[:, :, s:s + n], (0, 0, front, back)),
+                "fv": F.pad(fv[:, :, s:s + n], (0, 0, front, back))}
+
+    def far_tiles(self, ctx, qt, qf, mem, a, e, c) -> FarRead:
+        """Chunked linear attention: each tile reads the memory before it (``S``, ``z`` plus the
+        exclusive cumulative sum of the item blocks' ``φkᵀ[v, 1]``) and its own item block."""
+        b, h, _, f = qf.shape
+        hm, blk = self.memory_heads, self.block_size
+        gm, nb = h // hm, (e - a) // blk
+        fk = ctx["fk"][:, :, a:e].view(b, hm, nb, blk, f)
+        fv = ctx["fv"][:, :, a:e].view(b, hm, nb, blk, -1)
+        dv = fv.shape[-1] - 1
+        blocks = torch.matmul(fk.transpose(-1, -2), fv)  # [B, Hm, blocks, F, Dv + 1]
+        memory = torch.cat([mem["S"], mem["z"][..., None]], dim=-1)[:, :, None]
+        before = torch.cat([memory, blocks[:, :, :-1]], dim=2).cumsum(2)
+        qm = query_rows(qf, a, e).view(b, hm, gm, nb, blk, f).transpose(2, 3).reshape(b, hm, nb, gm * blk, f)
+        scores = torch.matmul(qm, fk.transpose(-1, -2)).view(b, hm, nb, gm, blk, blk)
+        below = torch.ones(blk, blk, dtype=qf.dtype, device=qf.device).tril(-1)
+        scores = scores * below if torch.is_grad_enabled() else scores.mul_(below)
+        # memory read plus the own item block's, the second product added by baddbmm (one pass fewer)
+        rows = b * hm * nb
+        read = torch.baddbmm(torch.matmul(qm, before).view(rows, gm * blk, -1),
+                             scores.view(rows, gm * blk, blk), fv.reshape(rows, blk, -1))
+        memory = before[:, :, -1] + blocks[:, :, -1]
+        mem = {"S": own(memory[..., :dv]), "z": own(memory[..., dv])}
+        read = self._kv_tiles(read.view(b, hm, nb, gm, blk, dv + 1))
+        return read[..., :dv], read[..., dv:], mem
+
+    def _kv_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, Hm, blocks, H/Hm, block, X]`` (memory-head tiles) -> ``[B, Hkv, blocks, G, block, X]``."""
+        if self.memory_heads == self.num_kv_heads:
+            return x
+        b, _, nb, _, blk, width = x.shape  # one memory head per query head
+        return x.view(b, self.num_kv_heads, -1, nb, blk, width).transpose(2, 3)
 
     def far_block(self, mem, qf, items, avail, item_keep, q_pos, c) -> FarRead:
         b, h, tq, f = qf.shape

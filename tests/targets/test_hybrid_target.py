@@ -151,17 +151,21 @@ def test_long_prefill_is_not_dense(monkeypatch):
     from swapformer.targets import hybrid
 
     seen = []
-    original = hybrid.local_terms
+    for name in ("local_terms", "tile_terms"):  # the block loop's and the tiled prefill's
+        original = getattr(hybrid, name)
 
-    def spy(q, k, v, keep, scale):
-        seen.append(k.shape[-2])
-        return original(q, k, v, keep, scale)
+        def spy(q, k, *args, original=original):
+            seen.append(k.shape[-2])
+            return original(q, k, *args)
 
-    monkeypatch.setattr(hybrid, "local_terms", spy)
+        monkeypatch.setattr(hybrid, name, spy)
     core, site = _hybrid("fastweight", 8, 2, block=4, dtype=torch.float32)
     q, k, v, h = qkv_inputs(site, 1, 200, D_MODEL, dtype=torch.float32)
-    core(q, k, v, hidden=h)
-    assert max(seen) <= 2 + 8 + 4 - 1
+    for tiled in (True, False):
+        seen.clear()
+        core.tiled_prefill = tiled
+        core(q, k, v, hidden=h)
+        assert seen and max(seen) <= 2 + 8 + 4 - 1
 
 
 def test_seed_form_classes_refuse_a_window():
@@ -262,7 +266,9 @@ def test_no_decay_is_todays_form_and_decay_changes_the_far_part():
         torch.testing.assert_close(decayed(q, k, v, hidden=h), base, rtol=1e-12, atol=1e-12)
         decayed.decay_logit.fill_(0.0)  # γ = 1/2
         fast = decayed(q, k, v, hidden=h)
-    assert torch.equal(fast[:, :, :4], base[:, :, :4])  # nothing evicted before position 4
+    # nothing evicted before position 4 (equal to rounding: the undecayed prefill runs as tiles, the
+    # decayed one as the block loop)
+    torch.testing.assert_close(fast[:, :, :4], base[:, :, :4], rtol=1e-12, atol=1e-12)
     assert (fast[:, :, 5:] - base[:, :, 5:]).abs().max() > 1e-3
 
 
@@ -272,3 +278,57 @@ def test_decay_half_life_sets_gamma_per_kv_head_and_is_validated():
     torch.testing.assert_close(core.log_decay().exp() ** 512, torch.full((3,), 0.5), rtol=1e-4, atol=0)
     with pytest.raises(ConfigError, match="decay_half_life"):
         FastWeightConfig(decay_half_life=-1.0)
+
+
+@pytest.mark.parametrize("target", ["fastweight", "elita", "cat"])
+@hypothesis_settings(10)
+@given(window=st.integers(1, 7), sinks=st.integers(0, 3), length=st.integers(2, 40),
+       block=st.integers(1, 9), segment=st.integers(1, 24), seed=st.integers(0, 5))
+def test_tiled_prefill_equals_the_block_loop(target, window, sinks, length, block, segment, seed):
+    """A prefill from position 0 runs as tiles; the per-block loop (the formula block by block) is
+    the reference: outputs, gradients of every input and parameter, and the decoding state."""
+    core, site = _hybrid(target, window, sinks, block=block, seed=seed)
+    _strong_mix(core)
+    core.segment_len = segment
+    q, k, v, h = qkv_inputs(site, 2, length, D_MODEL, seed=seed)
+    inputs = [x.requires_grad_(True) for x in (q, k, v, h)]
+    names, params = zip(*[(n, p) for n, p in core.named_parameters() if p.requires_grad])
+    results = []
+    for tiled in (True, False):
+        core.tiled_prefill = tiled
+        out = core(q, k, v, hidden=h)
+        grads = torch.autograd.grad(out.square().sum(), inputs + list(params), allow_unused=True)
+        state: dict = {}
+        with torch.no_grad():
+            core(q, k, v, hidden=h, state=state)
+        results.append((out, grads, state))
+    (fast, fast_grads, fast_state), (slow, slow_grads, slow_state) = results
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
+    for name, got, want in zip(("q", "k", "v", "hidden", *names), fast_grads, slow_grads):
+        if got is None and want is None:
+            continue
+        # a parameter one path never reached (no far item) has no gradient there: zero
+        got = torch.zeros_like(want) if got is None else got
+        want = torch.zeros_like(got) if want is None else want
+        tol = 1e-6 if name == "mix_logit" else 1e-9  # the mix is computed in float32 (mix())
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, float(want.abs().max())))
+    assert fast_state.keys() == slow_state.keys()
+    for name, value in fast_state.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(value, slow_state[name], rtol=1e-10, atol=1e-10)
+        else:
+            assert value == slow_state[name]
+
+
+@pytest.mark.parametrize("target", ["fastweight", "elita", "cat"])
+def test_tiled_prefill_runs_for_a_long_call(target, monkeypatch):
+    """The test above compares against the loop only if the tiled path runs: check it does."""
+    core, site = _hybrid(target, 4, 2, block=4)
+    calls = []
+    original = core._tiled
+    monkeypatch.setattr(core, "_tiled", lambda *a: calls.append(1) or original(*a))
+    q, k, v, h = qkv_inputs(site, 1, 30, D_MODEL)
+    core(q, k, v, hidden=h)
+    core.tiled_prefill = False
+    core(q, k, v, hidden=h)
+    assert calls == [1]

@@ -12,13 +12,20 @@ Usage::
                                  calibration_data=ids)
 """
 
-from swapformer.planner.auto import AutoOptions, auto_plan, default_candidates, measure
+from swapformer.planner.auto import (
+           AutoOptions,
+           Measured,
+           auto_plan,
+           default_candidates,
+           measure,
+           select_plan,
+)
 from swapformer.planner.budget import Budget
-from swapformer.planner.costs import fixed_cost, flop_cost
+from swapformer.planner.costs import fixed_cost, flop_cost, model_cost
 from swapformer.planner.select import choose
 from swapformer.rewriter.api import Planner, register_planner
 
 register_planner("auto", Planner(AutoOptions.from_options, auto_plan))
 
-__all__ = ["AutoOptions", "Budget", "auto_plan", "choose", "default_candidates", "fixed_cost", "flop_cost",
-           "measure"]
+__all__ = ["AutoOptions", "Budget", "Measured", "auto_plan", "choose", "default_candidates", "fixed_cost",
+           "flop_cost", "measure", "model_cost", "select_plan"]

@@ -19,7 +19,12 @@ from typing import Any
 from swapformer.errors import ConfigError, InputError
 from swapformer.planner.budget import Budget
 from swapformer.planner.costs import CostFn, fixed_cost, flop_cost
-from swapformer.planner.quality import calibration_batches, site_errors
+from swapformer.planner.quality import (
+    calibration_batches,
+    mean_nll,
+    single_site_loss_deltas,
+    site_errors,
+)
 from swapformer.planner.select import DEFAULT_RESOLUTION, choose
 from swapformer.rewriter.plan import Plan, PlanChoice, target_label
 from swapformer.sites import Site
@@ -28,6 +33,7 @@ from swapformer.targets.base import TargetConfig, resolve_target
 log = logging.getLogger(__name__)
 DEFAULT_WINDOWS = (128, 512, 2048)
 HYBRIDS = ("fastweight", "elita", "cat")
+QUALITY_MEASURES = ("error", "perplexity")
 
 
 def default_candidates(windows: Sequence[int] = DEFAULT_WINDOWS) -> tuple[TargetConfig, ...]:
@@ -45,10 +51,16 @@ class AutoOptions:
             sequences longer than the largest window.
         candidates: target names or configs to choose from besides keeping the original (default:
             :func:`default_candidates`).
-        transfer_steps: Adam steps of attention transfer per candidate before measuring (0: none).
+        transfer_steps: Adam steps of attention transfer per candidate before measuring (0: none;
+            the "error" measure only).
         transfer_lr: their learning rate.
         resolution: units of the discretised budget in the selection.
-        cost_fn: the cost model (default: the cores' FLOP/state accounting).
+        cost_fn: the cost model (default: the cores' FLOP/state accounting; see also
+            :class:`~swapformer.planner.costs.MeasuredCost`).
+        quality: the quality measure, ``"error"`` (each site's teacher-forced output error, all sites
+            in one forward per candidate) or ``"perplexity"`` (the calibration loss change when only
+            that site is replaced, one forward per site and candidate); see
+            :mod:`~swapformer.planner.quality`.
 
     Raises:
         ConfigError: no or a bad budget, no calibration data, an unknown option or candidate.
@@ -61,6 +73,7 @@ class AutoOptions:
     transfer_lr: float = 1e-3
     resolution: int = DEFAULT_RESOLUTION
     cost_fn: CostFn = flop_cost
+    quality: str = "error"
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> AutoOptions:
@@ -89,6 +102,8 @@ class AutoOptions:
             raise ConfigError(f"transfer_steps must be an int >= 0, got {self.transfer_steps!r}")
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 1:
             raise ConfigError(f"resolution must be an int >= 1, got {self.resolution!r}")
+        if self.quality not in QUALITY_MEASURES:
+            raise ConfigError(f"quality must be one of {', '.join(QUALITY_MEASURES)}, got {self.quality!r}")
         labels = [target_label(c) for c in self.candidates]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"candidates must differ, got {labels}")
@@ -115,13 +130,21 @@ def auto_plan(analysis: Any, options: AutoOptions, filter_fn: Any = None) -> Pla
         ConfigError: no plan meets the budget (the message says what the cheapest plan reaches).
         InputError: the model has no attention site to plan.
     """
-    measured = measure(analysis, options, filter_fn)
-    budget = options.budget
+    return select_plan(measure(analysis, options, filter_fn), options.budget, options.resolution)
+
+
+def select_plan(measured: Measured, budget: Budget, resolution: int = DEFAULT_RESOLUTION) -> Plan:
+    """The plan of least total quality cost in ``measured`` that meets ``budget`` (whose kind and
+    context must be those ``measured`` was costed at).
+
+    Raises:
+        ConfigError: no plan meets the budget (the message says what the cheapest plan reaches).
+    """
     groups = [measured.options[s.name] for s in measured.sites]
     original = sum(g[0][3] for g in groups)
     capacity = budget.capacity(measured.fixed, original)
     picks = choose([[o[2] for o in g] for g in groups], [[o[3] for o in g] for g in groups], capacity,
-                   resolution=options.resolution)
+                   resolution=resolution)
     if picks is None:
         cheapest = budget.achieved(measured.fixed, sum(min(o[3] for o in g) for g in groups), original)
         raise ConfigError(f"no plan meets the budget {budget.describe()}: replacing every site by its "
@@ -139,19 +162,25 @@ def auto_plan(analysis: Any, options: AutoOptions, filter_fn: Any = None) -> Pla
 def measure(analysis: Any, options: AutoOptions, filter_fn: Any = None) -> Measured:
     """Rewrite to each candidate once, and read every served site's quality cost and cost."""
     budget, cost_fn = options.budget, options.cost_fn
+    fixed_fn = getattr(cost_fn, "fixed_cost", fixed_cost)
     sites = [s for s in analysis.sites if s.kind == "attention" and (filter_fn is None or filter_fn(s))]
     if not sites:
         raise InputError("target 'auto' found no attention site to plan")
     _warn_short_data(options)
     planned = {s.name for s in sites}
     table = {s.name: [("keep", None, 0.0, cost_fn(s, None, budget.kind, budget.context))] for s in sites}
+    baseline = mean_nll(analysis.model, options.calibration_data) if options.quality == "perplexity" else 0.0
     for config in options.candidates:
         label = target_label(config)
         student = analysis.rewrite(config, filter_fn=lambda s: s.name in planned, verify=False)
-        errors = site_errors(student, analysis.model, options.calibration_data,
-                             transfer_steps=options.transfer_steps, lr=options.transfer_lr)
+        served = [r.site for r in student.swapformer_report.replaced]
+        if options.quality == "perplexity":
+            errors = single_site_loss_deltas(analysis, config, served, options.calibration_data, baseline)
+        else:
+            errors = site_errors(student, analysis.model, options.calibration_data,
+                                 transfer_steps=options.transfer_steps, lr=options.transfer_lr)
         for rep in student.swapformer_report.replaced:
-            error = errors[rep.site.name]
+            error = errors.get(rep.site.name, math.nan)
             if not math.isfinite(error):
                 log.warning("%s at %s gives a non-finite output error: not a candidate there", label, rep.site.name)
                 continue
@@ -160,7 +189,7 @@ def measure(analysis: Any, options: AutoOptions, filter_fn: Any = None) -> Measu
         log.info("auto: measured %s at %d sites", label, len(student.swapformer_report.replaced))
         del student
     others = [s for s in analysis.sites if s.kind == "attention" and s.name not in planned]
-    fixed = fixed_cost(analysis.model, budget.kind) + sum(cost_fn(s, None, budget.kind, budget.context) for s in others)
+    fixed = fixed_fn(analysis.model, budget.kind) + sum(cost_fn(s, None, budget.kind, budget.context) for s in others)
     return Measured(sites, table, fixed)
 
 

@@ -386,3 +386,58 @@ def test_transfer_steps_train_the_candidates_new_parameters(analysis, model, ids
     after = site_errors(student, model, [ids], transfer_steps=5, lr=1e-3)
     assert any(not torch.equal(a, p) for a, p in zip(start, core.new_parameters()))
     assert after[f"{FAR}:0"] < before[f"{FAR}:0"]
+
+
+# --- the second quality measure, one measurement for many budgets, the cost of a rewritten model ------
+
+
+def test_perplexity_measure_sees_the_far_layer_and_plans_the_same(analysis, model, ids) -> None:
+    from swapformer.planner.quality import mean_nll
+
+    options = AutoOptions.from_options({"budget": ONE_LAYER_STATE, "calibration_data": ids,
+                                        "candidates": [WINDOW], "quality": "perplexity"})
+    measured = measure(analysis, options)
+    delta = {s.name: measured.options[s.name][1][2] for s in measured.sites}
+    # replacing the local layer alone changes the loss by ~nothing; the far layer's window loses the past
+    assert abs(delta[f"{LOCAL}:0"]) < 1e-4 < 0.01 < delta[f"{FAR}:0"]
+    only_far = analysis.rewrite(Plan.of({FAR: WINDOW}))
+    assert delta[f"{FAR}:0"] == pytest.approx(mean_nll(only_far, [ids]) - mean_nll(model, [ids]), rel=1e-4)
+    report = analysis.explain("auto", budget=ONE_LAYER_STATE, calibration_data=ids, candidates=[WINDOW],
+                              quality="perplexity")
+    assert _decisions(report) == {LOCAL: "window", FAR: "keep"}
+
+
+def test_unknown_quality_measure_is_a_config_error(ids) -> None:
+    with pytest.raises(ConfigError, match="quality must be one of error, perplexity"):
+        AutoOptions.from_options({"budget": ONE_LAYER_STATE, "calibration_data": ids, "quality": "vibes"})
+
+
+def test_select_plan_reuses_one_measurement_for_several_budgets(analysis, ids) -> None:
+    from swapformer.planner import select_plan
+
+    budget = Budget.decode(1.5, context=CONTEXT)
+    measured = measure(analysis, AutoOptions.from_options({"budget": budget, "calibration_data": ids,
+                                                           "candidates": [WINDOW]}))
+    assert select_plan(measured, budget) == analysis.explain("auto", budget=budget, calibration_data=ids,
+                                                             candidates=[WINDOW]).plan
+    loose = select_plan(measured, Budget.decode(1.01, context=CONTEXT))
+    assert [c.label for c in loose.choices] == ["window(window=8)", "keep"]
+    with pytest.raises(ConfigError, match="no plan meets"):
+        select_plan(measured, Budget.decode(1000, context=CONTEXT))
+
+
+def test_model_cost_of_a_plan_is_what_the_planner_promised(analysis, model, ids) -> None:
+    from swapformer.planner import fixed_cost, flop_cost, model_cost
+
+    budget = Budget.decode(1.5, context=CONTEXT)
+    report = analysis.explain("auto", budget=budget, calibration_data=ids, candidates=[WINDOW])
+    student = analysis.rewrite(report.plan)
+    cost, original = model_cost(student, model, "decode", CONTEXT)
+    sites = {s.module: s for s in report.sites}
+    dense = flop_cost(sites[LOCAL], None, "decode", CONTEXT)
+    windowed = flop_cost(sites[LOCAL], student.get_submodule(f"{LOCAL}.swapformer_core"), "decode", CONTEXT)
+    assert original == fixed_cost(model, "decode") + 2 * dense
+    assert cost == original - dense + windowed
+    assert original / cost >= 1.5 and f"plan {original / cost:.3g}x" in report.plan.summary
+    with pytest.raises(InputError, match="made by swapformer"):
+        model_cost(model, model, "decode", CONTEXT)

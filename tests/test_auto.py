@@ -441,3 +441,35 @@ def test_model_cost_of_a_plan_is_what_the_planner_promised(analysis, model, ids)
     assert original / cost >= 1.5 and f"plan {original / cost:.3g}x" in report.plan.summary
     with pytest.raises(InputError, match="made by swapformer"):
         model_cost(model, model, "decode", CONTEXT)
+
+
+# --- measured per-layer times as the cost model --------------------------------------------------------
+
+
+def test_measured_cost_times_cores_on_the_sites_shapes_and_plans_within_its_own_budget(analysis, model, ids) -> None:
+    from swapformer.planner import MeasuredCost, flop_cost, model_cost, recost, select_plan
+
+    timer = MeasuredCost(threads=1, repeats=3)
+    long = 65536
+    student = analysis.rewrite(WINDOW, verify=False)
+    site = student.swapformer_report.replaced[0].site
+    core = student.get_submodule(student.swapformer_report.replaced[0].core_name)
+    dense, windowed = timer(site, None, "decode", long), timer(site, core, "decode", long)
+    assert 0 < windowed < dense  # 11 cached rows against 65,536
+    assert timer(site, core, "state", long) == flop_cost(site, core, "state", long)
+    assert timer.fixed_cost(model, "decode") > 0 and timer.fixed_cost(model, "state") == 0
+    with pytest.raises(ConfigError, match="prefills up to"):
+        timer(site, None, "prefill", long)
+    hybrid = analysis.rewrite("elita", verify=False)  # stateful, reads the block input
+    rep = hybrid.swapformer_report.replaced[0]
+    assert 0 < timer(rep.site, hybrid.get_submodule(rep.core_name), "decode", long) < dense
+    # one measurement of quality, costed by both models; the measured plan meets its measured budget
+    budget = Budget.decode(1.5, context=long)
+    measured = measure(analysis, AutoOptions.from_options({"budget": budget, "calibration_data": ids,
+                                                           "candidates": [WINDOW]}))
+    timed = recost(analysis, measured, budget, timer)
+    assert [o[2] for o in timed.options[f"{LOCAL}:0"]] == [o[2] for o in measured.options[f"{LOCAL}:0"]]
+    assert timed.options[f"{LOCAL}:0"][0][3] == dense
+    plan = select_plan(timed, budget)
+    cost, original = model_cost(analysis.rewrite(plan), model, "decode", long, cost_fn=timer)
+    assert original / cost >= 1.5

@@ -162,7 +162,6 @@ def select_plan(measured: Measured, budget: Budget, resolution: int = DEFAULT_RE
 def measure(analysis: Any, options: AutoOptions, filter_fn: Any = None) -> Measured:
     """Rewrite to each candidate once, and read every served site's quality cost and cost."""
     budget, cost_fn = options.budget, options.cost_fn
-    fixed_fn = getattr(cost_fn, "fixed_cost", fixed_cost)
     sites = [s for s in analysis.sites if s.kind == "attention" and (filter_fn is None or filter_fn(s))]
     if not sites:
         raise InputError("target 'auto' found no attention site to plan")
@@ -188,9 +187,30 @@ def measure(analysis: Any, options: AutoOptions, filter_fn: Any = None) -> Measu
             table[rep.site.name].append((label, config, error, cost_fn(rep.site, core, budget.kind, budget.context)))
         log.info("auto: measured %s at %d sites", label, len(student.swapformer_report.replaced))
         del student
+    return Measured(sites, table, _fixed(analysis, planned, budget, cost_fn))
+
+
+def recost(analysis: Any, measured: Measured, budget: Budget, cost_fn: CostFn) -> Measured:
+    """``measured`` with every option's cost taken again by ``cost_fn`` at ``budget``'s kind and
+    context, the quality costs kept: one rewrite per candidate, no quality measurement (e.g. to plan
+    under :class:`~swapformer.planner.timing.MeasuredCost` and under :func:`flop_cost` alike)."""
+    planned = {s.name for s in measured.sites}
+    configs = {o[0]: o[1] for options in measured.options.values() for o in options[1:]}
+    cores: dict[str, dict[str, Any]] = {}
+    for label, config in configs.items():
+        student = analysis.rewrite(config, filter_fn=lambda s: s.name in planned, verify=False)
+        cores[label] = {r.site.name: student.get_submodule(r.core_name) for r in student.swapformer_report.replaced}
+    table = {s.name: [(label, config, quality,
+                       cost_fn(s, cores[label][s.name] if config is not None else None, budget.kind, budget.context))
+                      for label, config, quality, _ in measured.options[s.name]] for s in measured.sites}
+    return Measured(measured.sites, table, _fixed(analysis, planned, budget, cost_fn))
+
+
+def _fixed(analysis: Any, planned: set[str], budget: Budget, cost_fn: CostFn) -> float:
+    """The cost of the rest of the model and of the attention sites not planned (as they are)."""
     others = [s for s in analysis.sites if s.kind == "attention" and s.name not in planned]
-    fixed = fixed_fn(analysis.model, budget.kind) + sum(cost_fn(s, None, budget.kind, budget.context) for s in others)
-    return Measured(sites, table, fixed)
+    rest = getattr(cost_fn, "fixed_cost", fixed_cost)(analysis.model, budget.kind)
+    return rest + sum(cost_fn(s, None, budget.kind, budget.context) for s in others)
 
 
 def _warn_short_data(options: AutoOptions) -> None:

@@ -46,7 +46,17 @@ from swapformer.calibrate import calibrate
 from swapformer.loading.data import TokenSplits
 from swapformer.loading.offline import load_smollm2
 from swapformer.measure import perplexity, recall_nll
-from swapformer.planner import AutoOptions, Budget, measure, model_cost, select_plan
+from swapformer.planner import (
+    AutoOptions,
+    Budget,
+    Measured,
+    MeasuredCost,
+    flop_cost,
+    measure,
+    model_cost,
+    recost,
+    select_plan,
+)
 from swapformer.planner.auto import HYBRIDS
 from swapformer.rewriter.plan import target_label
 from swapformer.targets.base import resolve_target
@@ -87,6 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=HERE, help="folder for the table, plot and plan")
+    p.add_argument("--skip-arms", action="store_true", help="only the comparisons (no arm is trained or evaluated)")
+    p.add_argument("--compare-costs", type=Path, default=None, metavar="MEASURED_JSON",
+                   help="plan from a previous run's pareto_measured.json under the FLOP model and under "
+                        "measured times (MeasuredCost, 1 thread), and compare the plans")
     p.add_argument("--quick", action="store_true",
                    help="256-token contexts, 256 transfer tokens, window 64 + cat, auto at 3x, no comparison")
     args = p.parse_args(argv)
@@ -166,6 +180,41 @@ def compare_measures(analysis, teacher, plan_data, corpora, vocab, args) -> list
             lines.append(f"  - plan from {q} at {budget.describe()}: keeps layers {kept}; held out "
                          + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
             log.info("measure comparison: %s", lines[-1])
+    return lines
+
+
+def compare_costs(analysis, path: Path, candidates, budgets: list[float], args) -> list[str]:
+    """Plans from one quality measurement (``path``) under the FLOP model and under measured times,
+    each plan's speed-up under both models."""
+    configs = {target_label(c): c for c in candidates}
+    data = json.loads(path.read_text())
+    sites = [s for s in analysis.sites if s.name in data]
+    loaded = Measured(sites, {name: [(label, configs.get(label), quality, cost) for label, quality, cost in rows]
+                              for name, rows in data.items()}, 0.0)
+    first = Budget.decode(budgets[0], args.context)
+    t0 = time.perf_counter()
+    tables = {"FLOP": recost(analysis, loaded, first, flop_cost),
+              "measured": recost(analysis, loaded, first, MeasuredCost(threads=1))}
+    seconds = time.perf_counter() - t0
+    timed = tables["measured"]
+    per_layer = {label: cost for label, _, _, cost in timed.options[sites[0].name]}
+    lines = [f"- measured decode step at {args.context:,} tokens, 1 thread (layer 0, ms): "
+             + ", ".join(f"{label} {1e3 * c:.3f}" for label, c in per_layer.items())
+             + f"; rest of the model (every nn.Linear) {1e3 * timed.fixed:.2f} ms; timing took {seconds:.0f} s"]
+
+    def speedup(table: Measured, plan) -> float:
+        chosen = {c.site: c.label for c in plan.choices}
+        cost = table.fixed + sum(next(o[3] for o in table.options[s.name] if o[0] == chosen[s.name]) for s in sites)
+        return (table.fixed + sum(table.options[s.name][0][3] for s in sites)) / cost
+
+    for b in budgets:
+        budget = Budget.decode(b, args.context)
+        plans = {name: select_plan(table, budget) for name, table in tables.items()}
+        differ = sum(x.label != y.label for x, y in zip(plans["FLOP"].choices, plans["measured"].choices))
+        cells = [f"{name} plan ({_mix(plan)}): {speedup(tables['FLOP'], plan):.2f}× FLOP, "
+                 f"{speedup(tables['measured'], plan):.2f}× measured" for name, plan in plans.items()]
+        lines.append(f"- {b:g}×: " + "; ".join(cells) + f"; {differ} of {len(sites)} layers differ")
+        log.info("cost comparison: %s", lines[-1])
     return lines
 
 
@@ -268,13 +317,20 @@ def main(argv: list[str] | None = None) -> int:
     train = mixed_train(corpora, args.train_len)
     plan_data = tuple(train[i : i + 1] for i in range(max(1, args.plan_tokens // args.train_len)))
     analysis = swapformer.prepare(teacher)
-    arms = [Arm("teacher", "teacher", scores=evaluate(teacher, corpora, vocab, args))]
-    log.info("teacher: %s", arms[0].scores)
-    comparison = compare_measures(analysis, teacher, plan_data, corpora, vocab, args) if args.compare_measures else []
     windows = [int(w) for w in args.windows.split(",") if w]
     hybrids = [h for h in args.hybrids.split(",") if h]
     candidates = (*(resolve_target("window", window=w) for w in windows), *(resolve_target(h) for h in hybrids))
     budgets = [float(b) for b in args.budgets.split(",") if b]
+    comparison = compare_measures(analysis, teacher, plan_data, corpora, vocab, args) if args.compare_measures else []
+    if args.compare_costs:
+        comparison += compare_costs(analysis, args.compare_costs, candidates, budgets, args)
+    if args.skip_arms:
+        text = "\n".join(comparison) + "\n"
+        (args.out / "pareto_comparison.md").write_text(text)
+        print(text)
+        return 0
+    arms = [Arm("teacher", "teacher", scores=evaluate(teacher, corpora, vocab, args))]
+    log.info("teacher: %s", arms[0].scores)
     t0 = time.perf_counter()
     measured = measure(analysis, AutoOptions(Budget.decode(budgets[0], args.context), plan_data, candidates))
     log.info("auto: measured %d candidates in %.0f s", len(candidates), time.perf_counter() - t0)

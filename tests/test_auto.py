@@ -473,3 +473,37 @@ def test_measured_cost_times_cores_on_the_sites_shapes_and_plans_within_its_own_
     plan = select_plan(timed, budget)
     cost, original = model_cost(analysis.rewrite(plan), model, "decode", long, cost_fn=timer)
     assert original / cost >= 1.5
+
+
+# --- the zoo's auto option ---------------------------------------------------------------------------
+
+
+def test_zoo_runs_auto_under_a_budget_and_records_the_plan(tmp_path: Path) -> None:
+    from swapformer import zoo
+    from swapformer.zoo.runner import parse_targets
+
+    assert "auto" not in parse_targets("all") and parse_targets("auto,window") == ["auto", "window"]
+    toml = tmp_path / "zoo.toml"
+    toml.write_text("""
+[zoo]
+seq_len = 16
+repeats = 1
+decode_tokens = 2
+flops_contexts = [16, 4096]
+plan_seq_len = 48
+[targets.auto]
+budget = "decode@4096=1.2"
+candidates = ["fastweight", "cat"]
+[[model]]
+name = "llama-tiny"
+hf_config = { model_type = "llama", hidden_size = 32, intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, vocab_size = 256, max_position_embeddings = 64 }
+""")
+    out = tmp_path / "out"
+    assert zoo.main([str(toml), "--target", "auto", "--out", str(out), "--jobs", "1", "--quiet"]) == 0
+    [record] = json.loads((out / "report.json").read_text())["records"]
+    assert record["target"] == "auto" and record["status"] == "ok", record.get("reason")
+    plan = record["rewrite"]["plan"]
+    assert "decode@4096 >= 1.2x" in plan["summary"] and len(plan["choices"]) == 2
+    assert set(plan["choices"].values()) <= {"keep", "fastweight", "cat"}
+    assert record["rewrite"]["replaced"] == sum(v != "keep" for v in plan["choices"].values()) >= 1
+    assert record["verify"]["passed"] and "exact" not in record["verify"]

@@ -342,12 +342,15 @@ def main(argv: list[str] | None = None) -> int:
         plans[b] = select_plan(measured, Budget.decode(b, args.context))
         if b == args.compare_budget or len(plans) == 1:
             (args.out / "pareto_plan.txt").write_text(str(analysis.explain(plans[b])) + "\n")
-    for config in candidates:
-        arms.append(run_arm(target_label(config), "uniform",
-                            analysis.rewrite(config), teacher, train, corpora, vocab, args))
-    for b, plan in plans.items():
-        arms.append(run_arm(f"auto decode@{args.context}={b:g}", "auto", analysis.rewrite(plan), teacher, train,
-                            corpora, vocab, args))
+    # auto at the goal's budget first, then every uniform target, then the other budgets; the table
+    # so far is written after each arm
+    order = sorted(plans, key=lambda b: b != args.compare_budget)
+    jobs = [(f"auto decode@{args.context}={order[0]:g}", "auto", plans[order[0]])]
+    jobs += [(target_label(c), "uniform", c) for c in candidates]
+    jobs += [(f"auto decode@{args.context}={b:g}", "auto", plans[b]) for b in order[1:]]
+    for name, kind, target in jobs:
+        arms.append(run_arm(name, kind, analysis.rewrite(target), teacher, train, corpora, vocab, args))
+        (args.out / "pareto_smollm2.md").write_text(markdown(arms, args, machine()))
     table = markdown(arms, args, machine())
     verdict = goal(arms, args.compare_budget, args)
     mix = ["- auto's choices: " + "; ".join(f"{b:g}× → {_mix(p)}" for b, p in plans.items())]

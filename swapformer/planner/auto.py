@@ -57,9 +57,11 @@ class AutoOptions:
         resolution: units of the discretised budget in the selection.
         cost_fn: the cost model (default: the cores' FLOP/state accounting; see also
             :class:`~swapformer.planner.costs.MeasuredCost`).
-        quality: the quality measure, ``"error"`` (each site's teacher-forced output error, all sites
-            in one forward per candidate) or ``"perplexity"`` (the calibration loss change when only
-            that site is replaced, one forward per site and candidate); see
+        quality: the quality measure, ``"perplexity"`` (the default: the calibration loss change when
+            only that site is replaced, one forward per site and candidate) or ``"error"`` (each
+            site's teacher-forced output error, all sites in one forward per candidate: ~20x cheaper,
+            but on SmolLM2-135M it ranked layers worse and its 3x plan lost 1.34x the teacher's
+            perplexity against 1.11x; benchmarks/RESULTS.md, issue 16); see
             :mod:`~swapformer.planner.quality`.
 
     Raises:
@@ -73,7 +75,7 @@ class AutoOptions:
     transfer_lr: float = 1e-3
     resolution: int = DEFAULT_RESOLUTION
     cost_fn: CostFn = flop_cost
-    quality: str = "error"
+    quality: str = "perplexity"
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> AutoOptions:

@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     # so far is written after each arm
     order = sorted(plans, key=lambda b: b != args.compare_budget)
     jobs = [(f"auto decode@{args.context}={order[0]:g}", "auto", plans[order[0]])]
-    jobs += [(target_label(c), "uniform", c) for c in candidates]
+    jobs += [(arm_label(c), "uniform", c) for c in candidates]
     jobs += [(f"auto decode@{args.context}={b:g}", "auto", plans[b]) for b in order[1:]]
     for name, kind, target in jobs:
         arms.append(run_arm(name, kind, analysis.rewrite(target), teacher, train, corpora, vocab, args))
@@ -362,10 +362,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def arm_label(config) -> str:
+    """``target_label``, with the window size even when it is the default."""
+    label = target_label(config)
+    return f"window(window={config.window})" if label == "window" else label
+
+
 def _mix(plan) -> str:
     counts: dict[str, int] = {}
     for c in plan.choices:
-        counts[c.label] = counts.get(c.label, 0) + 1
+        label = "keep" if c.target is None else arm_label(c.target)
+        counts[label] = counts.get(label, 0) + 1
     return ", ".join(f"{n} {label}" for label, n in sorted(counts.items(), key=lambda x: -x[1]))
 
 

@@ -97,6 +97,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=HERE, help="folder for the table, plot and plan")
+    p.add_argument("--uniform", default=None,
+                   help="comma-separated labels of the uniform arms to run (default: every candidate)")
+    p.add_argument("--reuse-measured", type=Path, default=None, metavar="MEASURED_JSON",
+                   help="plan from a previous run's pareto_measured.json instead of measuring again")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="TABLE_MD",
+                   help="only merge the pareto_smollm2.md tables of several runs (the first's teacher) into "
+                        "one table and plot in --out")
     p.add_argument("--skip-arms", action="store_true", help="only the comparisons (no arm is trained or evaluated)")
     p.add_argument("--compare-costs", type=Path, default=None, metavar="MEASURED_JSON",
                    help="plan from a previous run's pareto_measured.json under the FLOP model and under "
@@ -134,7 +141,7 @@ def run_arm(name: str, kind: str, student: torch.nn.Module, teacher: torch.nn.Mo
     cost, original = model_cost(student, teacher, "decode", args.context)
     report = student.swapformer_report
     arm = Arm(name, kind, original / cost, f"{len(report.replaced)}/{sum(s.kind == 'attention' for s in report.sites)}")
-    if trainable(student):
+    if args.tokens > 0 and trainable(student):
         rows = -(-args.tokens // args.train_len)
         data = TokenSplits(train=train[:rows], heldout=train[:0])
         result = calibrate(student, teacher, data, transfer_config(args, args.tokens, True))
@@ -183,14 +190,20 @@ def compare_measures(analysis, teacher, plan_data, corpora, vocab, args) -> list
     return lines
 
 
-def compare_costs(analysis, path: Path, candidates, budgets: list[float], args) -> list[str]:
-    """Plans from one quality measurement (``path``) under the FLOP model and under measured times,
-    each plan's speed-up under both models."""
+def load_measured(analysis, path: Path, candidates) -> Measured:
+    """A ``pareto_measured.json`` back as :class:`Measured` (costs as saved, ``fixed`` 0: recost it)."""
     configs = {target_label(c): c for c in candidates}
     data = json.loads(path.read_text())
     sites = [s for s in analysis.sites if s.name in data]
-    loaded = Measured(sites, {name: [(label, configs.get(label), quality, cost) for label, quality, cost in rows]
-                              for name, rows in data.items()}, 0.0)
+    return Measured(sites, {name: [(label, configs.get(label), quality, cost) for label, quality, cost in rows]
+                            for name, rows in data.items()}, 0.0)
+
+
+def compare_costs(analysis, path: Path, candidates, budgets: list[float], args) -> list[str]:
+    """Plans from one quality measurement (``path``) under the FLOP model and under measured times,
+    each plan's speed-up under both models."""
+    loaded = load_measured(analysis, path, candidates)
+    sites = loaded.sites
     first = Budget.decode(budgets[0], args.context)
     t0 = time.perf_counter()
     tables = {"FLOP": recost(analysis, loaded, first, flop_cost),
@@ -302,12 +315,47 @@ def plot(arms: list[Arm], path: Path, args: argparse.Namespace) -> bool:
     return True
 
 
+def read_table(path: Path) -> list[Arm]:
+    """The arms of a ``pareto_smollm2.md`` table (scores without their ``(x teacher)`` ratios)."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
+    keys = [k.strip() for k in lines[0].strip("|").split("|")][5:]
+    arms = []
+    for line in lines[1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        name = cells[0]
+        kind = "teacher" if name == "teacher" else "auto" if name.startswith("auto") else "uniform"
+        arms.append(Arm(name, kind, float(cells[2].rstrip("×")), cells[1].replace("-", ""),
+                        int(cells[3].replace(",", "")), float(cells[4]),
+                        {k: float(c.split()[0]) for k, c in zip(keys, cells[5:])}))
+    return arms
+
+
+def merge(paths: list[Path], args: argparse.Namespace) -> int:
+    """One table and plot from several runs' tables: the first run's teacher, every other arm once."""
+    arms: list[Arm] = []
+    for path in paths:
+        arms += [a for a in read_table(path) if a.name not in {b.name for b in arms}]
+    arms = [arms[0], *sorted(arms[1:], key=lambda a: (a.kind != "auto", a.speedup))]
+    from quality_smollm2 import machine
+
+    text = "\n".join(f"- merged from {', '.join(map(str, paths))} (each run's settings in its own header)"
+                     if line.startswith("- every trainable arm") else line
+                     for line in markdown(arms, args, machine()).splitlines()) + "\n"
+    (args.out / "pareto_smollm2.md").write_text(text)
+    plot(arms, args.out / "pareto_smollm2.png", args)
+    print(text + "\n" + "\n".join(goal(arms, 3.0, args)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from hybrid_report import load_corpus, mixed_train
     from quality_smollm2 import machine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.merge:
+        args.out.mkdir(parents=True, exist_ok=True)
+        return merge(args.merge, args)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = load_smollm2()
@@ -333,7 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     arms = [Arm("teacher", "teacher", scores=evaluate(teacher, corpora, vocab, args))]
     log.info("teacher: %s", arms[0].scores)
     t0 = time.perf_counter()
-    measured = measure(analysis, AutoOptions(Budget.decode(budgets[0], args.context), plan_data, candidates))
+    if args.reuse_measured:
+        measured = recost(analysis, load_measured(analysis, args.reuse_measured, candidates),
+                          Budget.decode(budgets[0], args.context), flop_cost)
+    else:
+        measured = measure(analysis, AutoOptions(Budget.decode(budgets[0], args.context), plan_data, candidates))
     log.info("auto: measured %d candidates in %.0f s", len(candidates), time.perf_counter() - t0)
     (args.out / "pareto_measured.json").write_text(json.dumps(
         {s.name: [(label, quality, cost) for label, _, quality, cost in measured.options[s.name]]
@@ -347,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     # so far is written after each arm
     order = sorted(plans, key=lambda b: b != args.compare_budget)
     jobs = [(f"auto decode@{args.context}={order[0]:g}", "auto", plans[order[0]])]
-    jobs += [(arm_label(c), "uniform", c) for c in candidates]
+    uniform = [c for c in candidates if args.uniform is None or arm_label(c) in args.uniform.split(",")]
+    jobs += [(arm_label(c), "uniform", c) for c in uniform]
     jobs += [(f"auto decode@{args.context}={b:g}", "auto", plans[b]) for b in order[1:]]
     for name, kind, target in jobs:
         arms.append(run_arm(name, kind, analysis.rewrite(target), teacher, train, corpora, vocab, args))

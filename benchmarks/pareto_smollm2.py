@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--windows", default="64,128,512", help="window sizes (uniform arms and auto candidates)")
     p.add_argument("--hybrids", default=",".join(HYBRIDS), help="learned hybrid targets (defaults)")
     p.add_argument("--plan-tokens", type=int, default=2048, help="calibration tokens the planner measures on")
+    p.add_argument("--quality", choices=("perplexity", "error"), default="perplexity",
+                   help="auto's per-layer quality measure (AutoOptions.quality)")
     p.add_argument("--compare-measures", default="64", help="window sizes for the measure comparison ('' = off)")
     p.add_argument("--compare-budget", type=float, default=3.0)
     p.add_argument("--long-len", type=int, default=2048, help="evaluation (and packing) length")
@@ -385,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         measured = recost(analysis, load_measured(analysis, args.reuse_measured, candidates),
                           Budget.decode(budgets[0], args.context), flop_cost)
     else:
-        measured = measure(analysis, AutoOptions(Budget.decode(budgets[0], args.context), plan_data, candidates))
+        measured = measure(analysis, AutoOptions(Budget.decode(budgets[0], args.context), plan_data, candidates,
+                                                 quality=args.quality))
     log.info("auto: measured %d candidates in %.0f s", len(candidates), time.perf_counter() - t0)
     (args.out / "pareto_measured.json").write_text(json.dumps(
         {s.name: [(label, quality, cost) for label, _, quality, cost in measured.options[s.name]]

@@ -111,12 +111,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="plan from a previous run's pareto_measured.json under the FLOP model and under "
                         "measured times (MeasuredCost, 1 thread), and compare the plans")
     p.add_argument("--quick", action="store_true",
-                   help="256-token contexts, 256 transfer tokens, window 64 + cat, auto at 3x, no comparison")
+                   help="256-token contexts, 256 transfer tokens, window 64 + cat, auto at 3x (error measure), "
+                        "no comparison")
     args = p.parse_args(argv)
     if args.quick:
         args.tokens, args.long_len, args.train_len, args.plan_tokens = 256, 256, 256, 256
         args.windows, args.hybrids, args.budgets, args.recall = "64", "cat", "3", "32"
-        args.compare_measures = ""
+        args.compare_measures, args.quality = "", "error"
     # hybrid_report's transfer_config reads these: one --train-len sequence per step
     args.batch_size, args.seq_len, args.train_batch_size = 1, args.train_len, None
     return args

@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--windows", default="64,128,512", help="window sizes (uniform arms and auto candidates)")
     p.add_argument("--hybrids", default=",".join(HYBRIDS), help="learned hybrid targets (defaults)")
     p.add_argument("--plan-tokens", type=int, default=2048, help="calibration tokens the planner measures on")
-    p.add_argument("--quality", choices=("perplexity", "error"), default="perplexity",
+    p.add_argument("--quality", choices=("error", "perplexity"), default="error",
                    help="auto's per-layer quality measure (AutoOptions.quality)")
     p.add_argument("--compare-measures", default="64", help="window sizes for the measure comparison ('' = off)")
     p.add_argument("--compare-budget", type=float, default=3.0)

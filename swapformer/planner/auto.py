@@ -57,11 +57,11 @@ class AutoOptions:
         resolution: units of the discretised budget in the selection.
         cost_fn: the cost model (default: the cores' FLOP/state accounting; see also
             :class:`~swapformer.planner.costs.MeasuredCost`).
-        quality: the quality measure, ``"perplexity"`` (the default: the calibration loss change when
-            only that site is replaced, one forward per site and candidate) or ``"error"`` (each
-            site's teacher-forced output error, all sites in one forward per candidate: ~20x cheaper,
-            but on SmolLM2-135M it ranked layers worse and its 3x plan lost 1.34x the teacher's
-            perplexity against 1.11x; benchmarks/RESULTS.md, issue 16); see
+        quality: the quality measure, ``"error"`` (the default: each site's teacher-forced output
+            error, all sites in one forward per candidate) or ``"perplexity"`` (the calibration loss
+            change when only that site is replaced, one forward per site and candidate, ~20x the
+            cost; better when few, very lossy candidates compete with keeping a layer, noisier when
+            cheap candidates differ little; benchmarks/RESULTS.md, issue 16); see
             :mod:`~swapformer.planner.quality`.
 
     Raises:
@@ -75,7 +75,7 @@ class AutoOptions:
     transfer_lr: float = 1e-3
     resolution: int = DEFAULT_RESOLUTION
     cost_fn: CostFn = flop_cost
-    quality: str = "perplexity"
+    quality: str = "error"
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> AutoOptions:

@@ -1,13 +1,14 @@
 """What replacing one site with one candidate costs in quality, measured on calibration data.
 
-Two measures (``AutoOptions.quality``): ``"perplexity"`` (the default;
-:func:`single_site_loss_deltas`: the calibration loss with only that one site replaced, minus the
+Two measures (``AutoOptions.quality``): ``"error"`` (the default, below) and ``"perplexity"``
+(:func:`single_site_loss_deltas`: the calibration loss with only that one site replaced, minus the
 original's; one rewrite and one full forward per site and candidate, ~20x the cost of ``"error"`` on
-a 30-layer model) and ``"error"`` (below). ``benchmarks/pareto_smollm2.py --compare-measures``
-measures both on SmolLM2-135M: with ``window=64`` as the candidate their per-layer rankings agree
-only loosely (Spearman 0.43) and the plan from ``"perplexity"`` is far better on held-out text, so it
-is the default: a layer's output error says little about how much later layers and the loss
-depend on that layer.
+a 30-layer model). ``benchmarks/pareto_smollm2.py`` measured both on SmolLM2-135M (RESULTS.md, issue
+16): their layer rankings agree only loosely (Spearman ~0.4); with keep-or-``window=64`` the loss
+change gave a far better plan, but with ``window`` 64 and 512 as candidates its single-layer
+changes on 1,024 calibration tokens were below the noise for many layers (0 after clamping), the
+plan put the cheapest window there, and the error measure's plan was better on held-out text. The
+error measure is kept as the default: 20x cheaper and stable.
 
 The ``"error"`` measure is the cheapest one that compares sites: the model rewritten to a candidate runs on the
 calibration batches with the attention-transfer hooks of :mod:`swapformer.calibrate.transfer`

@@ -124,7 +124,8 @@ def test_rewrite_auto_builds_the_plan_and_new_parameters_live_in_replaced_sites(
 
 def test_measured_costs_come_from_the_cores_accounting(analysis, ids) -> None:
     options = AutoOptions.from_options({"budget": ONE_LAYER_STATE, "calibration_data": ids,
-                                        "candidates": [WINDOW, "fastweight"], "transfer_steps": 2})
+                                        "candidates": [WINDOW, "fastweight"], "transfer_steps": 2,
+                                        "quality": "error"})
     measured = measure(analysis, options)
     for site in measured.sites:
         (keep, *_, window, fastweight) = measured.options[site.name]
@@ -386,3 +387,124 @@ def test_transfer_steps_train_the_candidates_new_parameters(analysis, model, ids
     after = site_errors(student, model, [ids], transfer_steps=5, lr=1e-3)
     assert any(not torch.equal(a, p) for a, p in zip(start, core.new_parameters()))
     assert after[f"{FAR}:0"] < before[f"{FAR}:0"]
+
+
+# --- the second quality measure, one measurement for many budgets, the cost of a rewritten model ------
+
+
+def test_perplexity_measure_sees_the_far_layer_and_plans_the_same(analysis, model, ids) -> None:
+    from swapformer.planner.quality import mean_nll
+
+    options = AutoOptions.from_options({"budget": ONE_LAYER_STATE, "calibration_data": ids,
+                                        "candidates": [WINDOW], "quality": "perplexity"})
+    measured = measure(analysis, options)
+    delta = {s.name: measured.options[s.name][1][2] for s in measured.sites}
+    # replacing the local layer alone changes the loss by ~nothing; the far layer's window loses the past
+    assert 0 <= delta[f"{LOCAL}:0"] < 1e-4 < 0.01 < delta[f"{FAR}:0"]
+    only_far = analysis.rewrite(Plan.of({FAR: WINDOW}))
+    assert delta[f"{FAR}:0"] == pytest.approx(mean_nll(only_far, [ids]) - mean_nll(model, [ids]), rel=1e-4)
+    report = analysis.explain("auto", budget=ONE_LAYER_STATE, calibration_data=ids, candidates=[WINDOW],
+                              quality="perplexity")
+    assert _decisions(report) == {LOCAL: "window", FAR: "keep"}
+
+
+def test_unknown_quality_measure_is_a_config_error(ids) -> None:
+    with pytest.raises(ConfigError, match="quality must be one of error, perplexity"):
+        AutoOptions.from_options({"budget": ONE_LAYER_STATE, "calibration_data": ids, "quality": "vibes"})
+
+
+def test_select_plan_reuses_one_measurement_for_several_budgets(analysis, ids) -> None:
+    from swapformer.planner import select_plan
+
+    budget = Budget.decode(1.5, context=CONTEXT)
+    measured = measure(analysis, AutoOptions.from_options({"budget": budget, "calibration_data": ids,
+                                                           "candidates": [WINDOW]}))
+    assert select_plan(measured, budget) == analysis.explain("auto", budget=budget, calibration_data=ids,
+                                                             candidates=[WINDOW]).plan
+    loose = select_plan(measured, Budget.decode(1.01, context=CONTEXT))
+    assert [c.label for c in loose.choices] == ["window(window=8)", "keep"]
+    with pytest.raises(ConfigError, match="no plan meets"):
+        select_plan(measured, Budget.decode(1000, context=CONTEXT))
+
+
+def test_model_cost_of_a_plan_is_what_the_planner_promised(analysis, model, ids) -> None:
+    from swapformer.planner import fixed_cost, flop_cost, model_cost
+
+    budget = Budget.decode(1.5, context=CONTEXT)
+    report = analysis.explain("auto", budget=budget, calibration_data=ids, candidates=[WINDOW])
+    student = analysis.rewrite(report.plan)
+    cost, original = model_cost(student, model, "decode", CONTEXT)
+    sites = {s.module: s for s in report.sites}
+    dense = flop_cost(sites[LOCAL], None, "decode", CONTEXT)
+    windowed = flop_cost(sites[LOCAL], student.get_submodule(f"{LOCAL}.swapformer_core"), "decode", CONTEXT)
+    assert original == fixed_cost(model, "decode") + 2 * dense
+    assert cost == original - dense + windowed
+    assert original / cost >= 1.5 and f"plan {original / cost:.3g}x" in report.plan.summary
+    with pytest.raises(InputError, match="made by swapformer"):
+        model_cost(model, model, "decode", CONTEXT)
+
+
+# --- measured per-layer times as the cost model --------------------------------------------------------
+
+
+def test_measured_cost_times_cores_on_the_sites_shapes_and_plans_within_its_own_budget(analysis, model, ids) -> None:
+    from swapformer.planner import MeasuredCost, flop_cost, model_cost, recost, select_plan
+
+    timer = MeasuredCost(threads=1, repeats=3)
+    long = 65536
+    student = analysis.rewrite(WINDOW, verify=False)
+    site = student.swapformer_report.replaced[0].site
+    core = student.get_submodule(student.swapformer_report.replaced[0].core_name)
+    dense, windowed = timer(site, None, "decode", long), timer(site, core, "decode", long)
+    assert 0 < windowed < dense  # 11 cached rows against 65,536
+    assert timer(site, core, "state", long) == flop_cost(site, core, "state", long)
+    assert timer.fixed_cost(model, "decode") > 0 and timer.fixed_cost(model, "state") == 0
+    with pytest.raises(ConfigError, match="prefills up to"):
+        timer(site, None, "prefill", long)
+    hybrid = analysis.rewrite("elita", verify=False)  # stateful, reads the block input
+    rep = hybrid.swapformer_report.replaced[0]
+    assert 0 < timer(rep.site, hybrid.get_submodule(rep.core_name), "decode", long) < dense
+    # one measurement of quality, costed by both models; the measured plan meets its measured budget
+    budget = Budget.decode(1.5, context=long)
+    measured = measure(analysis, AutoOptions.from_options({"budget": budget, "calibration_data": ids,
+                                                           "candidates": [WINDOW]}))
+    timed = recost(analysis, measured, budget, timer)
+    assert [o[2] for o in timed.options[f"{LOCAL}:0"]] == [o[2] for o in measured.options[f"{LOCAL}:0"]]
+    assert timed.options[f"{LOCAL}:0"][0][3] == dense
+    plan = select_plan(timed, budget)
+    cost, original = model_cost(analysis.rewrite(plan), model, "decode", long, cost_fn=timer)
+    assert original / cost >= 1.5
+
+
+# --- the zoo's auto option ---------------------------------------------------------------------------
+
+
+def test_zoo_runs_auto_under_a_budget_and_records_the_plan(tmp_path: Path) -> None:
+    from swapformer import zoo
+    from swapformer.zoo.runner import parse_targets
+
+    assert "auto" not in parse_targets("all") and parse_targets("auto,window") == ["auto", "window"]
+    toml = tmp_path / "zoo.toml"
+    toml.write_text("""
+[zoo]
+seq_len = 16
+repeats = 1
+decode_tokens = 2
+flops_contexts = [16, 4096]
+plan_seq_len = 48
+[targets.auto]
+budget = "decode@4096=1.2"
+candidates = ["fastweight", "cat"]
+[[model]]
+name = "llama-tiny"
+hf_config = { model_type = "llama", hidden_size = 32, intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, vocab_size = 256, max_position_embeddings = 64 }
+""")
+    out = tmp_path / "out"
+    assert zoo.main([str(toml), "--target", "auto", "--out", str(out), "--jobs", "1", "--quiet"]) == 0
+    [record] = json.loads((out / "report.json").read_text())["records"]
+    assert record["target"] == "auto" and record["status"] == "ok", record.get("reason")
+    plan = record["rewrite"]["plan"]
+    assert "decode@4096 >= 1.2x" in plan["summary"] and len(plan["choices"]) == 2
+    assert set(plan["choices"].values()) <= {"keep", "fastweight", "cat"}
+    assert record["rewrite"]["replaced"] == sum(v != "keep" for v in plan["choices"].values()) >= 1
+    assert record["verify"]["passed"] and "exact" not in record["verify"]

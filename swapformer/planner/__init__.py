@@ -1,7 +1,7 @@
 """``target="auto"``: a per-site plan chosen under a user's speed or memory budget.
 
 Layout: ``budget`` (what a user asks for), ``costs`` (what each candidate costs, from the cores' own
-FLOP/state accounting), ``quality`` (what each candidate costs in quality, measured on calibration
+FLOP/state accounting; ``timing``: measured seconds instead), ``quality`` (what each candidate costs in quality, measured on calibration
 data), ``select`` (the multiple-choice knapsack), ``auto`` (the candidates and the planner itself).
 Importing this package (``import swapformer`` does) registers ``"auto"`` with the rewriter.
 
@@ -12,13 +12,22 @@ Usage::
                                  calibration_data=ids)
 """
 
-from swapformer.planner.auto import AutoOptions, auto_plan, default_candidates, measure
+from swapformer.planner.auto import (
+    AutoOptions,
+    Measured,
+    auto_plan,
+    default_candidates,
+    measure,
+    recost,
+    select_plan,
+)
 from swapformer.planner.budget import Budget
-from swapformer.planner.costs import fixed_cost, flop_cost
+from swapformer.planner.costs import fixed_cost, flop_cost, model_cost
 from swapformer.planner.select import choose
+from swapformer.planner.timing import MeasuredCost
 from swapformer.rewriter.api import Planner, register_planner
 
 register_planner("auto", Planner(AutoOptions.from_options, auto_plan))
 
-__all__ = ["AutoOptions", "Budget", "auto_plan", "choose", "default_candidates", "fixed_cost", "flop_cost",
-           "measure"]
+__all__ = ["AutoOptions", "Budget", "Measured", "MeasuredCost", "auto_plan", "choose", "default_candidates",
+           "fixed_cost", "flop_cost", "measure", "model_cost", "recost", "select_plan"]

@@ -19,7 +19,12 @@ from typing import Any
 from swapformer.errors import ConfigError, InputError
 from swapformer.planner.budget import Budget
 from swapformer.planner.costs import CostFn, fixed_cost, flop_cost
-from swapformer.planner.quality import calibration_batches, site_errors
+from swapformer.planner.quality import (
+    calibration_batches,
+    mean_nll,
+    single_site_loss_deltas,
+    site_errors,
+)
 from swapformer.planner.select import DEFAULT_RESOLUTION, choose
 from swapformer.rewriter.plan import Plan, PlanChoice, target_label
 from swapformer.sites import Site
@@ -28,6 +33,7 @@ from swapformer.targets.base import TargetConfig, resolve_target
 log = logging.getLogger(__name__)
 DEFAULT_WINDOWS = (128, 512, 2048)
 HYBRIDS = ("fastweight", "elita", "cat")
+QUALITY_MEASURES = ("error", "perplexity")
 
 
 def default_candidates(windows: Sequence[int] = DEFAULT_WINDOWS) -> tuple[TargetConfig, ...]:
@@ -45,10 +51,18 @@ class AutoOptions:
             sequences longer than the largest window.
         candidates: target names or configs to choose from besides keeping the original (default:
             :func:`default_candidates`).
-        transfer_steps: Adam steps of attention transfer per candidate before measuring (0: none).
+        transfer_steps: Adam steps of attention transfer per candidate before measuring (0: none;
+            the "error" measure only).
         transfer_lr: their learning rate.
         resolution: units of the discretised budget in the selection.
-        cost_fn: the cost model (default: the cores' FLOP/state accounting).
+        cost_fn: the cost model (default: the cores' FLOP/state accounting; see also
+            :class:`~swapformer.planner.costs.MeasuredCost`).
+        quality: the quality measure, ``"error"`` (the default: each site's teacher-forced output
+            error, all sites in one forward per candidate) or ``"perplexity"`` (the calibration loss
+            change when only that site is replaced, one forward per site and candidate, ~20x the
+            cost; better when few, very lossy candidates compete with keeping a layer, noisier when
+            cheap candidates differ little; benchmarks/RESULTS.md, issue 16); see
+            :mod:`~swapformer.planner.quality`.
 
     Raises:
         ConfigError: no or a bad budget, no calibration data, an unknown option or candidate.
@@ -61,6 +75,7 @@ class AutoOptions:
     transfer_lr: float = 1e-3
     resolution: int = DEFAULT_RESOLUTION
     cost_fn: CostFn = flop_cost
+    quality: str = "error"
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> AutoOptions:
@@ -89,6 +104,8 @@ class AutoOptions:
             raise ConfigError(f"transfer_steps must be an int >= 0, got {self.transfer_steps!r}")
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 1:
             raise ConfigError(f"resolution must be an int >= 1, got {self.resolution!r}")
+        if self.quality not in QUALITY_MEASURES:
+            raise ConfigError(f"quality must be one of {', '.join(QUALITY_MEASURES)}, got {self.quality!r}")
         labels = [target_label(c) for c in self.candidates]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"candidates must differ, got {labels}")
@@ -115,13 +132,21 @@ def auto_plan(analysis: Any, options: AutoOptions, filter_fn: Any = None) -> Pla
         ConfigError: no plan meets the budget (the message says what the cheapest plan reaches).
         InputError: the model has no attention site to plan.
     """
-    measured = measure(analysis, options, filter_fn)
-    budget = options.budget
+    return select_plan(measure(analysis, options, filter_fn), options.budget, options.resolution)
+
+
+def select_plan(measured: Measured, budget: Budget, resolution: int = DEFAULT_RESOLUTION) -> Plan:
+    """The plan of least total quality cost in ``measured`` that meets ``budget`` (whose kind and
+    context must be those ``measured`` was costed at).
+
+    Raises:
+        ConfigError: no plan meets the budget (the message says what the cheapest plan reaches).
+    """
     groups = [measured.options[s.name] for s in measured.sites]
     original = sum(g[0][3] for g in groups)
     capacity = budget.capacity(measured.fixed, original)
     picks = choose([[o[2] for o in g] for g in groups], [[o[3] for o in g] for g in groups], capacity,
-                   resolution=options.resolution)
+                   resolution=resolution)
     if picks is None:
         cheapest = budget.achieved(measured.fixed, sum(min(o[3] for o in g) for g in groups), original)
         raise ConfigError(f"no plan meets the budget {budget.describe()}: replacing every site by its "
@@ -145,13 +170,18 @@ def measure(analysis: Any, options: AutoOptions, filter_fn: Any = None) -> Measu
     _warn_short_data(options)
     planned = {s.name for s in sites}
     table = {s.name: [("keep", None, 0.0, cost_fn(s, None, budget.kind, budget.context))] for s in sites}
+    baseline = mean_nll(analysis.model, options.calibration_data) if options.quality == "perplexity" else 0.0
     for config in options.candidates:
         label = target_label(config)
         student = analysis.rewrite(config, filter_fn=lambda s: s.name in planned, verify=False)
-        errors = site_errors(student, analysis.model, options.calibration_data,
-                             transfer_steps=options.transfer_steps, lr=options.transfer_lr)
+        served = [r.site for r in student.swapformer_report.replaced]
+        if options.quality == "perplexity":
+            errors = single_site_loss_deltas(analysis, config, served, options.calibration_data, baseline)
+        else:
+            errors = site_errors(student, analysis.model, options.calibration_data,
+                                 transfer_steps=options.transfer_steps, lr=options.transfer_lr)
         for rep in student.swapformer_report.replaced:
-            error = errors[rep.site.name]
+            error = errors.get(rep.site.name, math.nan)
             if not math.isfinite(error):
                 log.warning("%s at %s gives a non-finite output error: not a candidate there", label, rep.site.name)
                 continue
@@ -159,9 +189,30 @@ def measure(analysis: Any, options: AutoOptions, filter_fn: Any = None) -> Measu
             table[rep.site.name].append((label, config, error, cost_fn(rep.site, core, budget.kind, budget.context)))
         log.info("auto: measured %s at %d sites", label, len(student.swapformer_report.replaced))
         del student
+    return Measured(sites, table, _fixed(analysis, planned, budget, cost_fn))
+
+
+def recost(analysis: Any, measured: Measured, budget: Budget, cost_fn: CostFn) -> Measured:
+    """``measured`` with every option's cost taken again by ``cost_fn`` at ``budget``'s kind and
+    context, the quality costs kept: one rewrite per candidate, no quality measurement (e.g. to plan
+    under :class:`~swapformer.planner.timing.MeasuredCost` and under :func:`flop_cost` alike)."""
+    planned = {s.name for s in measured.sites}
+    configs = {o[0]: o[1] for options in measured.options.values() for o in options[1:]}
+    cores: dict[str, dict[str, Any]] = {}
+    for label, config in configs.items():
+        student = analysis.rewrite(config, filter_fn=lambda s: s.name in planned, verify=False)
+        cores[label] = {r.site.name: student.get_submodule(r.core_name) for r in student.swapformer_report.replaced}
+    table = {s.name: [(label, config, quality,
+                       cost_fn(s, cores[label][s.name] if config is not None else None, budget.kind, budget.context))
+                      for label, config, quality, _ in measured.options[s.name]] for s in measured.sites}
+    return Measured(measured.sites, table, _fixed(analysis, planned, budget, cost_fn))
+
+
+def _fixed(analysis: Any, planned: set[str], budget: Budget, cost_fn: CostFn) -> float:
+    """The cost of the rest of the model and of the attention sites not planned (as they are)."""
     others = [s for s in analysis.sites if s.kind == "attention" and s.name not in planned]
-    fixed = fixed_cost(analysis.model, budget.kind) + sum(cost_fn(s, None, budget.kind, budget.context) for s in others)
-    return Measured(sites, table, fixed)
+    rest = getattr(cost_fn, "fixed_cost", fixed_cost)(analysis.model, budget.kind)
+    return rest + sum(cost_fn(s, None, budget.kind, budget.context) for s in others)
 
 
 def _warn_short_data(options: AutoOptions) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 from torch import nn
 
+from swapformer.errors import InputError
 from swapformer.sites import AttentionSite
 from swapformer.targets.base import TargetModule
 from swapformer.targets.reference import STATE_ELEMENT_BYTES, sdpa_flops_per_token
@@ -59,3 +60,24 @@ def fixed_cost(model: nn.Module, kind: str) -> float:
     if kind == "state":
         return 0.0
     return float(2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)))
+
+
+def model_cost(student: nn.Module, teacher: nn.Module, kind: str, context: int,
+               cost_fn: CostFn = flop_cost) -> tuple[float, float]:
+    """``(cost, original cost)`` of a rewritten model (any plan or uniform target) in ``cost_fn``'s
+    unit: its replaced attention sites at their cores' cost, every other attention site as the
+    original, plus the rest of ``teacher`` (``cost_fn.fixed_cost`` when it has one, else
+    :func:`fixed_cost`). A decode or prefill speed-up is ``original / cost``.
+
+    Raises:
+        InputError: ``student`` was not made by swapformer.
+    """
+    report = getattr(student, "swapformer_report", None)
+    if report is None:
+        raise InputError("model_cost needs a model made by swapformer.rewrite (it has no swapformer_report)")
+    fixed = getattr(cost_fn, "fixed_cost", fixed_cost)(teacher, kind)
+    cores = {r.site.name: student.get_submodule(r.core_name) for r in report.replaced}
+    attention = [s for s in report.sites if s.kind == "attention"]
+    original = fixed + sum(cost_fn(s, None, kind, context) for s in attention)
+    cost = fixed + sum(cost_fn(s, cores.get(s.name), kind, context) for s in attention)
+    return cost, original

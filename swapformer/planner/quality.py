@@ -1,6 +1,16 @@
 """What replacing one site with one candidate costs in quality, measured on calibration data.
 
-The measure is the cheapest one that compares sites: the model rewritten to a candidate runs on the
+Two measures (``AutoOptions.quality``): ``"error"`` (the default, below) and ``"perplexity"``
+(:func:`single_site_loss_deltas`: the calibration loss with only that one site replaced, minus the
+original's; one rewrite and one full forward per site and candidate, ~20x the cost of ``"error"`` on
+a 30-layer model). ``benchmarks/pareto_smollm2.py`` measured both on SmolLM2-135M (RESULTS.md, issue
+16): their layer rankings agree only loosely (Spearman ~0.4); with keep-or-``window=64`` the loss
+change gave a far better plan, but with ``window`` 64 and 512 as candidates its single-layer
+changes on 1,024 calibration tokens were below the noise for many layers (0 after clamping), the
+plan put the cheapest window there, and the error measure's plan was better on held-out text. The
+error measure is kept as the default: 20x cheaper and stable.
+
+The ``"error"`` measure is the cheapest one that compares sites: the model rewritten to a candidate runs on the
 calibration batches with the attention-transfer hooks of :mod:`swapformer.calibrate.transfer`
 (without a cache, teacher-forced: every core gets the original model's own layer inputs, and every later layer sees
 the original's outputs), and each site's error is its output MSE over the variance of the original
@@ -20,8 +30,9 @@ from torch import nn
 
 from swapformer.calibrate.transfer import TransferHooks
 from swapformer.errors import InputError
-from swapformer.measure.quality import call_model
+from swapformer.measure.quality import call_model, forward_logits, sequence_nll
 from swapformer.rewriter.report import Replacement
+from swapformer.sites import Site
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +97,29 @@ def _forward(model: nn.Module, batch: torch.Tensor) -> Callable[[], Any]:
     """One full forward without a cache: a cached call may run its core in pieces, and each piece
     would then be held to the attention of that piece alone."""
     return lambda: call_model(model, batch)
+
+
+def mean_nll(model: nn.Module, batches: Sequence[torch.Tensor]) -> float:
+    """Mean next-token NLL (nats/token) of ``model`` over ``batches``, without a cache."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            total += float(sequence_nll(forward_logits(model, batch), batch))
+            count += batch.shape[0] * (batch.shape[1] - 1)
+    return total / count
+
+
+def single_site_loss_deltas(analysis: Any, config: Any, sites: Sequence[Site], batches: Sequence[torch.Tensor],
+                            baseline: float) -> dict[str, float]:
+    """Per site, the calibration NLL (nats/token) of the model with only that site replaced by
+    ``config``, minus ``baseline`` (the original's), at least 0: the loss a site costs on its own, one
+    rewrite and one full forward per site. Sites ``config`` cannot serve are left out."""
+    deltas = {}
+    for site in sites:
+        student = analysis.rewrite(config, filter_fn=lambda s, name=site.name: s.name == name, verify=False)
+        if student.swapformer_report.replaced:
+            # a loss that drops is calibration-text noise, not a gain to trade for cost: 0, so that among
+            # harmless candidates the selection takes the cheapest
+            deltas[site.name] = max(0.0, mean_nll(student.eval(), batches) - baseline)
+        del student
+    return deltas

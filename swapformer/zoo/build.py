@@ -96,3 +96,31 @@ def has_logits(model: Any) -> bool:
     """Whether ``model`` has a language-model head (``get_output_embeddings``)."""
     get = getattr(model, "get_output_embeddings", None)
     return callable(get) and get() is not None
+
+
+def rewrite_is_exact(student: Any) -> bool:
+    """Whether every replaced site of ``student`` got an exact target (a plan mixes targets)."""
+    from swapformer.targets.base import resolve_target
+
+    return all((r.config or resolve_target(r.target)).exact for r in student.swapformer_report.replaced)
+
+
+def plan_data(built: Built, settings: dict[str, Any]) -> torch.Tensor:
+    """``[plan_batches, plan_seq_len]`` input ids a planner (``target = "auto"``) measures on: the
+    entry's corpus when the model has a tokenizer, else random ids below the config's vocabulary.
+
+    Raises:
+        ValueError: the model has neither a tokenizer nor a ``config.vocab_size``.
+    """
+    from swapformer.loading.data import pack
+    from swapformer.loading.offline import corpus_tokens
+
+    rows, length = int(settings.get("plan_batches", 2)), int(settings.get("plan_seq_len", 256))
+    if built.tokenizer is not None:
+        docs = corpus_tokens(settings.get("corpus", "shakespeare"), built.tokenizer)
+        return pack(docs, length, sep_token=built.tokenizer.eos_token_id)[:rows]
+    vocab = getattr(getattr(built.model, "config", None), "vocab_size", None)
+    if not vocab:
+        raise ValueError("target 'auto' needs token ids to plan on: the model has no tokenizer and no "
+                         "config.vocab_size")
+    return torch.randint(0, int(vocab), (rows, length), generator=torch.Generator().manual_seed(0))

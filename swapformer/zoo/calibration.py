@@ -15,8 +15,7 @@ import torch.distributed as dist
 import swapformer
 from swapformer.calibrate import CalibrationConfig, Stage, calibrate
 from swapformer.loading.offline import corpus_tokens
-from swapformer.targets.base import resolve_target
-from swapformer.zoo.build import Built, build_model, has_logits
+from swapformer.zoo.build import Built, build_model, has_logits, rewrite_is_exact
 from swapformer.zoo.records import slug, write_json
 from swapformer.zoo.spec import DEFAULTS, ZooEntry
 
@@ -27,7 +26,7 @@ def calibrate_step(rec: dict[str, Any], built: Built, student: Any, target: str,
     reason = None
     if tokens <= 0:
         reason = "not requested (--calibrate-tokens 0)"
-    elif resolve_target(target).exact:
+    elif rewrite_is_exact(student):
         reason = "exact target: nothing to calibrate"
     elif built.tokenizer is None:
         reason = "the model has no tokenizer, so no corpus to calibrate on"
@@ -35,6 +34,10 @@ def calibrate_step(rec: dict[str, Any], built: Built, student: Any, target: str,
         reason = "the model has no language-model head (calibration distills next-token logits)"
     if reason:
         rec["calibration"] = {"status": "skipped", "reason": reason}
+        return None
+    if int(work.get("nproc") or 1) > 1 and student.swapformer_report.plan is not None:
+        # the ranks rebuild the student from the target name, and a planner would plan again on each
+        rec["calibration"] = {"status": "skipped", "reason": "a planned target calibrates with --nproc 1 only"}
         return None
     if int(work.get("nproc") or 1) > 1:
         return _calibrate_torchrun(rec, built, student, target, work)

@@ -9,15 +9,14 @@ import torch
 
 from swapformer.rewriter.capture import normalize_inputs
 from swapformer.rewriter.verify import first_tensor
-from swapformer.targets.base import resolve_target
-from swapformer.zoo.build import Built
+from swapformer.zoo.build import Built, rewrite_is_exact
 
 
 def verify_step(rec: dict[str, Any], built: Built, student: Any, target: str, work: dict[str, Any]) -> None:
     """The verify step of :func:`~swapformer.zoo.worker.run_target`: invariants into ``rec``."""
     report = student.swapformer_report
     checks = check_invariants(built.model, student, built.check_inputs)
-    exact = resolve_target(target).exact
+    exact = rewrite_is_exact(student)
     checks["max_abs_diff"] = report.max_abs_diff
     if exact and report.replaced:
         checks["exact"] = True  # rewrite() raised VerificationError otherwise

@@ -7,9 +7,8 @@ from typing import Any
 
 from swapformer import checkpoint
 from swapformer.measure.bench import BenchSettings, bench_perplexity, bench_speed
-from swapformer.targets.base import resolve_target
 from swapformer.targets.reference import sdpa_flops_per_token
-from swapformer.zoo.build import Built, has_logits
+from swapformer.zoo.build import Built, has_logits, rewrite_is_exact
 from swapformer.zoo.spec import ZooEntry
 
 
@@ -38,7 +37,7 @@ def core_costs(student: Any, target: str, contexts: list[int]) -> tuple[dict[str
     a core without ``flops_per_token``/``state_bytes`` is counted as dense for exact targets and as
     unknown (``None``) otherwise.
     """
-    exact = resolve_target(target).exact
+    exact = rewrite_is_exact(student)
     flops: dict[str, Any] = {"by_context": {}}
     state: dict[str, Any] = {"by_context": {}}
     for ctx in contexts:

@@ -42,6 +42,11 @@ Zoo file (TOML)::
     exclude = ["*huge*"]
     limit = 10
 
+``--target auto`` plans each model per layer under ``[targets.auto] budget = "decode@32768=3"`` (any
+``target="auto"`` option; see :mod:`swapformer.planner`), measured on ``plan_batches`` x
+``plan_seq_len`` tokens (default 2 x 256) of ``corpus`` (random ids for a model without a tokenizer);
+the record's ``rewrite.plan`` holds the plan.
+
 Other per-model keys: ``targets`` (restrict), ``options`` (``{window = {window = 4}}``), ``kinds``,
 ``attn_implementation``, ``timeout``, ``seq_len``. Relative paths resolve against the zoo file.
 
@@ -76,6 +81,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from swapformer.rewriter.api import PLANNERS
 from swapformer.targets.base import available_targets
 from swapformer.zoo.calibration import run_calibration_rank
 from swapformer.zoo.records import pending_targets, record_all, record_path, slug, write_json
@@ -153,16 +159,17 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def parse_targets(text: str) -> list[str]:
-    """``"sdpa,window"`` or ``"all"`` → target names.
+    """``"sdpa,window"``, ``"all"`` (every target, no planner) or a planner (``"auto"``) → names.
 
     Raises:
         ValueError: an unknown target.
     """
     known = available_targets()
     names = known if text.strip() == "all" else [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in names if t not in known]
+    bad = [t for t in names if t not in known and t not in PLANNERS]
     if bad or not names:
-        raise ValueError(f"unknown target(s) {bad}; available targets: {', '.join(known)}")
+        raise ValueError(f"unknown target(s) {bad}; available targets: {', '.join(known)}, or a planner: "
+                         f"{', '.join(PLANNERS)}")
     return names
 
 

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 import swapformer
-from swapformer.zoo.build import Built, build_model
+from swapformer.rewriter.api import PLANNERS
+from swapformer.zoo.build import Built, build_model, plan_data
 from swapformer.zoo.calibration import calibrate_step
 from swapformer.zoo.invariants import verify_step
 from swapformer.zoo.metrics import measure_step
@@ -55,7 +56,9 @@ def run_target(entry: ZooEntry, built: Built, target: str, work: dict[str, Any])
     kinds = tuple(settings.get("kinds", DEFAULTS["kinds"]))
     t0 = time.perf_counter()
     try:
-        student = swapformer.rewrite(built.model, target, example_inputs=built.inputs, kinds=kinds, **options)
+        planned = {"calibration_data": plan_data(built, settings)} if target in PLANNERS else {}
+        student = swapformer.rewrite(built.model, target, example_inputs=built.inputs, kinds=kinds,
+                                     **options, **planned)
     except Exception as e:  # noqa: BLE001 - the failure is the result
         rec.update(status="failed", reason=f"rewrite: {type(e).__name__}: {e}", error=_error(e))
         rec["detection"] = _detection_only(built, kinds, settings)
@@ -67,6 +70,9 @@ def run_target(entry: ZooEntry, built: Built, target: str, work: dict[str, Any])
     rec["detection"] = describe_detection(report.sites, report.capture, settings)
     rec["rewrite"] = {"replaced": len(report.replaced), "options": options, "capture": report.capture,
                       "skipped": [{"site": s.site.name, "reason": s.reason} for s in report.skipped]}
+    if report.plan is not None:
+        rec["rewrite"]["plan"] = {"summary": report.plan.summary,
+                                  "choices": {c.site: c.label for c in report.plan.choices}}
     if not report.replaced:
         rec.update(status="no-sites", reason=_no_site_reason(report))
     steps = (("verify", verify_step), ("calibrate", calibrate_step), ("save", save_step), ("measure", measure_step))

@@ -21,9 +21,9 @@ context): the 30 layers of one candidate are timed once.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swapformer.errors import ConfigError
+from swapformer.measure.speed import timed
 from swapformer.planner.costs import flop_cost
 from swapformer.sites import AttentionSite
 from swapformer.targets.base import TargetModule
@@ -99,12 +100,7 @@ class MeasuredCost:
 
     def _time(self, fn: Callable[[], Any]) -> float:
         fn()  # warm-up
-        times = []
-        for _ in range(self.repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return statistics.median(timed(fn) for _ in range(self.repeats))
 
 
 def _filled_state(site: AttentionSite, core: TargetModule, context: int) -> dict:
@@ -147,14 +143,12 @@ def _sdpa(site: AttentionSite, q, k, v, *, causal: bool) -> torch.Tensor:
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-class _threads:
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
     """``torch.set_num_threads(n)`` inside the block."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.saved = n, torch.get_num_threads()
-
-    def __enter__(self) -> None:
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.saved)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

@@ -329,6 +329,30 @@ class HybridCat(HybridAttention, ChunkCompressor):
                    "real": torch.cat([mem["real"], real], 1), **rest}
         return m, n, mem
 
+    def far_step(self, state, qf, item, pos, c):
+        """Attention over every chunk of the memory (none is masked but padding-only ones), then the
+        evicted token joins the pending ones; a chunk that fills is compressed (:meth:`_chunks`)."""
+        b, h, _, d = qf.shape
+        kc, vc, real = state["kc"], state["vc"], state["real"]
+        qg = qf.view(b, self.num_kv_heads, -1, d)
+        if kc.shape[2]:
+            s = torch.matmul(qg, kc.transpose(-1, -2)).mul_(self.scale).sub_(c.view(qg.shape[:-1] + (1,)))
+            e = s.masked_fill_(~real[:, None, None], -math.inf).exp_()
+            m, n = torch.matmul(e, vc), e.sum(-1, keepdim=True)
+        else:
+            m, n = qf.new_zeros(b, h, 1, d), qf.new_zeros(b, h, 1, 1)
+        keep = torch.ones(b, 1, dtype=torch.bool, device=qf.device)
+        if state["pk"].shape[2] + 1 < self.chunk_size:  # the chunk is not full yet
+            mem = {"pk": torch.cat([state["pk"], item["k"]], 2), "pv": torch.cat([state["pv"], item["v"]], 2),
+                   "pkeep": torch.cat([state["pkeep"], keep], 1)}
+        else:
+            pending = {n: state[n] for n in ("pk", "pv", "pkeep")}
+            avail = torch.tensor([pos + 1], device=qf.device)
+            kc2, vc2, real2, _, mem = self._chunks(pending, item, avail, keep)
+            mem.update(kc=torch.cat([kc, kc2], 2), vc=torch.cat([vc, vc2], 2),
+                       real=torch.cat([real, real2], 1))
+        return m.reshape(b, h, 1, d), n.reshape(b, h, 1, 1), mem
+
     far_reads_row_max = True
 
     def far_tiles_supported(self) -> bool:

@@ -340,6 +340,16 @@ class HybridElita(LinearFarMemory):
         rho = self.logit_core.query_logit(hidden, int(pos[0]) if pos.numel() else 0)
         return self._exp(rho).to(q.dtype)
 
+    def step_features(self, q, k, v, hidden, pos: int):
+        """``κ`` and ``Q = e^{clip ρ}`` of one token from one evaluation of both position terms."""
+        hidden = require_hidden(hidden, self.target_name)
+        core, dt = self.logit_core, torch.promote_types(hidden.dtype, torch.float32)
+        x = hidden.to(dt)
+        p1, p2 = core._positions(x.shape[1], pos, x.device)
+        kappa = x @ core.k1.to(dt).t() + p1.to(dt)
+        rho = x @ core.k3.to(dt).t() + p2.to(dt)
+        return {"kappa": kappa.transpose(1, 2)[..., None].to(k.dtype)}, self._exp(rho).to(q.dtype)
+
     def far_tiles_context(self, qf, buf, length, padded_len) -> dict:
         """The memory read by every query of the call, as one cumulative sum: query ``i`` reads
         ``Q_i Σ_{s ≤ j ≤ i − w} C_j [v_j, 1]`` (feature width 1, so no chunking is needed)."""

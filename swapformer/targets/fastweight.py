@@ -396,6 +396,22 @@ class HybridFastWeight(LinearFarMemory):
             z = z + written.sum(2)
         return m.reshape(b, h, tq, -1), n.reshape(b, h, tq, 1), {"S": S, "z": z}
 
+    def far_step(self, state, qf, item, pos, c) -> FarRead:
+        """The decayed memory for one query: read as it is (age 0), then carried one position and
+        given the evicted token at age 0 (``γ S + φk vᵀ``, ``γ z + φk``)."""
+        log_gamma = self.log_decay()
+        if log_gamma is None:
+            return super().far_step(state, qf, item, pos, c)
+        b, h, _, f = qf.shape
+        qg = qf.view(b, self.memory_heads, -1, f)
+        S, z = state["S"], state["z"]
+        m, n = torch.matmul(qg, S), torch.matmul(qg, z[..., None])
+        gamma = torch.exp(log_gamma.to(qf.dtype))[:, None]  # [Hkv, 1]
+        fk, fv = self.memory_items(item)
+        mem = {"S": torch.addcmul(S * gamma[..., None], fk.transpose(-1, -2), fv),
+               "z": z * gamma + fk[:, :, 0]}
+        return m.view(b, h, 1, -1), n.view(b, h, 1, 1), mem
+
     @classmethod
     def from_site(
         cls, site: Site, config: TargetConfig, weights: Mapping[str, torch.Tensor]

@@ -32,6 +32,16 @@ attention for fast weights, one cumulative sum for ELiTA, CAT's chunks compresse
 loop stays for decoding, continued prefills and padding, and is the reference the tests pin the
 tiles to (outputs, gradients, state); ``tiled_prefill = False`` selects it.
 
+A decoding step of one token after the window has filled, without padding (the step ``generate()``
+takes) runs :meth:`HybridAttention._decode_step` instead of the block loop: the state holds exactly
+the keys the new query sees exactly (the sinks and the last ``w − 1`` tokens), so the exact part is
+one softmax over the cached keys and the new one with no mask; the far part reads the whole memory
+(:meth:`HybridAttention.far_step`) and then absorbs the one evicted token (position ``i − w + 1``,
+readable from query ``i + 1`` on). One concatenation per cached per-token tensor, with the evicted
+token put first, gives the keys, and the state keeps the rest as a view (one row more storage).
+The same sums as the block loop in another order (equal to rounding, checked by the tests);
+``fast_decode = False`` selects the loop.
+
 Block size (the configs' ``block_size``, default 64), measured on SmolLM2-135M's cores (9 / 3 kv
 heads, d 64, window 64 + 4 sinks, fastweight's Hedgehog memory, 1 thread, CPU time of a stateful
 prefill per layer): with the block loop, block 32: 93 ms at 2k; 64: 65 ms at 2k, 304 ms at 8k; 128:
@@ -186,6 +196,8 @@ class HybridAttention(TargetModule):
         self.window, self.sinks, self.block_size = local_window, sinks, block_size
         self.mix_logit = nn.Parameter(torch.full((num_heads,), inverse_softplus(mix_init)))
         self._far_ratios: list[torch.Tensor] | None = None
+        # per-step position increments of a full window (see _position_step); never saved
+        self._position_steps: dict[tuple, torch.Tensor] = {}
 
     # ---- far-memory hooks -------------------------------------------------------------------
     def token_inputs(self, k, v, hidden, pos) -> Tokens:
@@ -207,6 +219,25 @@ class HybridAttention(TargetModule):
 
     def token_bytes(self) -> int:
         return 0
+
+    # ---- hooks of the one-token decoding step (see :meth:`_decode_step`) -----------------------
+    def step_features(self, q, k, v, hidden, pos: int) -> tuple[Tokens, torch.Tensor]:
+        """``(token_inputs, query_features)`` of one token at position ``pos`` (one call, so that a
+        subclass can share work between the two)."""
+        at = torch.arange(pos, pos + 1, device=q.device)
+        return self.token_inputs(k, v, hidden, at), self.query_features(q, hidden, at)
+
+    def far_step(self, state: dict, qf: torch.Tensor, item: Tokens, pos: int,
+                 c: torch.Tensor | None) -> FarRead:
+        """:meth:`far_block` of one query at ``pos`` that reads the whole memory in ``state`` (read
+        only), then absorbs ``item`` (the token at ``pos − w + 1``, one row of every per-token
+        tensor, real, readable from ``pos + 1`` on). ``c`` ``[B, H, 1, 1]``; returns ``m [B, H, 1, Dv]``,
+        ``n [B, H, 1, 1]`` and the memory after. This default runs :meth:`far_block`; subclasses
+        override it with the few ops a single query needs."""
+        b = qf.shape[0]
+        q_pos = torch.arange(pos, pos + 1, device=qf.device)
+        keep = torch.ones(b, 1, dtype=torch.bool, device=qf.device)
+        return self.far_block(self._memory_from(state, b, qf), qf, item, q_pos + 1, keep, q_pos, c)
 
     # ---- far-memory hooks of the tiled prefill (see :meth:`_tiled`) ----------------------------
     def far_tiles_supported(self) -> bool:
@@ -323,6 +354,65 @@ class HybridAttention(TargetModule):
     segment_len: int = 256
     # the far memory reads the exact part's row max c_i (cat's chunks are shifted by it)
     far_reads_row_max: bool = False
+    # a one-token decoding step with a full window and no padding runs _decode_step (False: the
+    # block loop, which the tests take as the reference)
+    fast_decode: bool = True
+
+    def _decode_step_applies(self, q, k, bias, state: dict | None, dtype: torch.dtype) -> bool:
+        """Whether this call is a step :meth:`_decode_step` computes: one token, no mask, no
+        gradient, a state whose window has filled (``w − 1`` run keys after ``s`` sinks), no padding."""
+        s, w = self.sinks, self.window
+        return (self.fast_decode and state is not None and bias is None and q.shape[-2] == 1
+                and k.shape[-2] == 1 and w > 1 and self._far_ratios is None
+                and not torch.is_grad_enabled() and "k" in state and state_pos(state) >= s + w - 1
+                and state["k"].shape[2] == s + w - 1 and state["k"].dtype == dtype
+                and bool(state["keep"].all()))
+
+    def _decode_step(self, q, k, v, hidden, state: dict) -> torch.Tensor:
+        """One token at position ``i = state["pos"]`` after the window has filled, without padding.
+
+        The state holds the sinks and tokens ``i − w + 1 .. i − 1``: with the new token, exactly
+        ``N_i``, so the exact part is one softmax over them, unmasked (as :func:`tile_terms`). Token
+        ``i − w + 1`` leaves the window after this query: each cached per-token tensor is
+        concatenated once as ``[token i − w + 1, sinks, i − w + 2 .. i − 1, new]`` (the order of the
+        keys does not change the sums) and the state keeps the view from row 1 on, the layout the
+        block loop keeps. The far part reads the memory, which holds exactly ``F_i``, and absorbs
+        the evicted token (:meth:`far_step`). Positions advance by one except the sinks'.
+        """
+        b, hk, s, pos = q.shape[0], self.num_kv_heads, self.sinks, state["pos"]
+        extra, qf = self.step_features(q, k, v, hidden, pos)
+        buf = {}
+        for name, new in {"k": k, "v": v, **extra}.items():
+            old = state[name]
+            parts = [old, new] if not s else [old[:, :, s:s + 1], old[:, :, :s], old[:, :, s + 1:], new]
+            buf[name] = torch.cat(parts, dim=2)
+        qg = q.view(b, hk, -1, q.shape[-1])  # [B, Hkv, G, D]: the one query of each head
+        scores = torch.matmul(qg * self.scale, buf["k"].transpose(-1, -2))  # [B, Hkv, G, s + w]
+        c = scores.amax(-1, keepdim=True) if self.far_reads_row_max else None
+        p = torch.softmax(scores, dim=-1)
+        inv_den = p.amax(-1, keepdim=True)  # e^0 / Σ e
+        o = torch.matmul(p, buf["v"])  # Σ e v / Σ e
+        item = {name: t[:, :, :1] for name, t in buf.items()}
+        m, n, mem = self.far_step(state, qf, item, pos, None if c is None else c.view(b, -1, 1, 1))
+        # (Σ e v + g m) / (Σ e + g n), numerator and denominator divided by Σ e (≥ 1)
+        r = self.mix().to(q.dtype).view(1, hk, -1, 1) * inv_den
+        g = r.shape[2]
+        out = torch.div(o.addcmul_(m.view(b, hk, g, -1), r), (n.view(b, hk, g, 1) * r).add_(1))
+        for name, t in buf.items():
+            state[name] = t[:, :, 1:]
+        state["k_pos"] = state["k_pos"] + self._position_step(state["k_pos"].device)
+        state.update(mem)
+        state["pos"] = pos + 1
+        return out.view(b, self.num_heads, 1, -1)
+
+    def _position_step(self, device: torch.device) -> torch.Tensor:
+        """``[s + w − 1]`` int64: 0 for the sinks, 1 for the run (what a full window's positions
+        gain per decoding step), built once per device."""
+        key = (device, self.sinks, self.window)
+        if key not in self._position_steps:
+            run = torch.arange(self.sinks + self.window - 1, device=device) >= self.sinks
+            self._position_steps[key] = run.long()
+        return self._position_steps[key]
 
     def _tiled(self, q: torch.Tensor, qf: torch.Tensor, buf: Tokens, mem: Memory) -> tuple[torch.Tensor, Memory]:
         """The block loop of a prefill from position 0 without padding, computed tile by tile at once.
@@ -398,13 +488,15 @@ class HybridAttention(TargetModule):
     def hybrid_forward(self, q, k, v, bias, hidden, state: dict | None) -> torch.Tensor:
         """The whole hybrid computation (prefill or decoding); returns ``[B, H, Tq, Dv]``."""
         dt = torch.promote_types(q.dtype, torch.float32)
+        hidden = hidden.to(dt) if hidden is not None else None
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        if self._decode_step_applies(q, k, bias, state, dt):
+            return self._decode_step(q, k, v, hidden, state)
         b, tq = q.shape[0], q.shape[-2]
         start = state_pos(state)
         keep_new = key_keep_from_bias(bias, b, k.shape[-2])
         if keep_new is None:
             keep_new = torch.ones(b, k.shape[-2], dtype=torch.bool, device=q.device)
-        hidden = hidden.to(dt) if hidden is not None else None
-        q, k, v = q.to(dt), k.to(dt), v.to(dt)
         buf, pos, keep = self._buffer(state, k, v, hidden, keep_new, start)
         mem = self._memory_from(state, b, q)
         qf = self.query_features(q, hidden, torch.arange(start, start + tq, device=q.device))
@@ -563,6 +655,17 @@ class LinearFarMemory(HybridAttention):
         mem = {"S": own(memory[..., :dv]), "z": own(memory[..., dv])}
         read = self._kv_tiles(read.view(b, hm, nb, gm, blk, dv + 1))
         return read[..., :dv], read[..., dv:], mem
+
+    def far_step(self, state, qf, item, pos, c) -> FarRead:
+        """``m = φq S``, ``n = φq z``, then ``S + φk vᵀ``, ``z + φk`` of the evicted token."""
+        b, h, _, f = qf.shape
+        qg = qf.view(b, self.memory_heads, -1, f)  # [B, Hm, H / Hm, F]
+        S, z = state["S"], state["z"]
+        m = torch.matmul(qg, S)
+        n = torch.matmul(qg, z[..., None])
+        fk, fv = self.memory_items(item)  # [B, Hm, 1, F], [B, Hm, 1, Dv]
+        mem = {"S": torch.addcmul(S, fk.transpose(-1, -2), fv), "z": z + fk[:, :, 0]}
+        return m.view(b, h, 1, -1), n.view(b, h, 1, 1), mem
 
     def _kv_tiles(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, Hm, blocks, H/Hm, block, X]`` (memory-head tiles) -> ``[B, Hkv, blocks, G, block, X]``."""

@@ -32,8 +32,10 @@ HYBRIDS = {"fastweight": {}, "fastweight+decay": {"decay_half_life": 3.0}, "elit
 TARGETS = ("fastweight", "elita", "cat")
 
 
-def _hybrid(target, window, sinks, block=3, seed=1, dtype=torch.float64, **options):
-    site, weights = attention_site(d_model=D_MODEL, qkv_bias=True, dtype=dtype)
+def _hybrid(target, window, sinks, block=3, seed=1, dtype=torch.float64, heads=(4, 2, 8), **options):
+    num_heads, num_kv_heads, head_dim = heads
+    site, weights = attention_site(num_heads, num_kv_heads, head_dim, d_model=D_MODEL, qkv_bias=True,
+                                   dtype=dtype)
     options = {**HYBRIDS[target], **options}
     core = build(target.split("+")[0], site, weights, local_window=window, sinks=sinks, block_size=block,
                  **options)
@@ -332,3 +334,65 @@ def test_tiled_prefill_runs_for_a_long_call(target, monkeypatch):
     core.tiled_prefill = False
     core(q, k, v, hidden=h)
     assert calls == [1]
+
+
+def _run_calls(core, q, k, v, h, bounds):
+    """Outputs and a copy of the state after each call ``bounds[i] .. bounds[i + 1]`` of a decode."""
+    state: dict = {}
+    outs, states = [], []
+    with torch.no_grad():
+        for a, e in zip(bounds[:-1], bounds[1:]):
+            outs.append(core(q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], hidden=h[:, a:e], state=state))
+            states.append(dict(state))
+    return outs, states
+
+
+@pytest.mark.parametrize("target", HYBRIDS)
+@hypothesis_settings(10)
+@given(window=st.integers(1, 7), sinks=st.integers(0, 3), prefill=st.integers(0, 12),
+       steps=st.lists(st.sampled_from([1, 1, 1, 1, 2, 3]), min_size=1, max_size=24),
+       heads=st.sampled_from([(4, 2, 8), (6, 3, 4), (3, 1, 8), (2, 2, 6)]), batch=st.integers(1, 2),
+       seed=st.integers(0, 5))
+def test_decode_step_equals_the_block_loop(target, window, sinks, prefill, steps, heads, batch, seed):
+    """One-token steps after the window fills run ``_decode_step``; the block loop is the reference:
+    every output and the state after every call (steps before the window fills, multi-token calls
+    in between and GQA shapes included, so the loop also continues from the fast path's states)."""
+    core, site = _hybrid(target, window, sinks, block=3, seed=seed, heads=heads)
+    _strong_mix(core)
+    bounds = [0, prefill] if prefill else [0]
+    for n in steps:
+        bounds.append(bounds[-1] + n)
+    q, k, v, h = qkv_inputs(site, batch, bounds[-1], D_MODEL, seed=seed)
+    results = []
+    for fast in (True, False):
+        core.fast_decode = fast
+        results.append(_run_calls(core, q, k, v, h, bounds))
+    (fast_outs, fast_states), (slow_outs, slow_states) = results
+    for got, want in zip(fast_outs, slow_outs):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for got, want in zip(fast_states, slow_states):
+        assert got.keys() == want.keys()
+        for name, value in got.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, want[name], rtol=1e-10, atol=1e-10)
+            else:
+                assert value == want[name]
+
+
+@pytest.mark.parametrize("target", HYBRIDS)
+def test_decode_step_runs_once_the_window_fills(target, monkeypatch):
+    """The test above compares against the loop only if the fast step runs: check when it does."""
+    window, sinks = 4, 2
+    core, site = _hybrid(target, window, sinks)
+    calls = []
+    original = core._decode_step
+    monkeypatch.setattr(core, "_decode_step", lambda *a: calls.append(a[-1]["pos"]) or original(*a))
+    q, k, v, h = qkv_inputs(site, 1, 12, D_MODEL)
+    _run_calls(core, q, k, v, h, list(range(13)))
+    assert calls == list(range(window + sinks - 1, 12))  # from position s + w − 1 on
+    calls.clear()
+    with torch.no_grad():
+        core(q, k, v, hidden=h, state={})  # a prefill is not a step
+        core.fast_decode = False
+        _run_calls(core, q, k, v, h, list(range(13)))
+    assert calls == []

@@ -9,7 +9,11 @@ the model's normal Hugging Face forward, exactly as ``generate()`` calls it:
   the median ms/token;
 * peak RSS: the largest resident memory of the child sampled every 5 ms during prefill + decode (the
   model's weights included; the converted model's original is dropped before), and the bytes the
-  returned cache holds (host K/V for unreplaced layers, the targets' states for replaced ones).
+  returned cache holds (host K/V for unreplaced layers, the targets' states for replaced ones);
+* max RSS: the kernel's own high-water mark of the same stretch (``ru_maxrss``, restarted before the
+  prefill through ``/proc/self/clear_refs``: exact, where the sampler can miss a short peak), and
+  ``load_max_rss_mib``, the mark before that restart (loading, converting with the original still
+  alive, the warm-up), which a process without the restart would report instead.
 
 With ``--synthetic-above N`` the ORIGINAL model skips prefill for T > N and decodes from a
 ``DynamicCache`` filled with random keys/values of the right size (decode time and memory do not depend
@@ -39,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from swapformer.measure.speed import PeakRss, rss_mib
+from swapformer.measure.speed import PeakRss, max_rss_mib, reset_max_rss, rss_mib
 
 TARGETS = ("window", "fastweight", "elita", "cat", "worker")
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -101,6 +105,8 @@ def measure(target: str, length: int, steps: int, synthetic_above: int) -> dict:
     with torch.no_grad():
         model(ids[:, :WARMUP_TOKENS], use_cache=True, logits_to_keep=1)
         gc.collect()
+        load_max_rss = max_rss_mib()
+        restarted = reset_max_rss()
         before, sampler = rss_mib(), PeakRss()
         sampler.start()
         prefill_s = None
@@ -120,6 +126,8 @@ def measure(target: str, length: int, steps: int, synthetic_above: int) -> dict:
         "target": target, "length": length, "steps": steps, "prefill_s": prefill_s,
         "decode_ms": statistics.median(step_ms), "decode_ms_all": [round(t, 1) for t in step_ms],
         "cache_bytes": cache_nbytes(cache), "peak_rss_mib": sampler.peak, "rss_before_mib": before,
+        # None where the mark could not be restarted: it would count the loading too
+        "max_rss_mib": max_rss_mib() if restarted else None, "load_max_rss_mib": load_max_rss,
     }
 
 
@@ -138,11 +146,15 @@ def _ratio(base: float | None, value: float | None) -> str:
     return "-" if base is None or value is None else f"{base / value:.2f}×"
 
 
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def table(rows: list[dict]) -> str:
     base = {r["length"]: r for r in rows if r["target"] == "original"}
     lines = ["| model | T | prefill s | prefill speed-up | decode ms/token | decode speed-up | "
-             "cache MiB | peak RSS MiB | RSS ratio |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "cache MiB | peak RSS MiB | RSS ratio | max RSS MiB | max RSS ratio |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = base.get(r["length"], {})
         prefill = "-" if r["prefill_s"] is None else f"{r['prefill_s']:.2f}"
@@ -150,7 +162,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['target']} | {r['length']} | {prefill} | {_ratio(b.get('prefill_s'), r['prefill_s'])} | "
             f"{r['decode_ms']:.1f} | {_ratio(b.get('decode_ms'), r['decode_ms'])} | "
             f"{r['cache_bytes'] / 2**20:.1f} | {r['peak_rss_mib']:.0f} | "
-            f"{_ratio(b.get('peak_rss_mib'), r['peak_rss_mib'])} |")
+            f"{_ratio(b.get('peak_rss_mib'), r['peak_rss_mib'])} | {_mib(r.get('max_rss_mib'))} | "
+            f"{_ratio(b.get('max_rss_mib'), r.get('max_rss_mib'))} |")
     return "\n".join(lines)
 
 
@@ -176,7 +189,9 @@ def _header(args_line: str, load_start: float, load_end: float, synthetic_above:
             f"- command: `python benchmarks/speed_smollm2.py {args_line}`\n"
             "- each row a fresh process: prefill = one `model(ids, use_cache=True, logits_to_keep=1)` on "
             "Shakespeare text; decode = median of the greedy steps after it; peak RSS = whole process "
-            f"(weights included) during prefill + decode; default options of every target, batch 1, fp32.{note}\n\n")
+            "(weights included) during prefill + decode, sampled every 5 ms; max RSS = the kernel's "
+            "high-water mark (ru_maxrss) of the same stretch; default options of every target, batch 1, "
+            f"fp32.{note}\n\n")
 
 
 def main() -> None:

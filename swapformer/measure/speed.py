@@ -24,6 +24,27 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def max_rss_mib() -> float:
+    """The kernel's high-water mark of this process's resident memory in MiB (``ru_maxrss``, KiB on
+    Linux): the peak since the process started, or since the last :func:`reset_max_rss`.
+
+    Exact where :class:`PeakRss` samples (a peak shorter than its period can fall between samples).
+    """
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_max_rss() -> bool:
+    """Restart the high-water mark of :func:`max_rss_mib` at the current resident memory (Linux ≥ 4.0:
+    ``5`` written to ``/proc/self/clear_refs`` resets ``VmHWM``, which ``ru_maxrss`` reads); False
+    where the kernel does not allow it (the mark then still counts from the process start)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 class PeakRss(threading.Thread):
     """Samples this process's resident memory every 5 ms until ``running`` is cleared; ``peak`` is the
     largest sample (a whole-process figure: what ``ru_maxrss`` gives, but for one stretch of a run)."""

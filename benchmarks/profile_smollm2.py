@@ -15,6 +15,14 @@ time are printed. Usage::
     python benchmarks/profile_smollm2.py --length 2048 --threads 1 --clock cpu   # loaded machine
     python benchmarks/profile_smollm2.py --cores --length 2048,8192 --threads 1 --clock cpu
 
+``--peak`` reports what a prefill's memory peak is made of instead of timing it: the kernel's RSS
+high-water mark of the prefill over the RSS before it, beside the peak of the tensors the forward
+creates (tracked through a ``TorchDispatchMode``), the largest of those live at that peak, and the
+attention masks the attention modules receive. Where the two peaks differ, the rest is memory the
+allocator kept (glibc: ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment makes them agree)::
+
+    python benchmarks/profile_smollm2.py --length 8192 --targets window --threads 1 --peak
+
 ``--cores`` times one attention core at SmolLM2-135M's shapes instead of the whole model (no weights
 needed): a stateful prefill (``state={}``, as the HF cache calls it) and decode steps of each hybrid
 target with its defaults, against the host's causal SDPA on the same ``q, k, v``; ``--loop`` adds
@@ -25,8 +33,11 @@ each hybrid's block loop (``tiled_prefill=False``, the reference of the tiled pr
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
+import weakref
+from collections import Counter, defaultdict
 from functools import partial
 from pathlib import Path
 
@@ -89,6 +100,88 @@ def profile(model, ids: torch.Tensor, steps: int, rows: int) -> None:
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         _decode(model, nxt, cache, steps)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+class LiveTensors:
+    """A ``TorchDispatchMode`` (built on first use) counting the storage bytes of the tensors created
+    under it that are still alive, with a snapshot ``(op, shape, bytes)`` of them at the peak."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        class Mode(TorchDispatchMode):
+            def __init__(self) -> None:
+                super().__init__()
+                self.live: dict[int, list] = {}  # storage address -> [tensors alive, op, shape, bytes]
+                self.now = self.peak = self.snapped = 0
+                self.snapshot: list[tuple[str, tuple, int]] = []
+
+            def _drop(self, key: int) -> None:
+                entry = self.live.get(key)
+                if entry is not None:
+                    entry[0] -= 1
+                    if not entry[0]:
+                        self.now -= entry[3]
+                        del self.live[key]
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                inputs = {a.untyped_storage().data_ptr() for a in tree_flatten(args)[0]
+                          if isinstance(a, torch.Tensor)}
+                for t in tree_flatten(out)[0]:
+                    if not isinstance(t, torch.Tensor) or not t.untyped_storage().nbytes():
+                        continue
+                    key = t.untyped_storage().data_ptr()
+                    if key in self.live:  # a view of a tracked tensor: it keeps the storage alive
+                        self.live[key][0] += 1
+                    elif key in inputs:  # in place, or a view of a tensor made before the mode
+                        continue
+                    else:
+                        self.live[key] = [1, str(func), tuple(t.shape), t.untyped_storage().nbytes()]
+                        self.now += self.live[key][3]
+                    weakref.finalize(t, self._drop, key)
+                if self.now > self.peak:
+                    self.peak = self.now
+                    if self.peak > self.snapped + 2**20:  # a new snapshot per MiB of growth
+                        self.snapshot = [(op, shape, nbytes) for _, op, shape, nbytes in self.live.values()]
+                        self.snapped = self.peak
+                return out
+
+        return Mode()
+
+
+@torch.no_grad()
+def peak(model, ids: torch.Tensor, rows: int) -> None:
+    """Print the prefill's kernel RSS peak, its live-tensor peak and what the latter holds."""
+    from swapformer.measure.speed import max_rss_mib, reset_max_rss, rss_mib
+
+    masks: Counter = Counter()
+
+    def seen(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        masks["None" if mask is None else f"{tuple(mask.shape)} {mask.dtype}"] += 1
+
+    hooks = [m.register_forward_pre_hook(seen, with_kwargs=True) for m in model.modules()
+             if type(m).__name__.endswith("Attention") and hasattr(m, "q_proj")]
+    model(ids[:, :64], use_cache=True, logits_to_keep=1)
+    masks.clear()
+    gc.collect()
+    restarted, before, mode = reset_max_rss(), rss_mib(), LiveTensors()
+    with mode:
+        model(ids, use_cache=True, logits_to_keep=1)
+    for hook in hooks:
+        hook.remove()
+    mark = f"{max_rss_mib() - before:.0f}" if restarted else "- (no /proc/self/clear_refs)"
+    print(f"  RSS before {before:.0f} MiB; prefill high-water mark over it {mark} MiB; live tensors "
+          f"created by the forward at their peak {mode.peak / 2**20:.0f} MiB")
+    print(f"  attention masks: {dict(masks)}")
+    groups: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+    for op, shape, nbytes in mode.snapshot:
+        groups[op, shape][0] += 1
+        groups[op, shape][1] += nbytes
+    for (op, shape), (count, nbytes) in sorted(groups.items(), key=lambda g: -g[1][1])[:rows]:
+        print(f"  {nbytes / 2**20:9.1f} MiB {count:4d} x {op} {shape}")
 
 
 def _core(name: str):
@@ -164,6 +257,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="prefill runs, best kept")
     parser.add_argument("--no-original", action="store_true", help="skip the original model")
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables per target")
+    parser.add_argument("--peak", action="store_true",
+                        help="what each prefill's memory peak is made of, instead of timings (see above)")
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = parser.parse_args()
@@ -182,6 +277,12 @@ def main() -> None:
 
     model, tok = load_smollm2()
     ids = _tokens(tok, args.length)
+    if args.peak:
+        names = ([] if args.no_original else ["original"]) + [t for t in args.targets.split(",") if t]
+        for name in names:
+            print(f"=== {name} T={args.length} (one process: the RSS figures include what earlier rows left)")
+            peak(model if name == "original" else swapformer.rewrite(model, name), ids, args.rows)
+        return
     rows = []
     if not args.no_original:
         rows.append(("original", *measure(model, ids, args.steps, args.repeat)))

@@ -382,11 +382,30 @@ class WorkerAttention(TargetModule):
                                     self.scale))
         return torch.cat(outs, 2).transpose(1, 2)
 
+    # one repeat without padding (every decoding step) runs _attend_one_transient (False: the masked
+    # SDPA over a copy of the whole cache, which the tests take as the reference)
+    one_transient_fast = True
+
+    def _attend_one_transient(self, q_t, own_k, own_v, k_seen, v_seen):
+        """The one repeat's softmax over the stored keys before its token (``k_seen``, a view of the
+        cache) and its own key, as two products, so the cache is never concatenated nor copied.
+        ``q_t [B, 1, H, D]``, ``own_k, own_v [B, 1, Hkv, D]``, ``k_seen, v_seen [B, P, Hkv, D]``."""
+        b, _, h, d = q_t.shape
+        hk = own_k.shape[2]
+        qg = q_t.reshape(b, hk, h // hk, d) * self.scale  # [B, Hkv, G, D]
+        stored = torch.matmul(qg, k_seen.permute(0, 2, 3, 1))  # [B, Hkv, G, P]
+        own = torch.matmul(qg, own_k.view(b, hk, d, 1))  # [B, Hkv, G, 1]
+        p = torch.softmax(torch.cat([stored, own], -1), dim=-1)
+        out = torch.matmul(p[..., :-1], v_seen.transpose(1, 2)).addcmul_(p[..., -1:], own_v.view(b, hk, 1, d))
+        return out.reshape(b, 1, h, d)
+
     def _attend_transients(self, q_t, own_u, k_all, v_all, keep_all, own_keep, first_pos):
         """Repeat ``j`` (of the token at ``first_pos + j``) attends over the stored keys before its
         token and over its own conv'd key/value, which stands in for its token's stored one."""
         m, n = q_t.shape[1], k_all.shape[1]
         own_k, own_v = self._split(own_u)
+        if self.one_transient_fast and m == 1 and keep_all is None and own_keep is None:
+            return self._attend_one_transient(q_t, own_k, own_v, k_all[:, :first_pos], v_all[:, :first_pos])
         k_t, v_t = torch.cat([k_all, own_k], 1), torch.cat([v_all, own_v], 1)
         pos = first_pos + torch.arange(m, device=q_t.device)
         stored_seen = torch.arange(n, device=q_t.device)[None] < pos[:, None]  # [m, n]

@@ -178,3 +178,35 @@ def test_explicit_sizes_constructors():
     assert attn.flops_per_token(8192) - seed.flops_per_token(8192) == 4 * 9 * 64 * 68 * 3 // 4
     ffn = WorkerFFN(16, 32, "silu", gated=True)
     assert ffn(torch.randn(2, 5, 16)).shape == (2, 5, 16)
+
+
+@pytest.mark.parametrize(("heads", "interval", "local_window"), [((4, 2, 8), 4, 3), ((6, 3, 4), 3, 0),
+                                                                  ((3, 1, 8), 2, 5), ((2, 2, 6), 1, 0)])
+def test_one_repeat_fast_path_equals_the_masked_sdpa(heads, interval, local_window):
+    """A call ending with one repeat (every decoding step) attends without copying the cache; the
+    masked SDPA over the concatenated keys is the reference: outputs and state after every call."""
+    num_heads, num_kv_heads, head_dim = heads
+    site, weights = attention_site(num_heads, num_kv_heads, head_dim, d_model=D_MODEL, qkv_bias=True)
+    core = randomize(build("worker", site, weights, interval=interval, local_window=local_window))
+    q, k, v, h = qkv_inputs(site, 2, 30, D_MODEL, seed=3)
+    bounds = [0, 6, 7, 8, 11, 12, 13, 14, 15]  # calls of 6, 1, 1, 3, 1, ... stored tokens
+    results = []
+    for fast in (True, False):
+        core.one_transient_fast = fast
+        state: dict = {}
+        outs, states = [], []
+        for i, (a, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+            r = slice(15 + i, 16 + i)  # the repeat's own row (another residual stream in a model)
+            call = [torch.cat([x[:, :, a:e], x[:, :, r]], 2) for x in (q, k, v)]
+            outs.append(core(*call, hidden=torch.cat([h[:, a:e], h[:, r]], 1), state=state, transients=1))
+            states.append(dict(state))
+        results.append((outs, states))
+    for got, want in zip(*(r[0] for r in results)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for got, want in zip(*(r[1] for r in results)):
+        assert got.keys() == want.keys()
+        for name, value in got.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, want[name], rtol=1e-10, atol=1e-10)
+            else:
+                assert value == want[name]

@@ -1,10 +1,10 @@
 """``make demo``: convert the real SmolLM2-135M to every target, calibrate briefly, compare.
 
 With no arguments (2 idle CPU cores: 1.8 minutes measured, the auto row and its planning included):
-load SmolLM2-135M offline, capture and match it once, then for each target rewrite it, measure held-out perplexity on Shakespeare before and after a
-short calibration (attention transfer, then logit distillation), prefill and decode speed relative
-to the original (measured side by side), and decode-state memory against the original's KV cache, and
-generate a sample. One table goes to stdout; the table, a JSON file and a plot go to ``demo_out/``.
+load SmolLM2-135M offline, capture and match it once, then for each target rewrite it, measure
+held-out perplexity on Shakespeare before and after a short calibration (attention transfer, then
+logit distillation), prefill and decode speed relative to the original (measured side by side), and
+decode-state memory against the original's KV cache, and generate a sample. One table goes to stdout; the table, a JSON file and a plot go to ``demo_out/``.
 
 The ``auto`` row is ``target="auto"``: a per-layer plan (keep the original, or a candidate) of least
 measured quality cost under ``--auto-budget`` (default ``decode@32768=3``: 3x fewer decode FLOPs per

@@ -22,8 +22,14 @@ measurement of every candidate reused for every budget.
 rank correlation and seconds, and evaluates the plan each gives at ``--compare-budget`` as it is.
 
 Writes ``pareto_smollm2.md`` (the table), ``pareto_smollm2.png`` (the plot; needs matplotlib, the
-``demo`` extra) ``pareto_plan.txt`` (``explain`` of the 3x plan) and ``pareto_measured.json`` (every candidate's
-per-layer quality cost and cost) into ``--out``.
+``demo`` extra) ``pareto_plan.txt`` (``explain`` of the 3x plan), ``pareto_plan_<B>x.json`` (each budget's
+plan, a ``swapformer.planner.save_plan`` file: ``speed_smollm2.py --plan auto3x=pareto_plan_3x.json``
+measures it) and ``pareto_measured.json`` (every candidate's per-layer quality cost and cost) into ``--out``.
+
+``--plans-only`` stops after the plans (no arm is trained or evaluated, no comparison): the cheap way to
+get the plan files, e.g. the 3x plan of the RESULTS.md run::
+
+    python pareto_smollm2.py --plans-only --plan-tokens 1024 --windows 64,512 --budgets 3,5,8 --out RUN
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from swapformer.planner import (
     measure,
     model_cost,
     recost,
+    save_plan,
     select_plan,
 )
 from swapformer.planner.auto import HYBRIDS
@@ -107,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="only merge the pareto_smollm2.md tables of several runs (the first's teacher) into "
                         "one table and plot in --out")
     p.add_argument("--skip-arms", action="store_true", help="only the comparisons (no arm is trained or evaluated)")
+    p.add_argument("--plans-only", action="store_true",
+                   help="only measure (or --reuse-measured) and write each budget's plan (pareto_plan_<B>x.json, "
+                        "pareto_plan.txt, pareto_measured.json); no comparison, no arm")
     p.add_argument("--compare-costs", type=Path, default=None, metavar="MEASURED_JSON",
                    help="plan from a previous run's pareto_measured.json under the FLOP model and under "
                         "measured times (MeasuredCost, 1 thread), and compare the plans")
@@ -373,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     hybrids = [h for h in args.hybrids.split(",") if h]
     candidates = (*(resolve_target("window", window=w) for w in windows), *(resolve_target(h) for h in hybrids))
     budgets = [float(b) for b in args.budgets.split(",") if b]
+    if args.plans_only:
+        plans = plan_budgets(analysis, plan_data, candidates, budgets, args)
+        print("\n".join(f"{b:g}x: {p.summary} ({_mix(p)}) -> {args.out / plan_file_name(b)}" for b, p in plans.items()))
+        return 0
     comparison = compare_measures(analysis, teacher, plan_data, corpora, vocab, args) if args.compare_measures else []
     if args.compare_costs:
         comparison += compare_costs(analysis, args.compare_costs, candidates, budgets, args)
@@ -383,22 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     arms = [Arm("teacher", "teacher", scores=evaluate(teacher, corpora, vocab, args))]
     log.info("teacher: %s", arms[0].scores)
-    t0 = time.perf_counter()
-    if args.reuse_measured:
-        measured = recost(analysis, load_measured(analysis, args.reuse_measured, candidates),
-                          Budget.decode(budgets[0], args.context), flop_cost)
-    else:
-        measured = measure(analysis, AutoOptions(Budget.decode(budgets[0], args.context), plan_data, candidates,
-                                                 quality=args.quality))
-    log.info("auto: measured %d candidates in %.0f s", len(candidates), time.perf_counter() - t0)
-    (args.out / "pareto_measured.json").write_text(json.dumps(
-        {s.name: [(label, quality, cost) for label, _, quality, cost in measured.options[s.name]]
-         for s in measured.sites}, indent=1))
-    plans = {}
-    for b in budgets:
-        plans[b] = select_plan(measured, Budget.decode(b, args.context))
-        if b == args.compare_budget or len(plans) == 1:
-            (args.out / "pareto_plan.txt").write_text(str(analysis.explain(plans[b])) + "\n")
+    plans = plan_budgets(analysis, plan_data, candidates, budgets, args)
     # auto at the goal's budget first, then every uniform target, then the other budgets; the table
     # so far is written after each arm
     order = sorted(plans, key=lambda b: b != args.compare_budget)
@@ -417,6 +416,47 @@ def main(argv: list[str] | None = None) -> int:
     plot(arms, args.out / "pareto_smollm2.png", args)
     print(text)
     return 0
+
+
+def plan_budgets(analysis, plan_data, candidates, budgets: list[float], args: argparse.Namespace) -> dict:
+    """Measure every candidate once (or reuse ``--reuse-measured``), then the plan of each budget; writes
+    ``pareto_measured.json``, ``pareto_plan.txt`` and every plan's file (:func:`save_budget_plans`)."""
+    t0 = time.perf_counter()
+    if args.reuse_measured:
+        measured = recost(analysis, load_measured(analysis, args.reuse_measured, candidates),
+                          Budget.decode(budgets[0], args.context), flop_cost)
+    else:
+        measured = measure(analysis, AutoOptions(Budget.decode(budgets[0], args.context), plan_data, candidates,
+                                                 quality=args.quality))
+    log.info("auto: measured %d candidates in %.0f s", len(candidates), time.perf_counter() - t0)
+    (args.out / "pareto_measured.json").write_text(json.dumps(
+        {s.name: [(label, quality, cost) for label, _, quality, cost in measured.options[s.name]]
+         for s in measured.sites}, indent=1))
+    plans = {}
+    for b in budgets:
+        plans[b] = select_plan(measured, Budget.decode(b, args.context))
+        if b == args.compare_budget or len(plans) == 1:
+            (args.out / "pareto_plan.txt").write_text(str(analysis.explain(plans[b])) + "\n")
+    save_budget_plans(plans, [arm_label(c) for c in candidates], args)
+    return plans
+
+
+def plan_file_name(budget: float) -> str:
+    """``pareto_plan_3x.json`` for a decode speed-up of 3."""
+    return f"pareto_plan_{budget:g}x.json"
+
+
+def save_budget_plans(plans: dict, candidates: list[str], args: argparse.Namespace) -> list[Path]:
+    """Each budget's plan as a plan file in ``--out`` (``speed_smollm2.py --plan NAME=PATH`` reads it),
+    with the budget and how it was planned as metadata."""
+    written = []
+    for b, plan in plans.items():
+        metadata = {"model": "SmolLM2-135M", "budget": f"decode@{args.context}={b:g}", "candidates": candidates,
+                    "quality": args.quality, "plan_tokens": args.plan_tokens,
+                    "command": shlex.join(["python", sys.argv[0], *sys.argv[1:]])}
+        written.append(save_plan(plan, args.out / plan_file_name(b), metadata))
+        log.info("auto %gx: plan written to %s", b, written[-1])
+    return written
 
 
 def arm_label(config) -> str:

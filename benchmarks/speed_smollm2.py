@@ -24,6 +24,15 @@ Ratios are original / converted (> 1 means faster or smaller), measured in the s
     python benchmarks/speed_smollm2.py --quick                      # T = 1024, 4 decode steps
     python benchmarks/speed_smollm2.py --lengths 2048,8192 --write  # append a table to RESULTS.md
     python benchmarks/speed_smollm2.py --lengths 32768 --targets window,fastweight --synthetic-above 8192
+    python benchmarks/speed_smollm2.py --lengths 32768 --targets '' --plan auto3x=pareto_plan_3x.json \
+        --synthetic-above 8192                                      # a saved per-layer plan
+
+``--plan NAME=PATH`` (repeatable, or a comma list) adds a row ``NAME`` whose model is the freshly loaded
+SmolLM2 rewritten by the plan saved at ``PATH``: a plan file (``swapformer.planner.save_plan``, e.g.
+``pareto_smollm2.py``'s ``pareto_plan_3x.json``) is applied by ``swapformer.rewrite(model, plan)``; a
+directory written by ``swapformer.save`` (or its ``swapformer.json``) is replayed by ``swapformer.load``,
+its trained weights included. No training is needed for speed: a core's step costs the same whatever
+its weights.
 """
 
 from __future__ import annotations
@@ -39,7 +48,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -88,18 +99,38 @@ def _decode(model, cache, first: torch.Tensor, steps: int) -> list[float]:
     return times
 
 
-def measure(target: str, length: int, steps: int, synthetic_above: int) -> dict:
-    """Runs in the child: load, convert, prefill once, decode ``steps`` tokens, report."""
-    import swapformer
+def _load_smollm2() -> tuple[torch.nn.Module, Any]:
     from swapformer.loading.offline import load_smollm2
-    from swapformer.rewriter.hf_cache import cache_nbytes
+
+    return load_smollm2()
+
+
+def build_model(target: str, plan: Path | None = None,
+                load: Callable[[], tuple[torch.nn.Module, Any]] | None = None) -> tuple[torch.nn.Module, Any]:
+    """``(model, tokenizer)`` of one row, as the child measures it: ``load()`` afresh (default: SmolLM2),
+    then rewritten to ``target`` ("original": as loaded), or, with ``plan``, rewritten by the saved plan
+    (a plan file: ``rewrite(model, plan)``; a ``swapformer.save`` directory: ``swapformer.load``)."""
+    import swapformer
+    from swapformer.planner import read_plan
 
     torch.manual_seed(0)
-    model, tokenizer = load_smollm2()
+    model, tokenizer = (load or _load_smollm2)()
     model.eval()
-    if target != "original":
+    if plan is not None:
+        saved = Path(plan)
+        recipe = saved.is_dir() or saved.name == "swapformer.json"
+        model = swapformer.load(saved, model) if recipe else swapformer.rewrite(model, read_plan(saved))
+    elif target != "original":
         model = swapformer.rewrite(model, target)
-        gc.collect()
+    gc.collect()  # the original's weights go before anything is measured
+    return model.eval(), tokenizer
+
+
+def measure(target: str, length: int, steps: int, synthetic_above: int, plan: Path | None = None) -> dict:
+    """Runs in the child: load, convert, prefill once, decode ``steps`` tokens, report."""
+    from swapformer.rewriter.hf_cache import cache_nbytes
+
+    model, tokenizer = build_model(target, plan)
     ids = _text_ids(tokenizer, length)
     synthetic = target == "original" and synthetic_above and length > synthetic_above
     with torch.no_grad():
@@ -131,9 +162,9 @@ def measure(target: str, length: int, steps: int, synthetic_above: int) -> dict:
     }
 
 
-def _child(target: str, length: int, steps: int, synthetic_above: int) -> dict:
+def _child(target: str, length: int, steps: int, synthetic_above: int, plan: Path | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", target, "--lengths", str(length), "--steps", str(steps),
-           "--synthetic-above", str(synthetic_above)]
+           "--synthetic-above", str(synthetic_above), *(["--child-plan", str(plan)] if plan else [])]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"{target} at T={length} failed:\n{done.stderr[-3000:]}")
@@ -178,7 +209,8 @@ def flatness(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _header(args_line: str, load_start: float, load_end: float, synthetic_above: int) -> str:
+def _header(args_line: str, load_start: float, load_end: float, synthetic_above: int,
+            plans: dict[str, Path] | None = None) -> str:
     cpu = platform.processor() or platform.machine()
     note = (f" The original's rows above T={synthetic_above} decode from a synthetic cache of the right "
             "size (random values) and have no prefill." if synthetic_above else "")
@@ -191,32 +223,72 @@ def _header(args_line: str, load_start: float, load_end: float, synthetic_above:
             "Shakespeare text; decode = median of the greedy steps after it; peak RSS = whole process "
             "(weights included) during prefill + decode, sampled every 5 ms; max RSS = the kernel's "
             "high-water mark (ru_maxrss) of the same stretch; default options of every target, batch 1, "
-            f"fp32.{note}\n\n")
+            f"fp32.{note}\n"
+            + "".join(f"- row {name}: the plan saved in `{path.name}`\n" for name, path in (plans or {}).items())
+            + "\n")
 
 
-def main() -> None:
+def parse_plans(values: list[str], taken: list[str]) -> dict[str, Path]:
+    """``--plan`` values (each ``NAME=PATH`` or a comma list of them) → ``{name: path}``, every file
+    read once here so that a bad one fails before any child runs.
+
+    Raises:
+        ValueError: a value that is not ``NAME=PATH``, a name used twice or by a target (``taken``),
+            or a path that holds no readable plan (the reader's message says why).
+    """
+    from swapformer.errors import SwapformerError
+    from swapformer.planner import read_plan
+
+    plans: dict[str, Path] = {}
+    for item in (x.strip() for value in values for x in value.split(",")):
+        if not item:
+            continue
+        name, sep, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ValueError(f"--plan takes NAME=PATH (e.g. auto3x=pareto_plan_3x.json), got {item!r}")
+        if name in plans or name in taken:
+            raise ValueError(f"--plan name {name!r} is already a row ({', '.join([*taken, *plans])}): "
+                             "give each plan its own name")
+        try:
+            read_plan(path)
+        except (SwapformerError, ValueError) as e:
+            raise ValueError(f"--plan {name}={path}: {e}") from e
+        plans[name] = Path(path).resolve()
+    return plans
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="2048,8192")
     parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--plan", action="append", default=[], metavar="NAME=PATH",
+                        help="a row NAME: SmolLM2 rewritten by the plan saved at PATH (a plan JSON or a "
+                             "swapformer.save directory); repeatable or a comma list")
     parser.add_argument("--steps", type=int, default=8, help="greedy decode steps after the prefill")
     parser.add_argument("--synthetic-above", type=int, default=0,
                         help="the original decodes from a synthetic cache (no prefill) for T above this")
     parser.add_argument("--quick", action="store_true", help="T = 1024, 4 decode steps")
     parser.add_argument("--write", action="store_true", help=f"append the table to {RESULTS.name}")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--child-plan", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.child, int(args.lengths), args.steps, args.synthetic_above)))
+        print(json.dumps(measure(args.child, int(args.lengths), args.steps, args.synthetic_above, args.child_plan)))
         return
     lengths = [1024] if args.quick else [int(x) for x in args.lengths.split(",")]
     steps = 4 if args.quick else args.steps
     targets = ["original", *[t for t in args.targets.split(",") if t]]
+    try:
+        plans = parse_plans(args.plan, targets)
+    except ValueError as e:
+        parser.error(str(e))
     load_start = os.getloadavg()[0]
-    rows = [_child(t, n, steps, args.synthetic_above) for n in lengths for t in targets]
+    rows = [_child(t, n, steps, args.synthetic_above, plans.get(t)) for n in lengths for t in [*targets, *plans]]
     text = table(rows) + "\n\n" + flatness(rows)
     print(text)
     if args.write:
-        header = _header(" ".join(sys.argv[1:]), load_start, os.getloadavg()[0], args.synthetic_above)
+        header = _header(" ".join(sys.argv[1:]), load_start, os.getloadavg()[0], args.synthetic_above, plans)
         with RESULTS.open("a") as f:
             f.write(header + text + "\n")
 

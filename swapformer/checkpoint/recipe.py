@@ -69,6 +69,16 @@ def excluded_prefixes(sites: list[dict[str, Any]]) -> tuple[str, ...]:
     return tuple(prefixes)
 
 
+def read_json(file: Path) -> Any:
+    """``file``'s JSON, or an :class:`InputError` naming the file and what was wrong."""
+    try:
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {file}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise InputError(f"{file} is not valid JSON: {e}") from e
+
+
 def recipe_dir(path: str | Path) -> Path:
     """The directory of a recipe: ``path`` itself, or its parent when ``path`` is the JSON file."""
     p = Path(path)
@@ -84,12 +94,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     file = recipe_dir(path) / RECIPE_FILE
     if not file.is_file():
         raise InputError(f"no {RECIPE_FILE} in {file.parent}: not a directory written by swapformer.save")
-    try:
-        recipe = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {file}: {e}") from e
-    except json.JSONDecodeError as e:
-        raise InputError(f"{file} is not valid JSON: {e}") from e
+    recipe = read_json(file)
     if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
         raise InputError(f"{file} is not a swapformer recipe")
     if recipe.get("format_version", 0) > FORMAT_VERSION:

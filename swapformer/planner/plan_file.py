@@ -22,7 +22,7 @@ from typing import Any
 from swapformer.checkpoint.hashing import jsonable
 from swapformer.checkpoint.recipe import FORMAT as RECIPE_FORMAT
 from swapformer.checkpoint.recipe import FORMAT_VERSION as RECIPE_VERSION
-from swapformer.checkpoint.recipe import RECIPE_FILE, read_recipe, recipe_target
+from swapformer.checkpoint.recipe import RECIPE_FILE, read_json, read_recipe, recipe_target
 from swapformer.errors import InputError
 from swapformer.rewriter.plan import Plan
 from swapformer.targets.base import TargetConfig
@@ -63,12 +63,7 @@ def read_plan(path: str | Path) -> Plan | TargetConfig:
     if not p.is_file():
         raise InputError(f"no plan file {p}: expected a plan JSON (swapformer.planner.save_plan) or a "
                          "directory written by swapformer.save")
-    try:
-        record = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {p}: {e}") from e
-    except json.JSONDecodeError as e:
-        raise InputError(f"{p} is not valid JSON: {e}") from e
+    record = read_json(p)
     kind = record.get("format") if isinstance(record, dict) else None
     if kind not in (PLAN_FORMAT, RECIPE_FORMAT):
         raise InputError(f"{p} is neither a swapformer plan file (format {PLAN_FORMAT!r}) nor a recipe "

@@ -137,3 +137,16 @@ def hypothesis_settings(max_examples: int = 12):
 
     return settings(max_examples=max_examples, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
+
+
+def assert_same_decode(outs, states, want_outs, want_states, tol: float = 1e-10) -> None:
+    """Outputs and decoding states (dicts of tensors and plain values) equal call by call."""
+    for got, want in zip(outs, want_outs, strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for got, want in zip(states, want_states, strict=True):
+        assert got.keys() == want.keys()
+        for name, value in got.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, want[name], rtol=tol, atol=tol)
+            else:
+                assert value == want[name]

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from target_helpers import (
+    assert_same_decode,
     attention_site,
     build,
     decode,
@@ -368,15 +369,7 @@ def test_decode_step_equals_the_block_loop(target, window, sinks, prefill, steps
         core.fast_decode = fast
         results.append(_run_calls(core, q, k, v, h, bounds))
     (fast_outs, fast_states), (slow_outs, slow_states) = results
-    for got, want in zip(fast_outs, slow_outs):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    for got, want in zip(fast_states, slow_states):
-        assert got.keys() == want.keys()
-        for name, value in got.items():
-            if isinstance(value, torch.Tensor):
-                torch.testing.assert_close(value, want[name], rtol=1e-10, atol=1e-10)
-            else:
-                assert value == want[name]
+    assert_same_decode(fast_outs, fast_states, slow_outs, slow_states)
 
 
 @pytest.mark.parametrize("target", HYBRIDS)

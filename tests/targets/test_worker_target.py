@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from target_helpers import attention_site, build, ffn_site, padding_bias, qkv_inputs, randomize
+from target_helpers import (
+    assert_same_decode,
+    attention_site,
+    build,
+    ffn_site,
+    padding_bias,
+    qkv_inputs,
+    randomize,
+)
 
 import swapformer
 from swapformer.targets.reference import masked_sdpa
@@ -201,12 +209,5 @@ def test_one_repeat_fast_path_equals_the_masked_sdpa(heads, interval, local_wind
             outs.append(core(*call, hidden=torch.cat([h[:, a:e], h[:, r]], 1), state=state, transients=1))
             states.append(dict(state))
         results.append((outs, states))
-    for got, want in zip(*(r[0] for r in results)):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    for got, want in zip(*(r[1] for r in results)):
-        assert got.keys() == want.keys()
-        for name, value in got.items():
-            if isinstance(value, torch.Tensor):
-                torch.testing.assert_close(value, want[name], rtol=1e-10, atol=1e-10)
-            else:
-                assert value == want[name]
+    (fast_outs, fast_states), (slow_outs, slow_states) = results
+    assert_same_decode(fast_outs, fast_states, slow_outs, slow_states)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
-import torch
 
 from swapformer.measure.speed import max_rss_mib, reset_max_rss, rss_mib
 
@@ -13,7 +14,12 @@ def test_max_rss_restarts_and_catches_a_peak_between_samples():
         pytest.skip("this kernel does not let /proc/self/clear_refs restart the high-water mark")
     start = rss_mib()
     assert max_rss_mib() <= start + 16  # restarted at the current resident memory
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page touched
-    del block
+    # 64 MiB of fresh anonymous pages, every one touched: an mmap, so that memory the allocator
+    # kept from earlier tests (already resident) cannot serve it without raising the RSS
+    size, page = 64 * 2**20, mmap.PAGESIZE
+    block = mmap.mmap(-1, size)
+    for offset in range(0, size, page):
+        block[offset] = 1
+    block.close()
     assert rss_mib() < start + 32  # gone again: a sampler would have to catch it while it lived
     assert max_rss_mib() >= start + 60

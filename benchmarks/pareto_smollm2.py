@@ -12,10 +12,13 @@ only, ``hybrid_report.transfer_config``), so no held-out token is planned or tra
 cores have no new parameters (``window``) are evaluated as they are.
 
 Per arm: perplexity at ``--long-len`` on held-out Shakespeare and wiki, the recall probe, and the decode
-speed-up at ``--context`` tokens from the FLOP model of :mod:`swapformer.planner.costs` (the cores'
-own accounting, the original at dense softmax cost, ``2 * weights`` for the rest). ``auto`` chooses
-per attention layer among keep, ``window`` at ``--windows`` and the hybrids (defaults), from one
-measurement of every candidate reused for every budget.
+speed-up at ``--context`` tokens under ``--cost``: ``model`` (the default,
+:class:`swapformer.planner.ModelTimedCost`: the whole model's decode step timed through its HF forward
+for the original and for each candidate at every layer, split per layer, so a plan's budget holds when
+``speed_smollm2.py`` measures it) or ``flop`` (the cores' own FLOP accounting, the original at dense
+softmax cost, ``2 * weights`` for the rest). ``auto`` chooses per attention layer among keep, ``window``
+at ``--windows`` and the hybrids (defaults), from one measurement of every candidate reused for every
+budget.
 
 ``--compare-measures W`` measures both per-layer quality costs of the planner for ``window=W`` only
 (teacher-forced output error, and the calibration loss change with only that layer replaced), their
@@ -49,6 +52,7 @@ import torch
 
 import swapformer
 from swapformer.calibrate import calibrate
+from swapformer.errors import ConfigError
 from swapformer.loading.data import TokenSplits
 from swapformer.loading.offline import load_smollm2
 from swapformer.measure import perplexity, recall_nll
@@ -57,6 +61,7 @@ from swapformer.planner import (
     Budget,
     Measured,
     MeasuredCost,
+    ModelTimedCost,
     flop_cost,
     measure,
     model_cost,
@@ -69,6 +74,8 @@ from swapformer.rewriter.plan import target_label
 from swapformer.targets.base import resolve_target
 
 log = logging.getLogger("pareto_smollm2")
+COST_MODELS = {"model": "whole-model decode steps timed on this machine (ModelTimedCost)",
+               "flop": "FLOP model (swapformer.planner.costs.flop_cost)"}
 HERE = Path(__file__).parent
 
 
@@ -87,6 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=16384, help="attention-transfer tokens per trainable arm")
     p.add_argument("--context", type=int, default=32768, help="context of the decode speed-up")
+    p.add_argument("--cost", choices=tuple(COST_MODELS), default="model",
+                   help="cost model of the plans and the speed-up column: 'model' = the whole model's decode "
+                        "step timed per candidate (ModelTimedCost, what speed_smollm2.py measures), 'flop' = "
+                        "the cores' FLOP accounting")
     p.add_argument("--budgets", default="2,3,5,8", help="auto's decode speed-ups at --context")
     p.add_argument("--windows", default="64,128,512", help="window sizes (uniform arms and auto candidates)")
     p.add_argument("--hybrids", default=",".join(HYBRIDS), help="learned hybrid targets (defaults)")
@@ -119,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "pareto_plan.txt, pareto_measured.json); no comparison, no arm")
     p.add_argument("--compare-costs", type=Path, default=None, metavar="MEASURED_JSON",
                    help="plan from a previous run's pareto_measured.json under the FLOP model and under "
-                        "measured times (MeasuredCost, 1 thread), and compare the plans")
+                        "measured times (MeasuredCost, torch's threads), and compare the plans")
     p.add_argument("--quick", action="store_true",
                    help="256-token contexts, 256 transfer tokens, window 64 + cat, auto at 3x (error measure), "
                         "no comparison")
@@ -127,7 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.tokens, args.long_len, args.train_len, args.plan_tokens = 256, 256, 256, 256
         args.windows, args.hybrids, args.budgets, args.recall = "64", "cat", "3", "32"
-        args.compare_measures, args.quality = "", "error"
+        args.compare_measures, args.quality, args.cost = "", "error", "flop"
+    args.cost_fn = ModelTimedCost() if args.cost == "model" else flop_cost
     # hybrid_report's transfer_config reads these: one --train-len sequence per step
     args.batch_size, args.seq_len, args.train_batch_size = 1, args.train_len, None
     return args
@@ -151,7 +163,7 @@ def run_arm(name: str, kind: str, student: torch.nn.Module, teacher: torch.nn.Mo
             corpora: dict, vocab: int, args: argparse.Namespace) -> Arm:
     from hybrid_report import transfer_config  # benchmarks/ is on sys.path when run as a script
 
-    cost, original = model_cost(student, teacher, "decode", args.context)
+    cost, original = model_cost(student, teacher, "decode", args.context, cost_fn=args.cost_fn)
     report = student.swapformer_report
     arm = Arm(name, kind, original / cost, f"{len(report.replaced)}/{sum(s.kind == 'attention' for s in report.sites)}")
     if args.tokens > 0 and trainable(student):
@@ -213,34 +225,41 @@ def load_measured(analysis, path: Path, candidates) -> Measured:
 
 
 def compare_costs(analysis, path: Path, candidates, budgets: list[float], args) -> list[str]:
-    """Plans from one quality measurement (``path``) under the FLOP model and under measured times,
-    each plan's speed-up under both models."""
+    """Plans from one quality measurement (``path``) under the FLOP model, the cores' step times
+    (MeasuredCost) and the whole model's timed decode (ModelTimedCost); each plan's speed-up under all."""
     loaded = load_measured(analysis, path, candidates)
     sites = loaded.sites
     first = Budget.decode(budgets[0], args.context)
     t0 = time.perf_counter()
     tables = {"FLOP": recost(analysis, loaded, first, flop_cost),
-              "measured": recost(analysis, loaded, first, MeasuredCost(threads=1))}
-    seconds = time.perf_counter() - t0
-    timed = tables["measured"]
-    per_layer = {label: cost for label, _, _, cost in timed.options[sites[0].name]}
-    lines = [f"- measured decode step at {args.context:,} tokens, 1 thread (layer 0, ms): "
-             + ", ".join(f"{label} {1e3 * c:.3f}" for label, c in per_layer.items())
-             + f"; rest of the model (every nn.Linear) {1e3 * timed.fixed:.2f} ms; timing took {seconds:.0f} s"]
+              "core-timed": recost(analysis, loaded, first, MeasuredCost()),
+              "model-timed": recost(analysis, loaded, first, ModelTimedCost())}
+    lines = [f"- timing took {time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} threads"]
+
+    def total(table: Measured, plan) -> float:
+        chosen = {c.site: c.label for c in plan.choices}
+        return table.fixed + sum(next(o[3] for o in table.options[s.name] if o[0] == chosen[s.name]) for s in sites)
 
     def speedup(table: Measured, plan) -> float:
-        chosen = {c.site: c.label for c in plan.choices}
-        cost = table.fixed + sum(next(o[3] for o in table.options[s.name] if o[0] == chosen[s.name]) for s in sites)
-        return (table.fixed + sum(table.options[s.name][0][3] for s in sites)) / cost
+        return (table.fixed + sum(table.options[s.name][0][3] for s in sites)) / total(table, plan)
 
+    for name in ("core-timed", "model-timed"):
+        table = tables[name]
+        per_layer = {label: cost for label, _, _, cost in table.options[sites[0].name]}
+        lines.append(f"- {name} decode at {args.context:,} tokens, ms/token of the model with every layer as: "
+                     + ", ".join(f"{label} {1e3 * (table.fixed + len(sites) * c):.1f}" for label, c in per_layer.items()))
     for b in budgets:
         budget = Budget.decode(b, args.context)
-        plans = {name: select_plan(table, budget) for name, table in tables.items()}
-        differ = sum(x.label != y.label for x, y in zip(plans["FLOP"].choices, plans["measured"].choices))
-        cells = [f"{name} plan ({_mix(plan)}): {speedup(tables['FLOP'], plan):.2f}× FLOP, "
-                 f"{speedup(tables['measured'], plan):.2f}× measured" for name, plan in plans.items()]
-        lines.append(f"- {b:g}×: " + "; ".join(cells) + f"; {differ} of {len(sites)} layers differ")
-        log.info("cost comparison: %s", lines[-1])
+        for name, table in tables.items():
+            try:
+                plan = select_plan(table, budget)
+            except ConfigError as e:
+                lines.append(f"- {b:g}×, {name} plan: none ({e})")
+                continue
+            lines.append(f"- {b:g}×, {name} plan ({_mix(plan)}): "
+                         + ", ".join(f"{speedup(t, plan):.2f}× {n}" for n, t in tables.items())
+                         + f"; {1e3 * total(tables['model-timed'], plan):.1f} ms/token model-timed")
+            log.info("cost comparison: %s", lines[-1])
     return lines
 
 
@@ -257,7 +276,7 @@ def markdown(arms: list[Arm], args: argparse.Namespace, machine: str) -> str:
         f"Shakespeare + wiki training text, lr {args.transfer_lr:g}); auto planned on {args.plan_tokens:,} "
         f"tokens of the same training text; held out: {args.long_batches} x {args.long_len} tokens per "
         f"corpus; recall: NLL (nats/token) on the second copy; speed-up: decode at {args.context:,} tokens, "
-        f"FLOP model (swapformer.planner.costs.flop_cost)",
+        f"{COST_MODELS[args.cost]}",
         "",
         f"| arm | attention replaced | decode speed-up @{args.context} | transfer tokens | s | "
         + " | ".join(keys) + " |",
@@ -317,7 +336,7 @@ def plot(arms: list[Arm], path: Path, args: argparse.Namespace) -> bool:
         ax.scatter(1.0, 1.0, marker="*", s=140, color="gold", edgecolors="k", label="teacher")
         ax.axhline(1.05, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log")
-        ax.set_xlabel(f"decode speed-up at {args.context:,} tokens (FLOP model)")
+        ax.set_xlabel(f"decode speed-up at {args.context:,} tokens ({args.cost} cost model)")
         ax.set_ylabel(f"perplexity / teacher ({k})")
         ax.set_title(f"SmolLM2-135M, {k}")
         ax.grid(alpha=0.3)
@@ -424,10 +443,10 @@ def plan_budgets(analysis, plan_data, candidates, budgets: list[float], args: ar
     t0 = time.perf_counter()
     if args.reuse_measured:
         measured = recost(analysis, load_measured(analysis, args.reuse_measured, candidates),
-                          Budget.decode(budgets[0], args.context), flop_cost)
+                          Budget.decode(budgets[0], args.context), args.cost_fn)
     else:
         measured = measure(analysis, AutoOptions(Budget.decode(budgets[0], args.context), plan_data, candidates,
-                                                 quality=args.quality))
+                                                 quality=args.quality, cost_fn=args.cost_fn))
     log.info("auto: measured %d candidates in %.0f s", len(candidates), time.perf_counter() - t0)
     (args.out / "pareto_measured.json").write_text(json.dumps(
         {s.name: [(label, quality, cost) for label, _, quality, cost in measured.options[s.name]]
@@ -452,7 +471,7 @@ def save_budget_plans(plans: dict, candidates: list[str], args: argparse.Namespa
     written = []
     for b, plan in plans.items():
         metadata = {"model": "SmolLM2-135M", "budget": f"decode@{args.context}={b:g}", "candidates": candidates,
-                    "quality": args.quality, "plan_tokens": args.plan_tokens,
+                    "quality": args.quality, "cost": COST_MODELS[args.cost], "plan_tokens": args.plan_tokens,
                     "command": shlex.join(["python", sys.argv[0], *sys.argv[1:]])}
         written.append(save_plan(plan, args.out / plan_file_name(b), metadata))
         log.info("auto %gx: plan written to %s", b, written[-1])

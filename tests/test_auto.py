@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from hypothesis import strategies as st
 import swapformer
 from swapformer import Budget, ConfigError, InputError, Plan
 from swapformer.planner import AutoOptions, choose, measure
+from swapformer.rewriter.plan import target_label
 from swapformer.targets.base import resolve_target
 
 transformers = pytest.importorskip("transformers")
@@ -474,6 +476,40 @@ def test_measured_cost_times_cores_on_the_sites_shapes_and_plans_within_its_own_
     plan = select_plan(timed, budget)
     cost, original = model_cost(analysis.rewrite(plan), model, "decode", long, cost_fn=timer)
     assert original / cost >= 1.5
+
+
+def test_model_timed_cost_splits_the_whole_models_decode_step_per_layer(analysis, model, ids) -> None:
+    from swapformer.planner import ModelTimedCost, model_cost, recost, select_plan
+
+    timer, long = ModelTimedCost(steps=3, state_probe=256), 65536
+    with pytest.raises(ConfigError, match="bind"):
+        timer(analysis.sites[0], None, "decode", long)
+    with pytest.raises(InputError, match="causal LM"):
+        timer.bind(SimpleNamespace(model=torch.nn.Linear(4, 4), sites=[]))
+    timer.bind(analysis)
+    student = analysis.rewrite(WINDOW, verify=False)
+    rep = student.swapformer_report.replaced[0]
+    core = student.get_submodule(rep.core_name)
+    keep, windowed = timer(rep.site, None, "decode", long), timer(rep.site, core, "decode", long)
+    assert 0 < windowed < keep  # 11 cached rows against 65,536 in every layer
+    with pytest.raises(ConfigError, match="decode steps"):
+        timer(rep.site, core, "prefill", long)
+    # a uniform plan costs exactly the model time measured for it; the original, its own
+    (original_s, _), (window_s, replaced) = (timer._seconds[(None, long)],
+                                             timer._seconds[(target_label(WINDOW), long)])
+    assert replaced == 2
+    assert model_cost(student, model, "decode", long, cost_fn=timer) == pytest.approx((window_s, original_s))
+    # a plan that replaces one site is costed from the same uniform timing: that site's share
+    one = analysis.rewrite(WINDOW, filter_fn=lambda s: s.name == f"{FAR}:0", verify=False)
+    cost, original = model_cost(one, model, "decode", long, cost_fn=timer)
+    assert (cost, original) == pytest.approx(((original_s + window_s) / 2, original_s))
+    # the plan chosen under the timed costs meets its budget in the same costs
+    budget = Budget.decode(1.2, context=long)
+    measured = measure(analysis, AutoOptions.from_options({"budget": budget, "calibration_data": ids,
+                                                           "candidates": [WINDOW]}))
+    plan = select_plan(recost(analysis, measured, budget, timer), budget)
+    cost, original = model_cost(analysis.rewrite(plan), model, "decode", long, cost_fn=timer)
+    assert original / cost >= 1.2
 
 
 # --- the zoo's auto option ---------------------------------------------------------------------------

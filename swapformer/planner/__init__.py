@@ -26,10 +26,10 @@ from swapformer.planner.budget import Budget
 from swapformer.planner.costs import fixed_cost, flop_cost, model_cost
 from swapformer.planner.plan_file import read_plan, save_plan
 from swapformer.planner.select import choose
-from swapformer.planner.timing import MeasuredCost
+from swapformer.planner.timing import MeasuredCost, ModelTimedCost
 from swapformer.rewriter.api import Planner, register_planner
 
 register_planner("auto", Planner(AutoOptions.from_options, auto_plan))
 
-__all__ = ["AutoOptions", "Budget", "Measured", "MeasuredCost", "auto_plan", "choose", "default_candidates",
+__all__ = ["AutoOptions", "Budget", "Measured", "MeasuredCost", "ModelTimedCost", "auto_plan", "choose", "default_candidates",
            "fixed_cost", "flop_cost", "measure", "model_cost", "read_plan", "recost", "save_plan", "select_plan"]

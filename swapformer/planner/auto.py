@@ -55,8 +55,11 @@ class AutoOptions:
             the "error" measure only).
         transfer_lr: their learning rate.
         resolution: units of the discretised budget in the selection.
-        cost_fn: the cost model (default: the cores' FLOP/state accounting; see also
-            :class:`~swapformer.planner.costs.MeasuredCost`).
+        cost_fn: the cost model (default: the cores' FLOP/state accounting); see also
+            :class:`~swapformer.planner.timing.MeasuredCost` (each core's step, timed alone) and
+            :class:`~swapformer.planner.timing.ModelTimedCost` (the whole model's decode step per
+            candidate, split per layer: the cost model whose decode budgets hold when the speed
+            benchmark measures the plan; benchmarks/RESULTS.md, issue 16).
         quality: the quality measure, ``"error"`` (the default: each site's teacher-forced output
             error, all sites in one forward per candidate) or ``"perplexity"`` (the calibration loss
             change when only that site is replaced, one forward per site and candidate, ~20x the
@@ -167,6 +170,7 @@ def measure(analysis: Any, options: AutoOptions, filter_fn: Any = None) -> Measu
     sites = [s for s in analysis.sites if s.kind == "attention" and (filter_fn is None or filter_fn(s))]
     if not sites:
         raise InputError("target 'auto' found no attention site to plan")
+    _bind(cost_fn, analysis)
     _warn_short_data(options)
     planned = {s.name for s in sites}
     table = {s.name: [("keep", None, 0.0, cost_fn(s, None, budget.kind, budget.context))] for s in sites}
@@ -196,6 +200,7 @@ def recost(analysis: Any, measured: Measured, budget: Budget, cost_fn: CostFn) -
     """``measured`` with every option's cost taken again by ``cost_fn`` at ``budget``'s kind and
     context, the quality costs kept: one rewrite per candidate, no quality measurement (e.g. to plan
     under :class:`~swapformer.planner.timing.MeasuredCost` and under :func:`flop_cost` alike)."""
+    _bind(cost_fn, analysis)
     planned = {s.name for s in measured.sites}
     configs = {o[0]: o[1] for options in measured.options.values() for o in options[1:]}
     cores: dict[str, dict[str, Any]] = {}
@@ -206,6 +211,13 @@ def recost(analysis: Any, measured: Measured, budget: Budget, cost_fn: CostFn) -
                        cost_fn(s, cores[label][s.name] if config is not None else None, budget.kind, budget.context))
                       for label, config, quality, _ in measured.options[s.name]] for s in measured.sites}
     return Measured(measured.sites, table, _fixed(analysis, planned, budget, cost_fn))
+
+
+def _bind(cost_fn: CostFn, analysis: Any) -> None:
+    """Give a cost model that times the model itself (``bind``, e.g. ModelTimedCost) the analysis."""
+    bind = getattr(cost_fn, "bind", None)
+    if bind is not None:
+        bind(analysis)
 
 
 def _fixed(analysis: Any, planned: set[str], budget: Budget, cost_fn: CostFn) -> float:

@@ -4,7 +4,10 @@ For every model and context length T, in a fresh child process (so its peak RSS 
 the model's normal Hugging Face forward, exactly as ``generate()`` calls it:
 
 * prefill: one ``model(ids[:, :T], use_cache=True, logits_to_keep=1)`` call on Shakespeare text
-  (after a 64-token warm-up call), wall seconds;
+  (after a 64-token warm-up call), wall seconds; with ``--prefill-chunk N``, ``ceil(T / N)`` calls
+  ``model(ids[:, i:i + N], use_cache=True, logits_to_keep=1, cache=cache)`` with the cache carried
+  between them (what ``generate(..., prefill_chunk_size=N)`` does), the wall seconds of them all: the
+  activations then span one chunk, not T tokens, for every row alike;
 * decode: ``--steps`` greedy steps ``model(next_token, past_key_values=cache)`` after that prefill;
   the median ms/token;
 * peak RSS: the largest resident memory of the child sampled every 5 ms during prefill + decode (the
@@ -24,6 +27,7 @@ Ratios are original / converted (> 1 means faster or smaller), measured in the s
     python benchmarks/speed_smollm2.py --quick                      # T = 1024, 4 decode steps
     python benchmarks/speed_smollm2.py --lengths 2048,8192 --write  # append a table to RESULTS.md
     python benchmarks/speed_smollm2.py --lengths 32768 --targets window,fastweight --synthetic-above 8192
+    python benchmarks/speed_smollm2.py --lengths 32768 --targets window,fastweight --prefill-chunk 2048
     python benchmarks/speed_smollm2.py --lengths 32768 --targets '' --plan auto3x=pareto_plan_3x.json \
         --synthetic-above 8192                                      # a saved per-layer plan
 
@@ -88,6 +92,18 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def prefill(model, ids: torch.Tensor, chunk: int = 0) -> tuple[Any, torch.Tensor]:
+    """``(cache, last logits [1, 1, vocab])`` after the prompt ``ids``: one call (``chunk`` 0), or calls of
+    ``chunk`` tokens each, the cache of one passed to the next (``generate``'s ``prefill_chunk_size``)."""
+    keyword, cache, out = _cache_keyword(model), None, None
+    for start in range(0, ids.shape[1], chunk or ids.shape[1]):
+        piece = ids[:, start:start + chunk] if chunk else ids
+        carried = {} if cache is None else {keyword: cache}
+        out = model(piece, use_cache=True, logits_to_keep=1, **carried)
+        cache = getattr(out, "cache", None) or out.past_key_values
+    return cache, out.logits[:, -1:]
+
+
 def _decode(model, cache, first: torch.Tensor, steps: int) -> list[float]:
     """Greedy steps from ``first`` ``[1, 1]``; the wall time of each step in ms."""
     times, token, keyword = [], first, _cache_keyword(model)
@@ -126,8 +142,10 @@ def build_model(target: str, plan: Path | None = None,
     return model.eval(), tokenizer
 
 
-def measure(target: str, length: int, steps: int, synthetic_above: int, plan: Path | None = None) -> dict:
-    """Runs in the child: load, convert, prefill once, decode ``steps`` tokens, report."""
+def measure(target: str, length: int, steps: int, synthetic_above: int, plan: Path | None = None,
+            prefill_chunk: int = 0) -> dict:
+    """Runs in the child: load, convert, prefill (in one call, or in calls of ``prefill_chunk`` tokens),
+    decode ``steps`` tokens, report."""
     from swapformer.rewriter.hf_cache import cache_nbytes
 
     model, tokenizer = build_model(target, plan)
@@ -146,15 +164,15 @@ def measure(target: str, length: int, steps: int, synthetic_above: int, plan: Pa
             first = ids[:, -1:]
         else:
             start = time.perf_counter()
-            out = model(ids, use_cache=True, logits_to_keep=1)
+            cache, last = prefill(model, ids, prefill_chunk)
             prefill_s = time.perf_counter() - start
-            cache = getattr(out, "cache", None) or out.past_key_values
-            first = out.logits[:, -1:].argmax(-1)
+            first = last.argmax(-1)
         step_ms = _decode(model, cache, first, steps)
     sampler.running = False
     sampler.join()
     return {
         "target": target, "length": length, "steps": steps, "prefill_s": prefill_s,
+        "prefill_chunk": prefill_chunk,
         "decode_ms": statistics.median(step_ms), "decode_ms_all": [round(t, 1) for t in step_ms],
         "cache_bytes": cache_nbytes(cache), "peak_rss_mib": sampler.peak, "rss_before_mib": before,
         # None where the mark could not be restarted: it would count the loading too
@@ -162,9 +180,11 @@ def measure(target: str, length: int, steps: int, synthetic_above: int, plan: Pa
     }
 
 
-def _child(target: str, length: int, steps: int, synthetic_above: int, plan: Path | None = None) -> dict:
+def _child(target: str, length: int, steps: int, synthetic_above: int, plan: Path | None = None,
+           prefill_chunk: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--child", target, "--lengths", str(length), "--steps", str(steps),
-           "--synthetic-above", str(synthetic_above), *(["--child-plan", str(plan)] if plan else [])]
+           "--synthetic-above", str(synthetic_above), "--prefill-chunk", str(prefill_chunk),
+           *(["--child-plan", str(plan)] if plan else [])]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"{target} at T={length} failed:\n{done.stderr[-3000:]}")
@@ -181,10 +201,14 @@ def _mib(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def table(rows: list[dict]) -> str:
+def _prefill_label(chunk: int) -> str:
+    return f"prefill s (chunks of {chunk})" if chunk else "prefill s"
+
+
+def table(rows: list[dict], prefill_chunk: int = 0) -> str:
     base = {r["length"]: r for r in rows if r["target"] == "original"}
-    lines = ["| model | T | prefill s | prefill speed-up | decode ms/token | decode speed-up | "
-             "cache MiB | peak RSS MiB | RSS ratio | max RSS MiB | max RSS ratio |",
+    lines = [f"| model | T | {_prefill_label(prefill_chunk)} | prefill speed-up | decode ms/token | "
+             "decode speed-up | cache MiB | peak RSS MiB | RSS ratio | max RSS MiB | max RSS ratio |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = base.get(r["length"], {})
@@ -209,8 +233,16 @@ def flatness(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _prefill_words(chunk: int) -> str:
+    if not chunk:
+        return "prefill = one `model(ids, use_cache=True, logits_to_keep=1)` on Shakespeare text"
+    return (f"prefill = chunks of {chunk} tokens, `model(ids[:, i:i+{chunk}], use_cache=True, "
+            "logits_to_keep=1, cache=cache)` with the cache carried (as `generate(..., "
+            f"prefill_chunk_size={chunk})`), on Shakespeare text, the time of all chunks")
+
+
 def _header(args_line: str, load_start: float, load_end: float, synthetic_above: int,
-            plans: dict[str, Path] | None = None) -> str:
+            plans: dict[str, Path] | None = None, prefill_chunk: int = 0) -> str:
     cpu = platform.processor() or platform.machine()
     note = (f" The original's rows above T={synthetic_above} decode from a synthetic cache of the right "
             "size (random values) and have no prefill." if synthetic_above else "")
@@ -219,10 +251,9 @@ def _header(args_line: str, load_start: float, load_end: float, synthetic_above:
             f"{torch.get_num_threads()} threads; 1-min load average at start / end {load_start:.1f} / "
             f"{load_end:.1f}\n"
             f"- command: `python benchmarks/speed_smollm2.py {args_line}`\n"
-            "- each row a fresh process: prefill = one `model(ids, use_cache=True, logits_to_keep=1)` on "
-            "Shakespeare text; decode = median of the greedy steps after it; peak RSS = whole process "
-            "(weights included) during prefill + decode, sampled every 5 ms; max RSS = the kernel's "
-            "high-water mark (ru_maxrss) of the same stretch; default options of every target, batch 1, "
+            f"- each row a fresh process: {_prefill_words(prefill_chunk)}; decode = median of the greedy "
+            "steps after it; peak RSS = whole process (weights included) during prefill + decode, "
+            "sampled every 5 ms; max RSS = the kernel's high-water mark (ru_maxrss) of the same stretch; default options of every target, batch 1, "
             f"fp32.{note}\n"
             + "".join(f"- row {name}: the plan saved in `{path.name}`\n" for name, path in (plans or {}).items())
             + "\n")
@@ -268,13 +299,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=8, help="greedy decode steps after the prefill")
     parser.add_argument("--synthetic-above", type=int, default=0,
                         help="the original decodes from a synthetic cache (no prefill) for T above this")
+    parser.add_argument("--prefill-chunk", type=int, default=0, metavar="N",
+                        help="prefill in calls of N tokens, the cache carried (0: one call)")
     parser.add_argument("--quick", action="store_true", help="T = 1024, 4 decode steps")
     parser.add_argument("--write", action="store_true", help=f"append the table to {RESULTS.name}")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-plan", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.child, int(args.lengths), args.steps, args.synthetic_above, args.child_plan)))
+        row = measure(args.child, int(args.lengths), args.steps, args.synthetic_above, args.child_plan,
+                      args.prefill_chunk)
+        print(json.dumps(row))
         return
     lengths = [1024] if args.quick else [int(x) for x in args.lengths.split(",")]
     steps = 4 if args.quick else args.steps
@@ -283,12 +318,16 @@ def main(argv: list[str] | None = None) -> None:
         plans = parse_plans(args.plan, targets)
     except ValueError as e:
         parser.error(str(e))
+    if args.prefill_chunk < 0:
+        parser.error(f"--prefill-chunk takes a token count >= 0 (0: one call), got {args.prefill_chunk}")
     load_start = os.getloadavg()[0]
-    rows = [_child(t, n, steps, args.synthetic_above, plans.get(t)) for n in lengths for t in [*targets, *plans]]
-    text = table(rows) + "\n\n" + flatness(rows)
+    rows = [_child(t, n, steps, args.synthetic_above, plans.get(t), args.prefill_chunk)
+            for n in lengths for t in [*targets, *plans]]
+    text = table(rows, args.prefill_chunk) + "\n\n" + flatness(rows)
     print(text)
     if args.write:
-        header = _header(" ".join(sys.argv[1:]), load_start, os.getloadavg()[0], args.synthetic_above, plans)
+        header = _header(" ".join(sys.argv[1:]), load_start, os.getloadavg()[0], args.synthetic_above, plans,
+                         args.prefill_chunk)
         with RESULTS.open("a") as f:
             f.write(header + text + "\n")
 

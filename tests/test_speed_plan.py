@@ -167,3 +167,46 @@ def test_pareto_writes_every_budgets_plan_as_a_plan_file(tmp_path: Path, monkeyp
     metadata = json.loads(written[0].read_text())["metadata"]
     assert metadata["budget"] == "decode@4096=3" and metadata["candidates"] == ["window(window=8)"]
     assert pareto.parse_args(["--plans-only"]).plans_only
+
+
+@pytest.mark.parametrize("target", ["original", "window", "fastweight"])
+def test_a_chunked_prefill_gives_the_one_call_cache_and_next_token(speed, target: str) -> None:
+    model, _ = speed.build_model(target, load=_load)
+    ids = _ids()[:, :37]  # 37 = 3 chunks of 12 and a last one of 1
+    with torch.no_grad():
+        whole, whole_last = speed.prefill(model, ids)
+        chunked, chunked_last = speed.prefill(model, ids, chunk=12)
+        torch.testing.assert_close(chunked_last, whole_last, atol=1e-4, rtol=1e-4)
+        assert chunked.get_seq_length() == whole.get_seq_length() == 37
+        step = {speed._cache_keyword(model): chunked}
+        after = model(chunked_last.argmax(-1), use_cache=True, **step).logits
+        step = {speed._cache_keyword(model): whole}
+        torch.testing.assert_close(after, model(whole_last.argmax(-1), use_cache=True, **step).logits,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_chunk_reaches_every_child_and_the_table(speed, monkeypatch, capsys) -> None:
+    assert "chunks of 256 tokens" in speed._header("", 0.0, 0.0, 0, prefill_chunk=256)
+    assert "chunks of" not in speed._header("", 0.0, 0.0, 0)
+    commands = []
+
+    def child(cmd, **kwargs):
+        commands.append(cmd)
+        row = {"target": cmd[cmd.index("--child") + 1], "length": 1024, "steps": 4, "prefill_s": 1.0,
+               "decode_ms": 2.0, "decode_ms_all": [2.0], "cache_bytes": 0, "peak_rss_mib": 10.0,
+               "rss_before_mib": 9.0}
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(row) + "\n", stderr="")
+
+    monkeypatch.setattr(speed.subprocess, "run", child)
+    speed.main(["--quick", "--targets", "window", "--prefill-chunk", "256"])
+    assert [c[c.index("--prefill-chunk") + 1] for c in commands] == ["256", "256"]
+    assert "prefill s (chunks of 256)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        speed.main(["--quick", "--prefill-chunk", "-1"])
+
+    # the child's side: prefilled chunk by chunk through the HF forward, then decoded
+    monkeypatch.setattr(speed, "_load_smollm2", _load)
+    monkeypatch.setattr(speed, "_text_ids", lambda tokenizer, length: _ids()[:, :length])
+    speed.main(["--child", "window", "--lengths", "30", "--steps", "2", "--prefill-chunk", "8"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["prefill_chunk"] == 8 and row["prefill_s"] > 0 and len(row["decode_ms_all"]) == 2

@@ -510,6 +510,7 @@ def test_model_timed_cost_splits_the_whole_models_decode_step_per_layer(analysis
     plan = select_plan(recost(analysis, measured, budget, timer), budget)
     cost, original = model_cost(analysis.rewrite(plan), model, "decode", long, cost_fn=timer)
     assert original / cost >= 1.2
+    assert all("s/token at 65536" in c.reason for c in plan.choices)  # the reasons say the costs' unit
 
 
 # --- the zoo's auto option ---------------------------------------------------------------------------

@@ -121,6 +121,7 @@ class Measured:
     sites: list[Site]
     options: dict[str, list[tuple[str, TargetConfig | None, float, float]]]
     fixed: float  # the cost of everything the plan does not choose for
+    unit: str = ""  # the costs' unit ("": the budget's own)
 
 
 def auto_plan(analysis: Any, options: AutoOptions, filter_fn: Any = None) -> Plan:
@@ -160,7 +161,9 @@ def select_plan(measured: Measured, budget: Budget, resolution: int = DEFAULT_RE
     summary = (f"{budget.describe(budget.achieved(measured.fixed, planned, original))}; "
                f"{replaced} of {len(groups)} sites replaced, total quality cost {quality:.3g}")
     log.info("auto plan: %s", summary)
-    choices = tuple(PlanChoice(s.name, g[j][1], _reason(g, j, budget)) for s, g, j in zip(measured.sites, groups, picks))
+    unit = measured.unit or budget.unit
+    choices = tuple(PlanChoice(s.name, g[j][1], _reason(g, j, budget, unit))
+                    for s, g, j in zip(measured.sites, groups, picks))
     return Plan(choices, label="auto", summary=summary)
 
 
@@ -193,7 +196,7 @@ def measure(analysis: Any, options: AutoOptions, filter_fn: Any = None) -> Measu
             table[rep.site.name].append((label, config, error, cost_fn(rep.site, core, budget.kind, budget.context)))
         log.info("auto: measured %s at %d sites", label, len(student.swapformer_report.replaced))
         del student
-    return Measured(sites, table, _fixed(analysis, planned, budget, cost_fn))
+    return Measured(sites, table, _fixed(analysis, planned, budget, cost_fn), _unit(cost_fn, budget))
 
 
 def recost(analysis: Any, measured: Measured, budget: Budget, cost_fn: CostFn) -> Measured:
@@ -210,7 +213,12 @@ def recost(analysis: Any, measured: Measured, budget: Budget, cost_fn: CostFn) -
     table = {s.name: [(label, config, quality,
                        cost_fn(s, cores[label][s.name] if config is not None else None, budget.kind, budget.context))
                       for label, config, quality, _ in measured.options[s.name]] for s in measured.sites}
-    return Measured(measured.sites, table, _fixed(analysis, planned, budget, cost_fn))
+    return Measured(measured.sites, table, _fixed(analysis, planned, budget, cost_fn), _unit(cost_fn, budget))
+
+
+def _unit(cost_fn: CostFn, budget: Budget) -> str:
+    """What the costs count: a timed cost model's ``time_unit`` for speed budgets, else the budget's."""
+    return budget.unit if budget.kind == "state" else getattr(cost_fn, "time_unit", budget.unit)
 
 
 def _bind(cost_fn: CostFn, analysis: Any) -> None:
@@ -235,11 +243,12 @@ def _warn_short_data(options: AutoOptions) -> None:
                     "original: use longer sequences", min(lengths), min(w for w in windows if w >= min(lengths)))
 
 
-def _reason(group: list[tuple[str, TargetConfig | None, float, float]], pick: int, budget: Budget) -> str:
+def _reason(group: list[tuple[str, TargetConfig | None, float, float]], pick: int, budget: Budget,
+            unit: str) -> str:
     """The chosen option's numbers next to keeping the original."""
     _, _, quality, cost = group[pick]
     keep_cost = group[0][3]
-    numbers = f"quality cost {quality:.3g}, cost {cost:.3g} {budget.unit} at {budget.context}"
+    numbers = f"quality cost {quality:.3g}, cost {cost:.3g} {unit} at {budget.context}"
     if pick == 0:
         best = min(group[1:], key=lambda o: o[3], default=None)
         alt = f"; cheapest candidate {best[0]}: quality cost {best[2]:.3g}, cost {best[3]:.3g}" if best else ""

@@ -60,6 +60,8 @@ class MeasuredCost:
         max_prefill: the longest prefill timed.
     """
 
+    time_unit = "s/token"
+
     def __init__(self, threads: int | None = None, repeats: int = 5, max_prefill: int = 8192) -> None:
         threads = torch.get_num_threads() if threads is None else threads
         if threads < 1 or repeats < 1:
@@ -220,6 +222,8 @@ class ModelTimedCost:
     cache fill per candidate. Decode budgets only; call :meth:`bind` with the model's analysis first
     (``target="auto"`` does).
     """
+
+    time_unit = "s/token"
 
     def __init__(self, steps: int = 5, threads: int | None = None, state_probe: int = STATE_PROBE) -> None:
         threads = torch.get_num_threads() if threads is None else threads

@@ -160,13 +160,16 @@ def test_pareto_writes_every_budgets_plan_as_a_plan_file(tmp_path: Path, monkeyp
     pareto = _script("pareto_smollm2")
     other = Plan.of({LOCAL: resolve_target("window", window=8), FAR: resolve_target("window", window=8)},
                     label="auto")
-    args = argparse.Namespace(context=4096, quality="error", plan_tokens=96, out=tmp_path)
+    args = argparse.Namespace(context=4096, quality="error", cost="model", plan_tokens=96, out=tmp_path)
     written = pareto.save_budget_plans({3.0: PLAN, 2.5: other}, ["window(window=8)"], args)
     assert [p.name for p in written] == ["pareto_plan_3x.json", "pareto_plan_2.5x.json"]
     assert read_plan(written[0]) == PLAN and read_plan(written[1]) == other
     metadata = json.loads(written[0].read_text())["metadata"]
     assert metadata["budget"] == "decode@4096=3" and metadata["candidates"] == ["window(window=8)"]
-    assert pareto.parse_args(["--plans-only"]).plans_only
+    assert "ModelTimedCost" in metadata["cost"]  # how the plan was costed travels with it
+    parsed = pareto.parse_args(["--plans-only"])
+    assert parsed.plans_only and parsed.cost == "model" and type(parsed.cost_fn).__name__ == "ModelTimedCost"
+    assert pareto.parse_args(["--quick"]).cost_fn is pareto.flop_cost
 
 
 @pytest.mark.parametrize("target", ["original", "window", "fastweight"])

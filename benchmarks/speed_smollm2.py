@@ -59,6 +59,7 @@ from typing import Any
 import torch
 
 from swapformer.measure.speed import PeakRss, max_rss_mib, reset_max_rss, rss_mib
+from swapformer.planner.timing import random_dynamic_cache
 
 TARGETS = ("window", "fastweight", "elita", "cat", "worker")
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -72,19 +73,6 @@ def _text_ids(tokenizer, length: int) -> torch.Tensor:
     text = torch.cat(corpus_tokens("shakespeare", tokenizer))
     reps = -(-length // text.numel())
     return text.repeat(reps)[:length][None]
-
-
-def _synthetic_cache(model, length: int):
-    """A host ``DynamicCache`` holding ``length`` random keys/values in every layer."""
-    from transformers import DynamicCache
-
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    cache = DynamicCache()
-    for layer in range(cfg.num_hidden_layers):
-        kv = torch.randn(2, 1, cfg.num_key_value_heads, length, head_dim, dtype=model.dtype)
-        cache.update(kv[0], kv[1], layer)
-    return cache
 
 
 def _cache_keyword(model) -> str:
@@ -160,7 +148,7 @@ def measure(target: str, length: int, steps: int, synthetic_above: int, plan: Pa
         sampler.start()
         prefill_s = None
         if synthetic:
-            cache = _synthetic_cache(model, length)
+            cache = random_dynamic_cache(model, length)
             first = ids[:, -1:]
         else:
             start = time.perf_counter()

@@ -92,11 +92,11 @@ def test_original_and_uniform_rows_are_unchanged(speed) -> None:
     assert set(_decisions(window).values()) == {"WindowAttention"}
 
 
-def test_plan_rows_run_in_fresh_children_with_their_plan(speed, tmp_path: Path, monkeypatch, capsys) -> None:
-    path = save_plan(PLAN, tmp_path / "plan.json")
-    commands = []
+def _fake_children(speed, monkeypatch, commands: list) -> None:
+    """Replace the children by a fixed row each; ``commands`` collects their command lines (the
+    parent's side: which rows, each in its own process, with which options)."""
 
-    def child(cmd, **kwargs):  # the parent's side: which rows, each in its own process
+    def child(cmd, **kwargs):
         commands.append(cmd)
         row = {"target": cmd[cmd.index("--child") + 1], "length": 1024, "steps": 4, "prefill_s": 1.0,
                "decode_ms": 2.0, "decode_ms_all": [2.0], "cache_bytes": 0, "peak_rss_mib": 10.0,
@@ -104,6 +104,13 @@ def test_plan_rows_run_in_fresh_children_with_their_plan(speed, tmp_path: Path, 
         return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(row) + "\n", stderr="")
 
     monkeypatch.setattr(speed.subprocess, "run", child)
+
+
+def test_plan_rows_run_in_fresh_children_with_their_plan(speed, tmp_path: Path, monkeypatch, capsys) -> None:
+    path = save_plan(PLAN, tmp_path / "plan.json")
+    commands = []
+
+    _fake_children(speed, monkeypatch, commands)
     speed.main(["--quick", "--targets", "window", "--plan", f"auto3x={path}"])
     assert [c[c.index("--child") + 1] for c in commands] == ["original", "window", "auto3x"]
     assert "--child-plan" not in commands[0] and "--child-plan" not in commands[1]
@@ -193,14 +200,7 @@ def test_prefill_chunk_reaches_every_child_and_the_table(speed, monkeypatch, cap
     assert "chunks of" not in speed._header("", 0.0, 0.0, 0)
     commands = []
 
-    def child(cmd, **kwargs):
-        commands.append(cmd)
-        row = {"target": cmd[cmd.index("--child") + 1], "length": 1024, "steps": 4, "prefill_s": 1.0,
-               "decode_ms": 2.0, "decode_ms_all": [2.0], "cache_bytes": 0, "peak_rss_mib": 10.0,
-               "rss_before_mib": 9.0}
-        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(row) + "\n", stderr="")
-
-    monkeypatch.setattr(speed.subprocess, "run", child)
+    _fake_children(speed, monkeypatch, commands)
     speed.main(["--quick", "--targets", "window", "--prefill-chunk", "256"])
     assert [c[c.index("--prefill-chunk") + 1] for c in commands] == ["256", "256"]
     assert "prefill s (chunks of 256)" in capsys.readouterr().out

@@ -280,7 +280,7 @@ class ModelTimedCost:
             replaced = len(model.swapformer_report.replaced)
         with torch.no_grad(), _threads(self.threads):
             if config is None:
-                cache = _random_dynamic_cache(model, context)
+                cache = random_dynamic_cache(model, context)
             else:  # a kept site's cache must hold the whole context
                 bounded = (context > self.state_probe and replaced == len(_attention(self._analysis))
                            and core.state_bytes(self.state_probe) == core.state_bytes(context))
@@ -308,8 +308,10 @@ def _core_config(core: TargetModule) -> Any:
     return config
 
 
-def _random_dynamic_cache(model: nn.Module, length: int) -> Any:
-    """A ``DynamicCache`` holding ``length`` random keys/values in every layer of ``model``."""
+def random_dynamic_cache(model: nn.Module, length: int) -> Any:
+    """A ``DynamicCache`` holding ``length`` random keys/values in every layer of ``model`` (a decode
+    step's time and memory do not depend on the values; ``benchmarks/speed_smollm2.py`` decodes the
+    original from one at long contexts)."""
     from transformers import DynamicCache
 
     cfg = model.config.get_text_config(decoder=True)

@@ -58,7 +58,13 @@ from typing import Any
 
 import torch
 
-from swapformer.measure.speed import PeakRss, max_rss_mib, reset_max_rss, rss_mib
+from swapformer.measure.speed import (
+    PeakRss,
+    max_rss_mib,
+    release_freed_memory,
+    reset_max_rss,
+    rss_mib,
+)
 from swapformer.planner.timing import random_dynamic_cache
 
 TARGETS = ("window", "fastweight", "elita", "cat", "worker")
@@ -142,6 +148,7 @@ def measure(target: str, length: int, steps: int, synthetic_above: int, plan: Pa
     with torch.no_grad():
         model(ids[:, :WARMUP_TOKENS], use_cache=True, logits_to_keep=1)
         gc.collect()
+        release_freed_memory()  # every row starts from its live memory, not what loading/rewriting left
         load_max_rss = max_rss_mib()
         restarted = reset_max_rss()
         before, sampler = rss_mib(), PeakRss()
@@ -241,7 +248,9 @@ def _header(args_line: str, load_start: float, load_end: float, synthetic_above:
             f"- command: `python benchmarks/speed_smollm2.py {args_line}`\n"
             f"- each row a fresh process: {_prefill_words(prefill_chunk)}; decode = median of the greedy "
             "steps after it; peak RSS = whole process (weights included) during prefill + decode, "
-            "sampled every 5 ms; max RSS = the kernel's high-water mark (ru_maxrss) of the same stretch; default options of every target, batch 1, "
+            "sampled every 5 ms; max RSS = the kernel's high-water mark (ru_maxrss) of the same stretch, "
+            "after the heap's freed pages went back to the OS (glibc malloc_trim, every row); default "
+            "options of every target, batch 1, "
             f"fp32.{note}\n"
             + "".join(f"- row {name}: the plan saved in `{path.name}`\n" for name, path in (plans or {}).items())
             + "\n")

@@ -23,3 +23,23 @@ def test_max_rss_restarts_and_catches_a_peak_between_samples():
     block.close()
     assert rss_mib() < start + 32  # gone again: a sampler would have to catch it while it lived
     assert max_rss_mib() >= start + 60
+
+
+def test_release_freed_memory_returns_the_heaps_freed_pages():
+    import gc
+
+    import torch
+
+    from swapformer.measure.speed import release_freed_memory
+
+    # 250 MiB in 64 KiB tensors (below glibc's mmap threshold: heap memory), a live one after them so
+    # that freeing them cannot shrink the heap from its top
+    blocks = [torch.ones(16_000) for _ in range(4_000)]
+    pin = torch.ones(100)
+    del blocks
+    gc.collect()
+    held = rss_mib()
+    if not release_freed_memory():
+        pytest.skip("no glibc malloc_trim here")
+    assert rss_mib() < held - 100
+    del pin

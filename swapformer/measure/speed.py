@@ -6,6 +6,8 @@ them alike; ratios are the number to read, not absolute times.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import statistics
 import threading
@@ -42,6 +44,18 @@ def reset_max_rss() -> bool:
             f.write("5")
     except OSError:
         return False
+    return True
+
+
+def release_freed_memory() -> bool:
+    """Hand the pages glibc keeps after frees back to the OS (``malloc_trim(0)``), so that a resident
+    memory figure taken next counts live memory, not what earlier work (loading, a rewrite's dropped
+    copies) left in the heap; False where the C library has no ``malloc_trim`` (not glibc)."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
     return True
 
 

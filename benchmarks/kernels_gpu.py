@@ -4,8 +4,9 @@
     python benchmarks/kernels_gpu.py --ops cat --write  # append the table to benchmarks/RESULTS.md
     python benchmarks/kernels_gpu.py --dry-run         # CPU, TRITON_INTERPRET=1, tiny shapes
 
-1. Correctness: every op in bf16 / fp16 / fp32 against its PyTorch reference (run in fp32 on the same
-   rounded inputs), outputs and all gradients, as relative RMS errors.
+1. Correctness: every op in bf16 / fp16 / fp32 against its PyTorch reference run in float64 on the same
+   rounded inputs, outputs and all gradients, as relative RMS errors, beside the reference's own error
+   at the kernel's dtype.
 2. Speed: forward and forward+backward at a fixed token budget (``B·T = --tokens``) and model width
    (``H·D = --width``), against SDPA (FlashAttention backend where available), fla ``chunk_gla`` /
    ``fused_recurrent_gla`` (when ``fla`` is importable) for the fast-weight op, and compiled
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 log = logging.getLogger("kernels_gpu")
 RESULTS = Path(__file__).with_name("RESULTS.md")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# relative RMS error allowed against the fp32 reference on the same rounded inputs
+# relative RMS error allowed against the float64 reference on the same rounded inputs
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 
 Inputs = dict[str, torch.Tensor]
@@ -282,17 +283,27 @@ def _fwd_bwd(fn: Callable[[Inputs], torch.Tensor], x: Inputs, grad: torch.Tensor
     return [out.detach()] + [t.grad for t in leaves.values() if t.grad is not None]
 
 
-def check(spec: OpSpec, shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple[float, bool]:
-    """Worst relative RMS error over the output and every gradient, and whether it is within tolerance."""
+def _errors(ref: list[torch.Tensor], out: list[torch.Tensor]) -> list[float]:
+    return [_error_ratio(r, o) for r, o in zip(ref, out)]
+
+
+def check(spec: OpSpec, shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple[float, float, bool]:
+    """Worst relative RMS error over the output and every gradient against a float64 reference on the
+    same rounded inputs, for the kernel and for the PyTorch reference run at the kernel's dtype; the
+    kernel is within tolerance when it is within ``TOLERANCE`` or no worse than twice the reference
+    (some gradients, ELiTA's dκ, are ill-conditioned at any precision)."""
     x = spec.make(shape, dtype, device)
-    # the reference sees the same rounded values, in fp32
-    x32 = {n: (t.float() if t.is_floating_point() else t) for n, t in x.items()}
-    probe = spec.run(x32, "naive")
+    x64 = {n: (t.double() if t.is_floating_point() else t) for n, t in x.items()}
+    probe = spec.run(x64, "naive")
     grad = torch.randn_like(probe)
-    ref = _fwd_bwd(lambda t: spec.run(t, "naive"), x32, grad)
-    out = _fwd_bwd(lambda t: spec.run(t, "triton"), x, grad)
-    worst = max(_error_ratio(r, o) for r, o in zip(ref, out))
-    return worst, worst <= TOLERANCE[dtype]
+    ref = _fwd_bwd(lambda t: spec.run(t, "naive"), x64, grad)
+    out = _errors(ref, _fwd_bwd(lambda t: spec.run(t, "triton"), x, grad))
+    naive = _errors(ref, _fwd_bwd(lambda t: spec.run(t, "naive"), x, grad))
+    names = ["out", *(n for n, t in x.items() if t.is_floating_point())]
+    log.info("  %s %s kernel: %s", spec.name, shape, ", ".join(f"{n} {e:.1e}" for n, e in zip(names, out)))
+    log.info("  %s %s naive:  %s", spec.name, shape, ", ".join(f"{n} {e:.1e}" for n, e in zip(names, naive)))
+    worst, worst_naive = max(out), max(naive)
+    return worst, worst_naive, worst <= max(TOLERANCE[dtype], 2 * worst_naive)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,13 +421,16 @@ def render(rows: list[Row], checks: list[tuple[str, str, str, float, bool]], dev
         f"torch {torch.__version__}, triton {_triton_version()}, python {platform.python_version()}"
         + (", **dry run (CPU interpreter, timings meaningless)**" if args.dry_run else ""),
         "",
-        "### Correctness (worst relative RMS error over output and all gradients vs fp32 reference)",
+        "### Correctness (worst relative RMS error over output and all gradients vs a float64 reference)",
         "",
-        "| op | shape | dtype | max rel. RMS err | tolerance | ok |",
-        "|---|---|---|---|---|---|",
+        "ok: within the tolerance, or within twice the PyTorch reference's own error at the same dtype.",
+        "",
+        "| op | shape | dtype | kernel max rel. RMS err | reference at this dtype | tolerance | ok |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for op, shape, dtype, err, ok in checks:
-        lines.append(f"| {op} | {shape} | {dtype} | {err:.2e} | {TOLERANCE[DTYPES[dtype]]:.0e} | {'yes' if ok else '**NO**'} |")
+    for op, shape, dtype, err, naive, ok in checks:
+        lines.append(f"| {op} | {shape} | {dtype} | {err:.2e} | {naive:.2e} | {TOLERANCE[DTYPES[dtype]]:.0e} | "
+                     f"{'yes' if ok else '**NO**'} |")
     lines += [
         "",
         "### Speed (ratio = time of this implementation / time of swapformer; > 1 means swapformer is faster)",
@@ -502,24 +516,28 @@ def main(argv: list[str] | None = None) -> int:
         for spec in specs:
             for shape in _check_shapes(args, spec):
                 for dt in check_dtypes:
-                    err, ok = check(spec, shape, DTYPES[dt], device)
-                    log.info("check %-18s %-22s %s: %.2e %s", spec.name, shape, dt, err, "ok" if ok else "FAIL")
-                    checks.append((spec.name, str(shape), dt, err, ok))
+                    err, naive, ok = check(spec, shape, DTYPES[dt], device)
+                    log.info("check %-18s %-22s %s: %.2e (naive %.2e) %s", spec.name, shape, dt, err, naive,
+                             "ok" if ok else "FAIL")
+                    checks.append((spec.name, str(shape), dt, err, naive, ok))
     rows = []
-    for spec in specs:
-        for shape in _shapes(args, spec):
-            for dt in time_dtypes:
-                rows += benchmark(spec, shape, dt, device, args.dry_run)
-                log.info("timed %s %s %s", spec.name, shape, dt)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+    try:
+        for spec in specs:
+            for shape in _shapes(args, spec):
+                for dt in time_dtypes:
+                    rows += benchmark(spec, shape, dt, device, args.dry_run)
+                    log.info("timed %s %s %s", spec.name, shape, dt)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+    except KeyboardInterrupt:  # `timeout -s INT`: report what was timed so far
+        log.warning("interrupted: the speed table holds the rows timed before")
     report = render(rows, checks, device_name, args)
     sys.stdout.write(report)
     if args.write:
         with RESULTS.open("a") as fh:
             fh.write("\n" + report)
         log.info("appended to %s", RESULTS)
-    return 0 if all(ok for *_, ok in checks) else 1
+    return 0 if all(c[-1] for c in checks) else 1
 
 
 if __name__ == "__main__":

@@ -25,21 +25,30 @@ def test_max_rss_restarts_and_catches_a_peak_between_samples():
     assert max_rss_mib() >= start + 60
 
 
+_TRIM_PROBE = """
+import gc, json, torch
+from swapformer.measure.speed import release_freed_memory, rss_mib
+# 250 MiB in 64 KiB tensors (below glibc's mmap threshold: heap memory), a live one after them so
+# that freeing them cannot shrink the heap from its top
+blocks = [torch.ones(16_000) for _ in range(4_000)]
+pin = torch.ones(100)
+del blocks
+gc.collect()
+held = rss_mib()
+trimmed = release_freed_memory()
+print(json.dumps({"trimmed": trimmed, "held": held, "after": rss_mib()}))
+"""
+
+
 def test_release_freed_memory_returns_the_heaps_freed_pages():
-    import gc
+    # a fresh interpreter: in a long test session the heap's state (earlier frees, a raised mmap
+    # threshold, other arenas) decides where the blocks go, and the drop is not the test's to predict
+    import json
+    import subprocess
+    import sys
 
-    import torch
-
-    from swapformer.measure.speed import release_freed_memory
-
-    # 250 MiB in 64 KiB tensors (below glibc's mmap threshold: heap memory), a live one after them so
-    # that freeing them cannot shrink the heap from its top
-    blocks = [torch.ones(16_000) for _ in range(4_000)]
-    pin = torch.ones(100)
-    del blocks
-    gc.collect()
-    held = rss_mib()
-    if not release_freed_memory():
+    done = subprocess.run([sys.executable, "-c", _TRIM_PROBE], capture_output=True, text=True, check=True)
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    if not probe["trimmed"]:
         pytest.skip("no glibc malloc_trim here")
-    assert rss_mib() < held - 100
-    del pin
+    assert probe["after"] < probe["held"] - 100

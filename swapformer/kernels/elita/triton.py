@@ -114,10 +114,10 @@ def elita_bwd_kernel(kappa, delta, rho, v, dy, Sc, Zc, Rc, rc, dkappa, dv, T, NT
     dS = g * (Q / N)[:, None]
     dZ = tl.where(mr, -Q * tl.sum(g * by, 1) / N, 0.0)
     ov = tl.arange(0, BV)
-    # R_j = Σ_{i≥j} dS_i: later chunks (carry) + inclusive reverse cumsum inside the chunk
-    R = tl.load(Rc + p_c * V + ov, mask=ov < V, other=0.0)[None, :]
-    R += tl.sum(dS, 0)[None, :] - tl.cumsum(dS, 0) + dS
-    r = tl.load(rc + p_c) + tl.sum(dZ, 0) - tl.cumsum(dZ, 0) + dZ
+    # R_j = Σ_{i≥j} dS_i: later chunks (carry) + inclusive reverse cumsum inside the chunk, summed
+    # directly (total − prefix would cancel: dκ = C·(R·v + r) is a difference of large sums)
+    R = tl.load(Rc + p_c * V + ov, mask=ov < V, other=0.0)[None, :] + tl.cumsum(dS, 0, reverse=True)
+    r = tl.load(rc + p_c) + tl.cumsum(dZ, 0, reverse=True)
     bdv = (D / N)[:, None] * g + C[:, None] * R
     dC = tl.sum(R * bv, 1) + r
     live = (kap >= -clip) & (kap <= clip)
@@ -147,6 +147,13 @@ def elita_fwd(kappa, delta, rho, v, S0, Z0, clip):
     return y, S, Z
 
 
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """Sums over the earlier chunks (dim 1), by shifting rather than subtracting (which cancels)."""
+    out = torch.zeros_like(x)
+    out[:, 1:] = x[:, :-1].cumsum(1)
+    return out
+
+
 def _carries(kappa, v, S0, Z0, clip):
     """Exclusive per-chunk prefix sums ``(Sc [B, NT, H, V], Zc [B, NT, H])`` plus the final sums."""
     B, T, H, V = v.shape
@@ -156,8 +163,8 @@ def _carries(kappa, v, S0, Z0, clip):
     cz = torch.zeros(B, NT, H, dtype=torch.float32, device=v.device)
     if T > 0:
         elita_chunk_sum_kernel[(NT, B * H)](kappa, v, cs, cz, T, NT, clip, H=H, V=V, BT=BT, BV=BV)
-    Sc, Zc = cs.cumsum(1) - cs, cz.cumsum(1) - cz
-    S, Z = Sc[:, -1] + cs[:, -1], Zc[:, -1] + cz[:, -1]
+    Sc, Zc = _exclusive_cumsum(cs), _exclusive_cumsum(cz)
+    S, Z = cs.sum(1), cz.sum(1)
     if S0 is not None:
         Sc, Zc = Sc + S0.float()[:, None], Zc + Z0.float()[:, None]
         S, Z = S + S0.float(), Z + Z0.float()
@@ -176,8 +183,8 @@ def elita_bwd(dy, dS, dZ, kappa, delta, rho, v, S0, Z0, y, clip):
     common = dict(H=H, V=V, BT=BT, BV=BV)
     elita_bwd_sum_kernel[(NT, B * H)](kappa, delta, rho, v, dy, Sc, Zc, ddelta, drho, ds, dz, T, NT, clip, **common)
     # reverse exclusive prefix over chunks, seeded with the final-state gradient
-    Rc = (ds.flip(1).cumsum(1).flip(1) - ds + dS.float()[:, None]).contiguous()
-    rc = (dz.flip(1).cumsum(1).flip(1) - dz + dZ.float()[:, None]).contiguous()
+    Rc = (_exclusive_cumsum(ds.flip(1)).flip(1) + dS.float()[:, None]).contiguous()
+    rc = (_exclusive_cumsum(dz.flip(1)).flip(1) + dZ.float()[:, None]).contiguous()
     dv = torch.empty_like(v)
     elita_bwd_kernel[(NT, B * H)](kappa, delta, rho, v, dy, Sc, Zc, Rc, rc, dkappa, dv, T, NT, clip, **common)
     dS0 = ds.sum(1) + dS.float()

@@ -1,5 +1,5 @@
 """The ``--hybrid`` report of ``quality_smollm2.py`` (issue 12): hybrid targets at step 0 and along a
-transfer-only calibration curve, against ``window=64, sinks=4`` and the equal-memory window.
+transfer calibration curve (then, with ``--distill-curve``, end-to-end KL), against ``window=64, sinks=4`` and the equal-memory window.
 
 Columns: perplexity at 512 and ``--long-len`` tokens on held-out Shakespeare and wiki (× teacher in
 brackets), the recall probe's NLL (nats/token) on the second copy of a random L-token sequence, the
@@ -117,6 +117,29 @@ def transfer_config(args, tokens: int, first: bool) -> CalibrationConfig:
                              device=args.device)
 
 
+def vo_projections(student) -> tuple[str, ...]:
+    """The value and output projections of every attention (LoRA's targets in the KL stage)."""
+    return tuple(n for n, _ in student.named_modules() if n.endswith(("self_attn.v_proj", "self_attn.o_proj")))
+
+
+def distill_config(args, tokens: int, lora_targets: tuple[str, ...]) -> CalibrationConfig:
+    """End-to-end KL to the teacher's logits: the per-layer transfer leaves errors that compound over
+    30 layers; this stage sees the whole model's output. LoRA on v/o only (issue 12)."""
+    stage = Stage("distill", tokens=tokens, lr=args.distill_lr, train=args.distill_train, schedule="constant")
+    return CalibrationConfig(stages=(stage,), batch_size=train_batch_size(args), seq_len=args.train_len,
+                             eval_batches=0, seed=args.seed, log_every=25, progress=False,
+                             device=args.device, lora_rank=args.lora_rank, lora_targets=lora_targets)
+
+
+def _calibrate_rows(student, teacher, train, used: int, tokens: int, config) -> tuple:
+    """One calibration segment on the training rows after the ``used`` tokens: its stage result."""
+    batch = config.batch_size
+    rows_needed = math.ceil(tokens / (batch * config.seq_len)) * batch
+    start = used // config.seq_len
+    data = TokenSplits(train=train[start : start + rows_needed], heldout=train[:0])
+    return calibrate(student, teacher, data, config).stages[0]
+
+
 def target_rows(target: str, teacher, corpora, train, vocab: int, args) -> list[Row]:
     from quality_smollm2 import target_options
 
@@ -129,17 +152,25 @@ def target_rows(target: str, teacher, corpora, train, vocab: int, args) -> list[
     rows, used, seconds = [row], 0, 0.0
     budgets = [int(float(b)) for b in args.curve.split(",") if b]
     for budget in (b for b in budgets if b > 0):
-        batch = train_batch_size(args)
-        rows_needed = math.ceil((budget - used) / (batch * args.train_len)) * batch
-        start = used // args.train_len
-        data = TokenSplits(train=train[start : start + rows_needed], heldout=train[:0])
-        result = calibrate(student, teacher, data, transfer_config(args, budget - used, used == 0))
-        stage = result.stages[0]
+        stage = _calibrate_rows(student, teacher, train, used, budget - used,
+                                transfer_config(args, budget - used, used == 0))
         used += stage.tokens
         seconds += stage.seconds
         row = Row(f"{label}, transfer", used, seconds, stage.tokens / max(stage.seconds, 1e-9),
                   state, evaluate(student, corpora, vocab, args))
         log.info("%s %d tokens (%.0f s, %.0f tok/s, loss %.3g -> %.3g): %s", target, used, seconds,
+                 row.tok_s, stage.first_loss, stage.last_loss, row.scores)
+        rows.append(row)
+    kl_used, lora = 0, vo_projections(student)
+    for budget in (int(float(b)) for b in args.distill_curve.split(",") if b):
+        stage = _calibrate_rows(student, teacher, train, used + kl_used, budget - kl_used,
+                                distill_config(args, budget - kl_used, lora))
+        kl_used += stage.tokens
+        seconds += stage.seconds
+        row = Row(f"{label}, transfer {used:,} + KL {kl_used:,} ({args.distill_train}, lr {args.distill_lr:g})",
+                  used + kl_used, seconds, stage.tokens / max(stage.seconds, 1e-9), state,
+                  evaluate(student, corpora, vocab, args))
+        log.info("%s +%d KL tokens (%.0f s, %.0f tok/s, loss %.3g -> %.3g): %s", target, kl_used, seconds,
                  row.tok_s, stage.first_loss, stage.last_loss, row.scores)
         rows.append(row)
     return rows
@@ -169,9 +200,11 @@ def markdown(rows: list[Row], teacher: Row, teacher_tok_s: float, args, machine:
         f"held out: every {round(1 / args.eval_fraction)}th {args.long_len}-token sequence of each corpus "
         f"({args.eval_batches} x {args.batch_size} x {args.seq_len} and {args.long_batches} x "
         f"{args.long_len} tokens per corpus); recall: NLL (nats/token) on the second copy, "
-        f"{args.recall_samples} samples; teacher no-grad forward {teacher_tok_s:.0f} tok/s",
+        f"{args.recall_samples} samples; teacher no-grad forward {teacher_tok_s:.0f} tok/s"
+        + (f"; then KL to the teacher's logits (the rows '+ KL', on the next training rows, LoRA rank "
+           f"{args.lora_rank} on v/o where trained)" if args.distill_curve else ""),
         "",
-        f"| model | transfer tokens | s | tok/s (× teacher fwd) | state/layer @{args.long_len} | {head} |",
+        f"| model | calibration tokens | s | tok/s (× teacher fwd) | state/layer @{args.long_len} | {head} |",
         "|---|---:|---:|---:|---:|" + "---:|" * len(keys),
     ]
     for r in [teacher, *rows]:

@@ -19,6 +19,13 @@ probe (a random token sequence of length L repeated twice; NLL on the second cop
     python benchmarks/quality_smollm2.py --hybrid --targets fastweight --train-len 2048 \
         -o fastweight:decay_half_life=512 --curve 0,100000,300000      # train at the long length
 
+``--distill-curve 51200,102400`` then continues each target with end-to-end KL distillation to the
+teacher's logits (cumulative KL tokens, on the training rows after the transfer's; ``--distill-train``
+chooses what trains, default the new parameters plus LoRA on the v/o projections; ``--distill-lr``)::
+
+    python benchmarks/quality_smollm2.py --hybrid --targets fastweight --curve 0,102400 \
+        --distill-curve 51200,102400 --distill-lr 1e-3
+
 In that mode every corpus is packed to ``--long-len`` tokens first and every 20th sequence is held
 out; the 512-token held-out and ``--train-len`` training sequences are cut from those, so no
 calibration token is ever evaluated. ``-o TARGET:KEY=VALUE`` options apply to the hybrid targets too.
@@ -96,6 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recall-samples", type=int, default=2)
     p.add_argument("--curve", default="0,100000", help="hybrid: cumulative transfer-token budgets")
     p.add_argument("--short-windows", default="16,32", help="hybrid: SWAX windows ('' = off)")
+    p.add_argument("--distill-curve", default="",
+                   help="hybrid: cumulative KL-distillation token budgets after the transfer curve ('' = none)")
+    p.add_argument("--distill-train", default="new+lora", choices=["new", "lora", "new+lora", "all"],
+                   help="hybrid: what the KL stage trains (LoRA on v/o only)")
     p.add_argument("--train-len", type=int, default=None,
                    help="hybrid: transfer sequence length (default --seq-len; e.g. 2048 = --long-len)")
     p.add_argument("--train-batch-size", type=int, default=None,

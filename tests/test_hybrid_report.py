@@ -1,0 +1,44 @@
+"""The KL stage of the hybrid report (``benchmarks/hybrid_report.py``), on a tiny Llama instead of SmolLM2."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import swapformer
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import hybrid_report  # noqa: E402
+
+
+def _tiny_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      max_position_embeddings=256)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_the_kl_stage_trains_lora_on_value_and_output_projections_only():
+    teacher = _tiny_llama()
+    student = swapformer.rewrite(copy.deepcopy(teacher), "fastweight", local_window=8)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    lora = hybrid_report.vo_projections(student)
+    assert sorted(lora) == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("o_proj", "v_proj")]
+    args = argparse.Namespace(distill_lr=1e-2, distill_train="lora", seed=0, device="cpu", lora_rank=4,
+                              train_batch_size=2, batch_size=2, seq_len=32, train_len=32)
+    train = torch.randint(0, 128, (8, 32))
+    stage = hybrid_report._calibrate_rows(student, teacher, train, used=64, tokens=128,
+                                          config=hybrid_report.distill_config(args, 128, lora))
+    assert stage.tokens == 128 and torch.isfinite(torch.tensor(stage.last_loss))
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    # the adapters were merged into v/o; nothing else moved
+    assert changed == {f"{m}.weight" for m in lora}

@@ -193,7 +193,7 @@ def markdown(rows: list[Row], teacher: Row, teacher_tok_s: float, args, machine:
         "",
         f"- machine: {machine}; device {args.device}",
         f"- command: `python {shlex.join([sys.argv[0], *sys.argv[1:]])}`",
-        f"- calibrated (transfer only, all layers in one teacher forward, lr {args.transfer_lr:g}, "
+        f"- calibrated (attention transfer, all layers in one teacher forward, lr {args.transfer_lr:g}, "
         f"SWAX windows {args.short_windows or 'off'} on half the steps, closed-form mix init) on general "
         f"English: Shakespeare and the wiki excerpt interleaved, batch {train_batch_size(args)} x "
         f"{args.train_len}; "

@@ -184,6 +184,13 @@ def window_row(teacher, corpora, vocab: int, args, window: int, label: str) -> R
     return row
 
 
+def _transfer_words(args) -> str:
+    if not any(int(float(b)) > 0 for b in args.curve.split(",") if b):
+        return "no attention transfer"
+    return (f"attention transfer, all layers in one teacher forward, lr {args.transfer_lr:g}, SWAX windows "
+            f"{args.short_windows or 'off'} on half the steps, closed-form mix init")
+
+
 def markdown(rows: list[Row], teacher: Row, teacher_tok_s: float, args, machine: str) -> str:
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     keys = list(teacher.scores)
@@ -193,9 +200,7 @@ def markdown(rows: list[Row], teacher: Row, teacher_tok_s: float, args, machine:
         "",
         f"- machine: {machine}; device {args.device}",
         f"- command: `python {shlex.join([sys.argv[0], *sys.argv[1:]])}`",
-        f"- calibrated (attention transfer, all layers in one teacher forward, lr {args.transfer_lr:g}, "
-        f"SWAX windows {args.short_windows or 'off'} on half the steps, closed-form mix init) on general "
-        f"English: Shakespeare and the wiki excerpt interleaved, batch {train_batch_size(args)} x "
+        f"- calibrated ({_transfer_words(args)}) on general English: Shakespeare and the wiki excerpt interleaved, batch {train_batch_size(args)} x "
         f"{args.train_len}; "
         f"held out: every {round(1 / args.eval_fraction)}th {args.long_len}-token sequence of each corpus "
         f"({args.eval_batches} x {args.batch_size} x {args.seq_len} and {args.long_batches} x "

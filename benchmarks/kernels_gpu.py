@@ -413,7 +413,7 @@ def _fmt(v: float, digits: int = 3) -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}g}"
 
 
-def render(rows: list[Row], checks: list[tuple[str, str, str, float, bool]], device_name: str, args) -> str:
+def render(rows: list[Row], checks: list[tuple[str, str, str, float, float, bool]], device_name: str, args) -> str:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"## swapformer kernels on {device_name} ({stamp})",

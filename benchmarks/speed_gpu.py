@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import datetime
 import gc
-import inspect
 import logging
 import math
 import os
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from speed_smollm2 import cache_keyword, prefill  # the CPU benchmark's own HF calls
 
 log = logging.getLogger("speed_gpu")
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -77,28 +77,19 @@ class Row:
 
 
 def parse_target(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"name:key=value,..."`` → ``(name, options)``; values are read as int, float, bool or str.
+    """``"name:key=value;..."`` → ``(name, options)``, each option read as the CLI reads ``-o``.
 
     Raises:
         ValueError: an option that is not ``key=value``.
     """
+    from swapformer.cli.options import parse_option
+
     name, _, rest = spec.partition(":")
-    options: dict[str, Any] = {}
-    for item in filter(None, rest.split(";")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"target option {item!r} of {spec!r} is not key=value")
-        options[key.strip()] = _literal(value.strip())
+    try:
+        options = dict(parse_option(item.strip()) for item in rest.split(";") if item.strip())
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"target {spec!r}: {e}") from e
     return name.strip(), options
-
-
-def _literal(value: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(value.lower(), value)
 
 
 def random_smollm2(config: dict) -> torch.nn.Module:
@@ -127,10 +118,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _cache_keyword(model) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _timed(fn, device: torch.device) -> tuple[float, Any]:
     _sync(device)
     start = time.perf_counter()
@@ -139,13 +126,8 @@ def _timed(fn, device: torch.device) -> tuple[float, Any]:
     return 1000 * (time.perf_counter() - start), out
 
 
-def prefill(model, ids: torch.Tensor) -> tuple[Any, torch.Tensor]:
-    out = model(ids, use_cache=True, logits_to_keep=1)
-    return getattr(out, "cache", None) or out.past_key_values, out.logits[:, -1:]
-
-
 def decode(model, cache, first: torch.Tensor, steps: int, device: torch.device) -> list[float]:
-    keyword, token, times = _cache_keyword(model), first, []
+    keyword, token, times = cache_keyword(model), first, []
     for _ in range(steps):
         ms, out = _timed(lambda t=token: model(t, use_cache=True, **{keyword: cache}), device)
         times.append(ms)

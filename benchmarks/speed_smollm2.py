@@ -81,7 +81,7 @@ def _text_ids(tokenizer, length: int) -> torch.Tensor:
     return text.repeat(reps)[:length][None]
 
 
-def _cache_keyword(model) -> str:
+def cache_keyword(model) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` in 5.2x; pass it by the model's own name."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -89,7 +89,7 @@ def _cache_keyword(model) -> str:
 def prefill(model, ids: torch.Tensor, chunk: int = 0) -> tuple[Any, torch.Tensor]:
     """``(cache, last logits [1, 1, vocab])`` after the prompt ``ids``: one call (``chunk`` 0), or calls of
     ``chunk`` tokens each, the cache of one passed to the next (``generate``'s ``prefill_chunk_size``)."""
-    keyword, cache, out = _cache_keyword(model), None, None
+    keyword, cache, out = cache_keyword(model), None, None
     for start in range(0, ids.shape[1], chunk or ids.shape[1]):
         piece = ids[:, start:start + chunk] if chunk else ids
         carried = {} if cache is None else {keyword: cache}
@@ -100,7 +100,7 @@ def prefill(model, ids: torch.Tensor, chunk: int = 0) -> tuple[Any, torch.Tensor
 
 def _decode(model, cache, first: torch.Tensor, steps: int) -> list[float]:
     """Greedy steps from ``first`` ``[1, 1]``; the wall time of each step in ms."""
-    times, token, keyword = [], first, _cache_keyword(model)
+    times, token, keyword = [], first, cache_keyword(model)
     for _ in range(steps):
         start = time.perf_counter()
         out = model(token, use_cache=True, **{keyword: cache})

@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("transformers")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_gpu.py"
+sys.path.insert(0, str(SCRIPT.parent))  # it imports speed_smollm2 beside it
 
 
 @pytest.fixture(scope="module")

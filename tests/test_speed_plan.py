@@ -188,9 +188,9 @@ def test_a_chunked_prefill_gives_the_one_call_cache_and_next_token(speed, target
         chunked, chunked_last = speed.prefill(model, ids, chunk=12)
         torch.testing.assert_close(chunked_last, whole_last, atol=1e-4, rtol=1e-4)
         assert chunked.get_seq_length() == whole.get_seq_length() == 37
-        step = {speed._cache_keyword(model): chunked}
+        step = {speed.cache_keyword(model): chunked}
         after = model(chunked_last.argmax(-1), use_cache=True, **step).logits
-        step = {speed._cache_keyword(model): whole}
+        step = {speed.cache_keyword(model): whole}
         torch.testing.assert_close(after, model(whole_last.argmax(-1), use_cache=True, **step).logits,
                                    atol=1e-4, rtol=1e-4)
 

@@ -144,7 +144,8 @@ def target_rows(target: str, teacher, corpora, train, vocab: int, args) -> list[
     from quality_smollm2 import target_options
 
     options = target_options(args).get(target, {})
-    label = target + " hybrid" + "".join(f", {k}={v}" for k, v in options.items())
+    # "window" is the control: no far memory, the same KL stage (LoRA on v/o only)
+    label = target + ("" if target == "window" else " hybrid") + "".join(f", {k}={v}" for k, v in options.items())
     student = rewrite(copy.deepcopy(teacher), target, **options)
     state = state_per_layer(student, args.long_len)
     row = Row(f"{label}, step 0", state_bytes=state, scores=evaluate(student, corpora, vocab, args))

@@ -23,6 +23,13 @@ allocator kept (glibc: ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment make
 
     python benchmarks/profile_smollm2.py --length 8192 --targets window --threads 1 --peak
 
+``--free-attention`` adds a row: the original model with its attention function replaced by one that
+costs nothing (it returns the values, repeated over the query heads): the prefill time of the rest of
+the model, so ``original / free`` bounds the prefill speed-up any attention replacement can reach on
+this machine::
+
+    python benchmarks/profile_smollm2.py --length 8192 --targets window --free-attention
+
 ``--cores`` times one attention core at SmolLM2-135M's shapes instead of the whole model (no weights
 needed): a stateful prefill (``state={}``, as the HF cache calls it) and decode steps of each hybrid
 target with its defaults, against the host's causal SDPA on the same ``q, k, v``; ``--loop`` adds
@@ -33,6 +40,7 @@ each hybrid's block loop (``tiled_prefill=False``, the reference of the tiled pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 import time
@@ -184,6 +192,27 @@ def peak(model, ids: torch.Tensor, rows: int) -> None:
         print(f"  {nbytes / 2**20:9.1f} MiB {count:4d} x {op} {shape}")
 
 
+@contextlib.contextmanager
+def free_attention(model):
+    """The model's attention function replaced by one that returns ``v`` (repeated over the query
+    heads of each KV head): everything else of the forward is unchanged."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = model.config._attn_implementation
+
+    def free(module, query, key, value, attention_mask, **kwargs):
+        groups = query.shape[1] // value.shape[1]
+        out = value[:, :, -query.shape[2]:].repeat_interleave(groups, 1)
+        return out.transpose(1, 2).contiguous(), None
+
+    saved = ALL_ATTENTION_FUNCTIONS[name]
+    ALL_ATTENTION_FUNCTIONS[name] = free
+    try:
+        yield
+    finally:
+        ALL_ATTENTION_FUNCTIONS[name] = saved
+
+
 def _core(name: str):
     from swapformer.targets.cat import CatConfig, HybridCat
     from swapformer.targets.elita import ElitaConfig, HybridElita
@@ -261,6 +290,8 @@ def main() -> None:
                         help="what each prefill's memory peak is made of, instead of timings (see above)")
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--free-attention", action="store_true",
+                        help="add the original with a zero-cost attention (the bound, see above)")
     args = parser.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -293,6 +324,9 @@ def main() -> None:
             print(f"=== {name} T={args.length}")
             profile(converted, ids, args.steps, args.rows)
         del converted
+    if args.free_attention:
+        with free_attention(model):
+            rows.append(("free attn", *measure(model, ids, args.steps, args.repeat)))
     base = rows[0] if rows and rows[0][0] == "original" else None
     print(f"T={args.length} threads={args.threads} clock={args.clock} torch={torch.__version__}")
     print(f"{'model':<12}{'prefill ms':>12}{'ratio':>8}{'decode ms/tok':>15}{'ratio':>8}")

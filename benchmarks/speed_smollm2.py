@@ -28,6 +28,7 @@ Ratios are original / converted (> 1 means faster or smaller), measured in the s
     python benchmarks/speed_smollm2.py --lengths 2048,8192 --write  # append a table to RESULTS.md
     python benchmarks/speed_smollm2.py --lengths 32768 --targets window,fastweight --synthetic-above 8192
     python benchmarks/speed_smollm2.py --lengths 32768 --targets window,fastweight --prefill-chunk 2048
+    python benchmarks/speed_smollm2.py --lengths 2048 --targets worker,worker+ffn  # FFN sites converted too
     python benchmarks/speed_smollm2.py --lengths 32768 --targets '' --plan auto3x=pareto_plan_3x.json \
         --synthetic-above 8192                                      # a saved per-layer plan
 
@@ -118,8 +119,8 @@ def _load_smollm2() -> tuple[torch.nn.Module, Any]:
 def build_model(target: str, plan: Path | None = None,
                 load: Callable[[], tuple[torch.nn.Module, Any]] | None = None) -> tuple[torch.nn.Module, Any]:
     """``(model, tokenizer)`` of one row, as the child measures it: ``load()`` afresh (default: SmolLM2),
-    then rewritten to ``target`` ("original": as loaded), or, with ``plan``, rewritten by the saved plan
-    (a plan file: ``rewrite(model, plan)``; a ``swapformer.save`` directory: ``swapformer.load``)."""
+    then rewritten to ``target`` ("original": as loaded; "NAME+ffn": its attention and FFN sites), or,
+    with ``plan``, rewritten by the saved plan (a plan file: ``rewrite(model, plan)``; a ``swapformer.save`` directory: ``swapformer.load``)."""
     import swapformer
     from swapformer.planner import read_plan
 
@@ -130,6 +131,8 @@ def build_model(target: str, plan: Path | None = None,
         saved = Path(plan)
         recipe = saved.is_dir() or saved.name == "swapformer.json"
         model = swapformer.load(saved, model) if recipe else swapformer.rewrite(model, read_plan(saved))
+    elif target.endswith("+ffn"):  # the FFN sites too (the worker target's sparse FFN)
+        model = swapformer.rewrite(model, target.removesuffix("+ffn"), kinds=("attention", "ffn"))
     elif target != "original":
         model = swapformer.rewrite(model, target)
     gc.collect()  # the original's weights go before anything is measured

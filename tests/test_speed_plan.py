@@ -92,6 +92,13 @@ def test_original_and_uniform_rows_are_unchanged(speed) -> None:
     assert set(_decisions(window).values()) == {"WindowAttention"}
 
 
+def test_a_plus_ffn_row_converts_the_ffn_sites_too(speed) -> None:
+    worker, _ = speed.build_model("worker", load=_load)
+    assert set(_decisions(worker).values()) == {"WorkerAttention"}
+    both, _ = speed.build_model("worker+ffn", load=_load)
+    assert set(_decisions(both).values()) == {"WorkerAttention", "WorkerFFN"}
+
+
 def _fake_children(speed, monkeypatch, commands: list) -> None:
     """Replace the children by a fixed row each; ``commands`` collects their command lines (the
     parent's side: which rows, each in its own process, with which options)."""
@@ -213,3 +220,22 @@ def test_prefill_chunk_reaches_every_child_and_the_table(speed, monkeypatch, cap
     speed.main(["--child", "window", "--lengths", "30", "--steps", "2", "--prefill-chunk", "8"])
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["prefill_chunk"] == 8 and row["prefill_s"] > 0 and len(row["decode_ms_all"]) == 2
+
+
+def test_free_attention_replaces_only_the_attention_and_is_undone() -> None:
+    """``profile_smollm2.py --free-attention``: the bound row runs the model with attention output = v."""
+    profile = _script("profile_smollm2")
+    model = _tiny_llama()
+    with torch.no_grad():
+        before = model(_ids()).logits
+        with profile.free_attention(model):
+            free = model(_ids()).logits
+            layer = model.model.layers[0]
+            x = torch.randn(1, 5, 64)
+            value = layer.self_attn.v_proj(x).view(1, 5, 2, 16).repeat_interleave(2, 2).reshape(1, 5, 64)
+            pos = model.model.rotary_emb(x, torch.arange(5)[None])
+            out, _ = layer.self_attn(x, position_embeddings=pos, attention_mask=None)
+            torch.testing.assert_close(out, layer.self_attn.o_proj(value))
+        after = model(_ids()).logits
+    assert not torch.allclose(free, before)
+    torch.testing.assert_close(after, before)

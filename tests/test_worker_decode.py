@@ -103,6 +103,23 @@ def test_worker_ffn_decodes_exactly(attention_and_ffn) -> None:
     assert torch.equal(_greedy(model, ids, prompt_lookup_num_tokens=3), _greedy(model, ids))
 
 
+def test_a_crop_snapshot_shares_the_grown_keys_and_still_rolls_back(attention_and_ffn) -> None:
+    """The state kept for ``crop`` does not hold a second copy of the worker's growing keys/values: it
+    names their first rows (``_Prefix``); cropping back inside the last call restores them exactly."""
+    from swapformer.rewriter.hf_cache import _Prefix
+
+    model, ids = attention_and_ffn, _ids(1, 30)
+    with torch.no_grad():
+        cache = model(ids[:, :20], use_cache=True).past_key_values
+        cache = model(ids[:, 20:], past_key_values=cache, use_cache=True).past_key_values
+        before, _ = cache.core_layers()[0].replay
+        assert before["k"] == _Prefix(20) and before["v"] == _Prefix(20)
+        cache.crop(25)
+        cropped = model(ids[:, 25:26], past_key_values=cache, use_cache=True).logits
+        fresh = model(ids[:, :25], use_cache=True).past_key_values
+        torch.testing.assert_close(cropped, model(ids[:, 25:26], past_key_values=fresh, use_cache=True).logits)
+
+
 def test_cached_call_outputs_equal_the_uncached_ones(attention_and_ffn) -> None:
     model, ids = attention_and_ffn, _ids(2, 7)
     with torch.no_grad():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import weakref
 from typing import Any
 
 import torch
@@ -54,7 +55,7 @@ def swapformer_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
         # already counts that factor, so the core must see the unscaled q
         query = query * (scaling / site_scale)
     if getattr(core, "stateful", False):
-        keep = _key_keep(context.get("keep"), attention_mask, query)
+        keep = _key_keep(context.get("keep"), attention_mask, query, getattr(module, "_swapformer_call", None))
         call = hf_cache.CoreCall(query, key, value, context.get("hidden"),
                                  context.get("transients", 0))
         out = hf_cache.call_core(core, call, keep, context.get("layer"))
@@ -78,14 +79,26 @@ def _valid_keys(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | Non
 
 
 def _key_keep(keep_2d: torch.Tensor | None, attention_mask: torch.Tensor | None,
-              query: torch.Tensor) -> torch.Tensor | None:
+              query: torch.Tensor, memo: dict | None = None) -> torch.Tensor | None:
     """``[B, Tq]`` True at this call's real tokens (None: all real), from the model's 2-D mask when
-    it was given one (its last columns are this call's tokens), else from the 4-D mask's diagonal."""
+    it was given one (its last columns are this call's tokens), else from the 4-D mask's diagonal.
+
+    Every layer of a forward gets the same 4-D mask (``[B, 1, Tq, Tk]``: 16 MiB for a 512-token
+    chunk after 32k tokens): it is read once, as booleans, and the answer kept in ``memo`` (the
+    model-wide call context) for the next layers."""
     b, tq = query.shape[0], query.shape[-2]
     if keep_2d is not None and keep_2d.shape[-1] >= tq:
         keep = keep_2d[:, keep_2d.shape[-1] - tq:].expand(b, tq)
         return None if bool(keep.all()) else keep
-    return key_keep_from_bias(_bias_from_hf_mask(attention_mask, query.dtype), b, tq)
+    if attention_mask is None:
+        return None
+    seen = memo.get("mask_keep") if memo is not None else None
+    if seen is not None and seen[0]() is attention_mask and seen[1] == (attention_mask._version, b, tq):
+        return seen[2]
+    keep = key_keep_from_bias(attention_mask, b, tq)  # a boolean mask or an additive bias
+    if memo is not None:
+        memo["mask_keep"] = (weakref.ref(attention_mask), (attention_mask._version, b, tq), keep)
+    return keep
 
 
 def _host_bias(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,

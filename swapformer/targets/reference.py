@@ -55,17 +55,16 @@ def key_keep_from_bias(bias: torch.Tensor | None, batch: int, tk: int) -> torch.
     keep = bias_to_keep(bias)
     while keep.dim() < 4:
         keep = keep.unsqueeze(0)
-    keep = keep.any(dim=1)  # [B | 1, Tq, Tk] (heads agree on padding)
     tq_b, tk_b = keep.shape[-2:]
     if tq_b < tk:
         # a broadcast row: only the last-row reading is possible
-        real = keep[:, -1, tk_b - tk :]
+        real = keep[:, :, -1, tk_b - tk :].any(dim=1)  # heads agree on padding
     else:
-        rows = keep[:, tq_b - tk :]  # the rows of this call's tokens, bottom-right aligned
-        cols = torch.arange(tk_b - tk, tk_b, device=keep.device)
-        diag = rows[:, torch.arange(tk, device=keep.device), cols]
-        later = torch.arange(tk_b, device=keep.device)[None, :] > cols[:, None]
-        real = diag & ~(rows & later).any(-1)
+        # the rows of this call's tokens, bottom-right aligned; a later key can only be one of the
+        # call's own (the last tk columns), so only that [tk, tk] corner is read
+        rows = keep[:, :, tq_b - tk :, tk_b - tk :].any(dim=1)  # [B | 1, tk, tk]
+        own = torch.arange(tk, device=keep.device)
+        real = rows[:, own, own] & ~(rows & (own[None, :] > own[:, None])).any(-1)
     real = real.expand(batch, tk)
     return None if bool(real.all()) else real
 

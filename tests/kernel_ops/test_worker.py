@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from swapformer.kernels.worker import (
+    blocked,
     causal_dwconv,
     causal_dwconv_gather,
     naive_causal_dwconv,
@@ -70,6 +71,42 @@ def test_interval_one_is_causal_attention(shape):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
     ).transpose(1, 2)
     torch.testing.assert_close(worker_attention(q, k, v, idx, scale=0.5), ref)
+
+
+def reference_lse(q_w, k, idx, scale):
+    g = q_w.shape[2] // k.shape[2]
+    logits = torch.einsum("bwhd,bjhd->bhwj", q_w, k.repeat_interleave(g, 2)) * scale
+    hidden = torch.arange(k.shape[1])[None, :] > idx[:, None]
+    return logits.masked_fill(hidden, float("-inf")).logsumexp(-1)
+
+
+@PROPERTY
+@given(shape=attn_shapes, block_floats=st.sampled_from([1, 40, 2**23]), block=st.sampled_from([1, 3, 256]))
+def test_blocked_forms_match_the_reference(shape, block_floats, block):
+    """The CPU paths (op forward with its lse; inference through SDPA) at any block size."""
+    B, T, (H, Hkv), interval = shape
+    q_w, k, v, idx = make_attn(B, T, H, Hkv, 4, interval, dtype=torch.float64)
+    ref = naive_worker_attention(q_w, k, v, idx, 0.5)
+    saved, blocked.BLOCK_FLOATS = blocked.BLOCK_FLOATS, block_floats
+    try:
+        o, lse = blocked.blocked_worker_attention_lse(q_w, k, v, idx, 0.5)
+    finally:
+        blocked.BLOCK_FLOATS = saved
+    torch.testing.assert_close(o, ref)
+    torch.testing.assert_close(lse, reference_lse(q_w, k, idx, 0.5).float())
+    torch.testing.assert_close(blocked.blocked_worker_attention(q_w, k, v, idx, 0.5, block=block), ref)
+
+
+def test_inference_takes_the_sdpa_blocks_and_training_the_op(monkeypatch):
+    q_w, k, v, idx = make_attn(1, 12, 2, 1, 4, 4, dtype=torch.float64)
+    calls = []
+    real = blocked.blocked_worker_attention
+    monkeypatch.setattr("swapformer.kernels.worker.blocked_worker_attention",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        worker_attention(q_w, k, v, idx, scale=0.5, backend="naive")
+    worker_attention(q_w.requires_grad_(), k, v, idx, scale=0.5, backend="naive").sum().backward()
+    assert calls == [1] and q_w.grad is not None
 
 
 @PROPERTY_HEAVY

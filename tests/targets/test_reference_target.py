@@ -41,3 +41,24 @@ def test_decode_call_reads_the_new_keys_only():
 def test_uniform_gate_bias_range():
     u = torch.sigmoid(uniform_gate_bias(16, torch.Generator().manual_seed(0)))
     assert u.min() >= 1 / 16 - 1e-6 and u.max() <= 1 - 1 / 16 + 1e-6
+
+
+def test_a_chunk_after_a_past_reads_its_own_corner():
+    """A 3-token chunk after 5 cached tokens, row 1's last token padding: the answer comes from the
+    chunk's own [3, 3] corner of the [Tq, past + Tq] mask, per row, heads merged."""
+    past, t = 5, 3
+    keep = (torch.arange(past + t)[None, :] <= torch.arange(past, past + t)[:, None]).repeat(2, 2, 1, 1)
+    keep[1, :, :, -1] = False
+    assert key_keep_from_bias(keep, 2, t).tolist() == [[True] * 3, [True, True, False]]
+
+
+def test_the_hf_mask_is_read_once_per_forward():
+    from swapformer.rewriter.hf import _key_keep
+
+    query, memo = torch.zeros(2, 1, 6, 4), {}
+    mask = padding_bias([6, 4], 6) > -1  # a boolean 4-D mask, as HF's SDPA path passes it
+    first = _key_keep(None, mask, query, memo)
+    assert first.tolist() == [[True] * 6, [True] * 4 + [False] * 2]
+    assert _key_keep(None, mask, query, memo) is first  # the next layers: the same answer, not read again
+    mask.copy_(padding_bias([6, 6], 6) > -1)  # changed in place: read again
+    assert _key_keep(None, mask, query, memo) is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from swapformer.kernels.utils import resolve_backend
+from swapformer.kernels.worker.blocked import blocked_worker_attention
 from swapformer.kernels.worker.naive import naive_causal_dwconv, naive_worker_attention
 from swapformer.kernels.worker.op import causal_dwconv_op, worker_attention_op
 
@@ -52,6 +53,9 @@ def worker_attention(
     if tuple(worker_idx.shape) != (W,):
         raise ValueError(f"worker_idx must be [W] = [{W}], got {list(worker_idx.shape)}")
     backend = resolve_backend(backend, q_w)
+    if backend == "naive" and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q_w, k, v))):
+        # inference on the reference path (CPU): fused SDPA blocks, no log-sum-exp for a backward
+        return blocked_worker_attention(q_w, k, v, worker_idx.to(torch.int64), float(scale))
     o, _ = worker_attention_op(q_w, k, v, worker_idx.to(torch.int64), float(scale), backend)
     return o
 

@@ -9,16 +9,10 @@ from __future__ import annotations
 import torch
 
 from swapformer.kernels.utils import acc_dtype
+from swapformer.kernels.worker.blocked import blocked_worker_attention_lse
 from swapformer.kernels.worker.naive import naive_causal_dwconv, naive_worker_attention
 
 Tensor = torch.Tensor
-
-
-def _naive_worker_lse(q_w, k, worker_idx, scale):
-    G = q_w.shape[2] // k.shape[2]
-    logits = torch.einsum("bwhd,bjhd->bhwj", q_w.float(), k.float().repeat_interleave(G, 2)) * scale
-    j = torch.arange(k.shape[1], device=k.device)
-    return logits.masked_fill(j[None, :] > worker_idx[:, None], float("-inf")).logsumexp(-1)
 
 
 @torch.library.custom_op("swapformer::worker_attention", mutates_args=())
@@ -30,8 +24,9 @@ def worker_attention_op(
         from swapformer.kernels.worker import triton as tri
 
         return tri.worker_fwd(q_w, k, v, worker_idx, scale)
-    o = naive_worker_attention(q_w, k, v, worker_idx, scale)
-    return o.contiguous(), _naive_worker_lse(q_w, k, worker_idx, scale).contiguous()
+    # same math as the reference (tests/kernel_ops/test_worker.py), blocked and in one pass
+    o, lse = blocked_worker_attention_lse(q_w, k, v, worker_idx, scale)
+    return o.contiguous(), lse.contiguous()
 
 
 @worker_attention_op.register_fake

@@ -63,6 +63,21 @@ def mixed_train(corpora: dict[str, Corpus], length: int) -> torch.Tensor:
     return torch.stack([r[:n] for r in rows], dim=1).flatten(0, 1)
 
 
+def with_recall_rows(train: torch.Tensor, share: float, vocab: int, seed: int) -> torch.Tensor:
+    """``train`` with every ``round(1 / share)``-th row replaced by a random half-row repeated twice (the
+    recall probe's format, other random ids): KL to a teacher that copies the first half teaches copying
+    from ``length / 2`` tokens back, which a 64-token window cannot do and a far memory might. A
+    capability test of the memory, not general-English calibration (the table says so)."""
+    if not 0 < share <= 1:
+        raise SystemExit(f"--recall-train-share must be in (0, 1], got {share}")
+    train, half = train.clone(), train.shape[1] // 2
+    g = torch.Generator().manual_seed(seed + 1_000_003)  # never the probe's seed + length
+    rows = torch.arange(0, train.shape[0], max(1, round(1 / share)))
+    x = torch.randint(100, vocab, (len(rows), half), generator=g)
+    train[rows] = torch.cat([x, x], dim=1)[:, : train.shape[1]]
+    return train
+
+
 def train_batch_size(args) -> int:
     """Sequences per transfer step: ``--train-batch-size``, else as many tokens as the eval batch."""
     return args.train_batch_size or max(1, args.batch_size * args.seq_len // args.train_len)
@@ -201,7 +216,10 @@ def markdown(rows: list[Row], teacher: Row, teacher_tok_s: float, args, machine:
         "",
         f"- machine: {machine}; device {args.device}",
         f"- command: `python {shlex.join([sys.argv[0], *sys.argv[1:]])}`",
-        f"- calibrated ({_transfer_words(args)}) on general English: Shakespeare and the wiki excerpt interleaved, batch {train_batch_size(args)} x "
+        f"- calibrated ({_transfer_words(args)}) on general English: Shakespeare and the wiki excerpt interleaved"
+        + (f", 1 in {round(1 / args.recall_train_share)} rows replaced by a random {args.train_len // 2}-token "
+           f"sequence repeated twice (a recall capability test)" if args.recall_train_share else "")
+        + f", batch {train_batch_size(args)} x "
         f"{args.train_len}; "
         f"held out: every {round(1 / args.eval_fraction)}th {args.long_len}-token sequence of each corpus "
         f"({args.eval_batches} x {args.batch_size} x {args.seq_len} and {args.long_batches} x "
@@ -237,6 +255,8 @@ def hybrid_main(args, results: Path) -> int:
         raise SystemExit(f"--train-len {args.train_len} and --seq-len {args.seq_len} must divide "
                          f"--long-len {args.long_len}")
     train = mixed_train(corpora, args.train_len)
+    if args.recall_train_share:
+        train = with_recall_rows(train, args.recall_train_share, vocab, args.seed)
     teacher_tok_s = teacher_throughput(teacher, mixed_train(corpora, args.seq_len), args)
     teacher_row = Row("teacher", scores=evaluate(teacher, corpora, vocab, args))
     log.info("teacher %s, %.0f tok/s no-grad forward", teacher_row.scores, teacher_tok_s)

@@ -105,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--short-windows", default="16,32", help="hybrid: SWAX windows ('' = off)")
     p.add_argument("--distill-curve", default="",
                    help="hybrid: cumulative KL-distillation token budgets after the transfer curve ('' = none)")
+    p.add_argument("--recall-train-share", type=float, default=0.0,
+                   help="hybrid: share of training rows replaced by repeated random sequences (capability test)")
     p.add_argument("--distill-train", default="new+lora", choices=["new", "lora", "new+lora", "all"],
                    help="hybrid: what the KL stage trains (LoRA on v/o only)")
     p.add_argument("--train-len", type=int, default=None,

@@ -42,3 +42,14 @@ def test_the_kl_stage_trains_lora_on_value_and_output_projections_only():
     changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
     # the adapters were merged into v/o; nothing else moved
     assert changed == {f"{m}.weight" for m in lora}
+
+
+def test_recall_rows_replace_the_given_share_with_a_repeated_random_half():
+    train = torch.arange(8 * 10).reshape(8, 10)
+    mixed = hybrid_report.with_recall_rows(train, 0.5, vocab=1000, seed=0)
+    assert torch.equal(mixed[1::2], train[1::2])  # every other row is text, untouched
+    assert torch.equal(mixed[0::2, :5], mixed[0::2, 5:])  # the others: a random half twice
+    assert bool((mixed[0::2] >= 100).all()) and not torch.equal(mixed[0], mixed[2])
+    assert torch.equal(train, torch.arange(8 * 10).reshape(8, 10))  # the input is not modified
+    with pytest.raises(SystemExit, match="recall-train-share"):
+        hybrid_report.with_recall_rows(train, 1.5, vocab=1000, seed=0)

@@ -30,6 +30,11 @@ this machine::
 
     python benchmarks/profile_smollm2.py --length 8192 --targets window --free-attention
 
+``--cores --targets worker`` times worker attention's CPU forms (SDPA blocks, matmul blocks with the
+log-sum-exp, the reference) beside the host's causal SDPA, and a one-row against a two-row ``F.linear``::
+
+    python benchmarks/profile_smollm2.py --cores --targets worker --length 8192 --threads 1
+
 ``--cores`` times one attention core at SmolLM2-135M's shapes instead of the whole model (no weights
 needed): a stateful prefill (``state={}``, as the HF cache calls it) and decode steps of each hybrid
 target with its defaults, against the host's causal SDPA on the same ``q, k, v``; ``--loop`` adds
@@ -275,6 +280,39 @@ def time_cores(lengths: list[int], names: list[str], steps: int, repeat: int, lo
             core.tiled_prefill = True
 
 
+@torch.no_grad()
+def time_worker_forms(lengths: list[int], repeat: int, interval: int = 4) -> None:
+    """Worker attention (interval 4) in each CPU form beside the host's causal SDPA over all rows, and
+    the one-row vs two-row projection a worker decode step pays for (``kernels/worker/blocked.py``)."""
+    import torch.nn.functional as F
+
+    from swapformer.kernels.worker.blocked import (
+        blocked_worker_attention,
+        blocked_worker_attention_lse,
+    )
+    from swapformer.kernels.worker.naive import naive_worker_attention
+
+    gen = torch.Generator().manual_seed(0)
+    for t in lengths:
+        q = torch.randn(1, t, HEADS, HEAD_DIM, generator=gen)
+        k, v = (torch.randn(1, t, KV_HEADS, HEAD_DIM, generator=gen) for _ in range(2))
+        idx = torch.arange(interval - 1, t, interval)
+        forms = {
+            "sdpa (host, all rows)": partial(F.scaled_dot_product_attention, q.transpose(1, 2), k.transpose(1, 2),
+                                             v.transpose(1, 2), is_causal=True, enable_gqa=True),
+            "worker: SDPA blocks": partial(blocked_worker_attention, q[:, idx], k, v, idx, HEAD_DIM**-0.5),
+            "worker: matmul + lse": partial(blocked_worker_attention_lse, q[:, idx], k, v, idx, HEAD_DIM**-0.5),
+            "worker: reference": partial(naive_worker_attention, q[:, idx], k, v, idx, HEAD_DIM**-0.5),
+        }
+        for name, fn in forms.items():
+            print(f"{t:>6} {name:<24}{_best_ms(fn, repeat):>10.1f} ms")
+    weight = torch.randn(1536, D_MODEL, generator=gen)  # SmolLM2's MLP up projection
+    for rows in (1, 2):
+        x = torch.randn(rows, D_MODEL, generator=gen)
+        ms = _best_ms(lambda x=x: [F.linear(x, weight) for _ in range(100)], repeat) / 100
+        print(f"F.linear [{rows}, {D_MODEL}] x [{D_MODEL}, {weight.shape[0]}]: {1e3 * ms:.0f} µs")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", default="2048", help="tokens (--cores: a comma-separated list)")
@@ -299,7 +337,10 @@ def main() -> None:
     if args.cores:
         lengths = [int(n) for n in args.length.split(",")]
         names = [t for t in args.targets.split(",") if t in HYBRIDS]
-        time_cores(lengths, names, max(1, args.steps) * 10, max(2, args.repeat), args.loop)
+        if names:
+            time_cores(lengths, names, max(1, args.steps) * 10, max(2, args.repeat), args.loop)
+        if "worker" in args.targets.split(","):
+            time_worker_forms(lengths, max(2, args.repeat))
         return
     args.length = int(args.length)
 

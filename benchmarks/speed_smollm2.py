@@ -120,7 +120,8 @@ def build_model(target: str, plan: Path | None = None,
                 load: Callable[[], tuple[torch.nn.Module, Any]] | None = None) -> tuple[torch.nn.Module, Any]:
     """``(model, tokenizer)`` of one row, as the child measures it: ``load()`` afresh (default: SmolLM2),
     then rewritten to ``target`` ("original": as loaded; "NAME+ffn": its attention and FFN sites), or,
-    with ``plan``, rewritten by the saved plan (a plan file: ``rewrite(model, plan)``; a ``swapformer.save`` directory: ``swapformer.load``)."""
+    with ``plan``, rewritten by the saved plan (a plan file: ``rewrite(model, plan)``; a
+    ``swapformer.save`` directory: ``swapformer.load``)."""
     import swapformer
     from swapformer.planner import read_plan
 

@@ -66,6 +66,10 @@ class OpSpec:
     flops: Callable[[Shape], float]
     baselines: Callable[[Inputs, Shape], dict[str, Callable[[], torch.Tensor]]]
     decode: bool = False
+    # a forward-only kernel: checked without gradients, timed forward only
+    forward_only: bool = False
+    # what the correctness check compares, when more than ``run``'s output (e.g. row statistics)
+    check_run: Callable[[Inputs, str], torch.Tensor] | None = None
 
 
 def _leaf(x: torch.Tensor) -> torch.Tensor:
@@ -248,6 +252,52 @@ def _conv_baselines(x: Inputs, s: Shape) -> dict[str, Callable[[], torch.Tensor]
     return {"F.conv1d + gather": conv1d}
 
 
+WINDOW, WINDOW_SINKS = 512, 4  # the window target's defaults
+
+
+def _window_make(s: Shape, dtype, device) -> Inputs:
+    group = next(g for g in (3, 4, 2, 1) if s.H % g == 0)  # SmolLM2's 3:1 grouping where the width allows
+    kv_heads = s.H // group
+    mk = lambda *shape: torch.randn(*shape, device=device).to(dtype)
+    return {"q": mk(s.B, s.H, s.T, s.D), "k": mk(s.B, kv_heads, s.T, s.D), "v": mk(s.B, kv_heads, s.T, s.D)}
+
+
+def _window_call(x: Inputs, backend: str):
+    from swapformer.kernels.window import window_attention
+
+    return window_attention(x["q"], x["k"], x["v"], window=WINDOW, sinks=WINDOW_SINKS,
+                            scale=x["q"].shape[-1] ** -0.5, backend=backend)
+
+
+def _window_check(x: Inputs, backend: str) -> torch.Tensor:
+    # the output and both row statistics the hybrids read (log den: the same scale as c)
+    o, c, den = _window_call(x, backend)
+    return torch.cat([o.to(c.dtype), c[..., None], den.log()[..., None]], dim=-1)
+
+
+def _window_flops(s: Shape) -> float:
+    i = torch.arange(s.T, dtype=torch.float64)
+    visible = torch.clamp(i + 1, max=WINDOW) + torch.clamp(i - WINDOW + 1, min=0, max=WINDOW_SINKS)
+    return 4.0 * s.B * s.H * s.D * float(visible.sum())
+
+
+def _window_baselines(x: Inputs, s: Shape) -> dict[str, Callable[[], torch.Tensor]]:
+    q, k, v = x["q"], x["k"], x["v"]
+    gqa = q.shape[1] != k.shape[1]
+    out = {"SDPA causal (full attention)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                  enable_gqa=gqa)}
+    if q.is_cuda:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def visible(b, h, i, j):
+            return (j <= i) & ((i - j < WINDOW) | (j < WINDOW_SINKS))
+
+        mask = create_block_mask(visible, None, None, s.T, s.T, device=q.device)
+        flex = torch.compile(flex_attention)
+        out["FlexAttention (compiled, same mask)"] = lambda: flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+    return out
+
+
 OPS = {
     "fastweight": OpSpec(
         "fastweight", _fastweight_make, _fastweight_run, lambda s: 6.0 * s.B * s.T * s.H * s.D * s.D,
@@ -263,6 +313,8 @@ OPS = {
     "cat": OpSpec("cat", _cat_make, _cat_run, _cat_flops, _cat_baselines),
     "worker": OpSpec("worker", _worker_make, _worker_run, _worker_flops, _worker_baselines),
     "dwconv": OpSpec("dwconv", _conv_make, _conv_run, lambda s: 6.0 * s.B * s.T * s.H * s.D, _conv_baselines),
+    "window": OpSpec("window", _window_make, lambda x, b: _window_call(x, b)[0], _window_flops, _window_baselines,
+                     forward_only=True, check_run=_window_check),
 }  # fmt: skip
 
 
@@ -294,6 +346,8 @@ def check(spec: OpSpec, shape: Shape, dtype: torch.dtype, device: torch.device) 
     (some gradients, ELiTA's dκ, are ill-conditioned at any precision)."""
     x = spec.make(shape, dtype, device)
     x64 = {n: (t.double() if t.is_floating_point() else t) for n, t in x.items()}
+    if spec.forward_only:
+        return _check_forward(spec, shape, x, x64, dtype)
     probe = spec.run(x64, "naive")
     grad = torch.randn_like(probe)
     ref = _fwd_bwd(lambda t: spec.run(t, "naive"), x64, grad)
@@ -304,6 +358,15 @@ def check(spec: OpSpec, shape: Shape, dtype: torch.dtype, device: torch.device) 
     log.info("  %s %s naive:  %s", spec.name, shape, ", ".join(f"{n} {e:.1e}" for n, e in zip(names, naive)))
     worst, worst_naive = max(out), max(naive)
     return worst, worst_naive, worst <= max(TOLERANCE[dtype], 2 * worst_naive)
+
+
+def _check_forward(spec: OpSpec, shape: Shape, x: Inputs, x64: Inputs, dtype) -> tuple[float, float, bool]:
+    run = spec.check_run or spec.run
+    with torch.no_grad():
+        ref = run(x64, "naive")
+        out, naive = _error_ratio(ref, run(x, "triton")), _error_ratio(ref, run(x, "naive"))
+    log.info("  %s %s forward: kernel %.1e, naive %.1e", spec.name, shape, out, naive)
+    return out, naive, out <= max(TOLERANCE[dtype], 2 * naive)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,7 +454,8 @@ def benchmark(spec: OpSpec, shape: Shape, dtype_name: str, device, dry_run: bool
     flops = spec.flops(shape)
     out = spec.run(x, backend)
     io_bytes = _nbytes(leaves) + _nbytes([out])
-    timings = {name: _measure(fn, leaves, bench, spec.decode) for name, fn in impls.items()}
+    forward_only = spec.decode or spec.forward_only
+    timings = {name: _measure(fn, leaves, bench, forward_only) for name, fn in impls.items()}
     ours = timings["swapformer"]
     rows = []
     for name, (fwd, both) in timings.items():
@@ -464,11 +528,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ops", default=",".join(OPS), help=f"comma list from {list(OPS)}")
     p.add_argument("--seqlens", default="1024,4096,8192,16384")
     p.add_argument("--head-dims", default="64,128")
-    p.add_argument("--dtypes", default="bf16", help="dtypes timed (correctness always runs bf16,fp16,fp32)")
+    p.add_argument("--dtypes", default="bf16", help="dtypes timed (correctness: --check-dtypes)")
     p.add_argument("--tokens", type=int, default=16384, help="B·T per timed call")
     p.add_argument("--width", type=int, default=2048, help="H·D per timed call")
     p.add_argument("--decode-batch", type=int, default=64, help="batch of the decode (T = 1) op")
     p.add_argument("--skip-check", action="store_true", help="timings only")
+    p.add_argument("--skip-timing", action="store_true", help="correctness only")
+    p.add_argument("--check-dtypes", default=",".join(DTYPES), help="dtypes of the correctness check")
     p.add_argument("--write", action="store_true", help=f"append the tables to {RESULTS}")
     p.add_argument("--dry-run", action="store_true", help="CPU + TRITON_INTERPRET=1 with tiny shapes")
     return p.parse_args(argv)
@@ -508,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("no CUDA device; use --dry-run to exercise the script on CPU")
             return 2
         device, device_name = torch.device("cuda"), torch.cuda.get_device_name()
-        check_dtypes, time_dtypes = list(DTYPES), args.dtypes.split(",")
+        check_dtypes, time_dtypes = args.check_dtypes.split(","), args.dtypes.split(",")
     torch.manual_seed(0)
     specs = [OPS[name] for name in args.ops.split(",")]
     checks = []
@@ -522,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
                     checks.append((spec.name, str(shape), dt, err, naive, ok))
     rows = []
     try:
-        for spec in specs:
+        for spec in [] if args.skip_timing else specs:
             for shape in _shapes(args, spec):
                 for dt in time_dtypes:
                     rows += benchmark(spec, shape, dt, device, args.dry_run)

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swapformer.errors import ConfigError
+from swapformer.kernels.window import window_attention, window_kernel_applies
 from swapformer.targets.base import TargetModule
 from swapformer.targets.reference import (
     STATE_ELEMENT_BYTES,
@@ -148,6 +149,14 @@ def query_rows(x: torch.Tensor, a: int, e: int) -> torch.Tensor:
     """``x[:, :, a:e]`` (token axis 2), zero-padded at the end to ``e − a`` rows."""
     part = x[:, :, a:e]
     return part if part.shape[2] == e - a else F.pad(part, (0, 0, 0, e - a - part.shape[2]))
+
+
+def as_tiles(x: torch.Tensor, a: int, e: int, kv_heads: int, block: int) -> torch.Tensor:
+    """Rows ``a .. e − 1`` of ``x [B, H, T, X]`` in the tile layout ``[B, Hkv, blocks, G, block, X]``
+    (a view unless :func:`query_rows` pads the last segment)."""
+    b, h, _, width = x.shape
+    rows = query_rows(x, a, e)
+    return rows.view(b, kv_heads, h // kv_heads, (e - a) // block, block, width).transpose(2, 3)
 
 
 def mask_bias(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -352,6 +361,9 @@ class HybridAttention(TargetModule):
     # tests take as the reference); queries per segment of tiles, chosen by measurement (see below)
     tiled_prefill: bool = True
     segment_len: int = 256
+    # with the exact part from the window kernel (CUDA, no gradient) a segment is only the far
+    # memory's tiles: longer segments mean fewer launches (not tuned; see benchmarks/RESULTS.md)
+    cuda_segment_len: int = 4096
     # the far memory reads the exact part's row max c_i (cat's chunks are shifted by it)
     far_reads_row_max: bool = False
     # a one-token decoding step with a full window and no padding runs _decode_step (False: the
@@ -428,15 +440,22 @@ class HybridAttention(TargetModule):
         blk, w, hk = self.block_size, self.window, self.num_kv_heads
         g, sinks, dv = h // hk, min(self.sinks, t), buf["v"].shape[-1]
         tp = -(-t // blk) * blk
-        span = blk + w - 1
         seg = max(blk, self.segment_len // blk * blk)
-        kp, vp = (F.pad(buf[n], (0, 0, w - 1, tp - t)) for n in WINDOW_KEYS)
-        sink_k, sink_v = buf["k"][:, :, None, :sinks], buf["v"][:, :, None, :sinks]
+        fused = window_kernel_applies(q, buf["k"], buf["v"])
+        if fused:  # the exact part of every tile from one kernel call: (o, c, 1 / Σ e) per query
+            o_all, c_all, den = window_attention(q, buf["k"], buf["v"], window=w, sinks=sinks, scale=self.scale)
+            seg = max(blk, self.cuda_segment_len // blk * blk)
+            stats = torch.stack([den.reciprocal(), c_all], dim=-1).to(q.dtype)
+        else:
+            kp, vp = (F.pad(buf[n], (0, 0, w - 1, tp - t)) for n in WINDOW_KEYS)
+            sink_k, sink_v = buf["k"][:, :, None, :sinks], buf["v"][:, :, None, :sinks]
         ctx = self.far_tiles_context(qf, buf, t, tp)
         mix = self.mix().to(q.dtype).view(1, hk, 1, g, 1, 1)
         # from position w + sinks − 1 on, every tile sees its keys the same way: one mask for all
         settled = -(-(w + sinks - 1) // blk) * blk
-        interior = tile_bias(settled, settled + seg, blk, w, sinks, q.dtype, q.device) if tp > settled else None
+        interior = None
+        if tp > settled and not fused:
+            interior = tile_bias(settled, settled + seg, blk, w, sinks, q.dtype, q.device)
         grad = torch.is_grad_enabled()
         outs, out = [], None if grad else q.new_empty(b, h, tp, dv)
         for a in range(0, tp, seg):
@@ -444,15 +463,11 @@ class HybridAttention(TargetModule):
             nb = (e - a) // blk
             # [B, Hkv, blocks, G, block, D]: one copy, so that the products below are views
             qt = query_rows(q, a, e).view(b, hk, g, nb, blk, d).transpose(2, 3).contiguous()
-            kt = kp[:, :, a:e + w - 1].unfold(2, span, blk).transpose(-1, -2)  # [B, Hkv, blocks, span, D]
-            vt = vp[:, :, a:e + w - 1].unfold(2, span, blk).transpose(-1, -2)
-            if sinks:
-                kt = torch.cat([sink_k.expand(-1, -1, nb, -1, -1), kt], dim=3)
-                vt = torch.cat([sink_v.expand(-1, -1, nb, -1, -1), vt], dim=3)
+            if fused:
+                o, st = as_tiles(o_all, a, e, hk, blk), as_tiles(stats, a, e, hk, blk)
+                inv_den, c = st[..., :1], (st[..., 1:] if self.far_reads_row_max else None)
             else:
-                vt = vt.contiguous()
-            bias = interior[:nb] if a >= settled else tile_bias(a, e, blk, w, sinks, q.dtype, q.device)
-            o, inv_den, c = tile_terms(qt, kt, vt, bias, self.scale, self.far_reads_row_max)
+                o, inv_den, c = self._tile_exact(qt, kp, vp, sink_k, sink_v, interior, a, e, settled)
             m, n, mem = self.far_tiles(ctx, qt, qf, mem, a, e, c)
             if self._far_ratios is not None:  # far normaliser per unit mix / exact mass (init_mix)
                 ratio = (n * inv_den).transpose(2, 3).reshape(b, h, e - a, 1)
@@ -468,6 +483,21 @@ class HybridAttention(TargetModule):
         if grad:
             out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
         return out[:, :, :t], mem
+
+    def _tile_exact(self, qt, kp, vp, sink_k, sink_v, interior, a: int, e: int, settled: int):
+        """:func:`tile_terms` of the tiles of queries ``a .. e − 1``: their keys are an unfolded view of
+        the keys padded by ``w − 1`` in front (``kp``, ``vp``), after the sinks."""
+        blk, w, sinks = self.block_size, self.window, sink_k.shape[3]
+        nb, span = (e - a) // blk, blk + w - 1
+        kt = kp[:, :, a:e + w - 1].unfold(2, span, blk).transpose(-1, -2)  # [B, Hkv, blocks, span, D]
+        vt = vp[:, :, a:e + w - 1].unfold(2, span, blk).transpose(-1, -2)
+        if sinks:
+            kt = torch.cat([sink_k.expand(-1, -1, nb, -1, -1), kt], dim=3)
+            vt = torch.cat([sink_v.expand(-1, -1, nb, -1, -1), vt], dim=3)
+        else:
+            vt = vt.contiguous()
+        bias = interior[:nb] if a >= settled else tile_bias(a, e, blk, w, sinks, qt.dtype, qt.device)
+        return tile_terms(qt, kt, vt, bias, self.scale, self.far_reads_row_max)
 
     def forward(
         self,

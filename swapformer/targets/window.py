@@ -11,7 +11,8 @@ already has a window keeps the smaller of the two.
 Prefill and decoding run in query blocks that each attend to the sinks plus the last
 ``window + block`` keys (``O(T·window)``, never a ``T×T`` mask), also when the host mask is only
 causal + key padding; only a mask with other content (a position bias, a host window) takes the dense
-masked SDPA. Decoding keeps only the sink keys and the last ``window − 1`` keys (and their positions /
+masked SDPA. On CUDA without autograd a prefill from position 0 without padding runs one Triton
+kernel (:mod:`swapformer.kernels.window`) instead of the block loop. Decoding keeps only the sink keys and the last ``window − 1`` keys (and their positions /
 padding flags) in ``state``.
 """
 
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from swapformer.errors import ConfigError
+from swapformer.kernels.window import window_attention, window_kernel_applies
 from swapformer.sites import AttentionSite, Site
 from swapformer.targets.base import TargetConfig, TargetModule, register_target
 from swapformer.targets.reference import (
@@ -119,6 +121,9 @@ class WindowAttention(TargetModule):
         real). Each block attends to its sinks plus the last ``window + block`` keys: ``O(T·window)``.
         """
         tq, length, blk, dev = q.shape[-2], k.shape[-2], self._block(), q.device
+        if keep is None and start == 0 and length == tq and window_kernel_applies(q, k, v):
+            # a prefill from position 0 on CUDA: one Triton kernel call instead of a block loop
+            return window_attention(q, k, v, window=self.window, sinks=self.sinks, scale=self.scale)[0]
         last = start + tq - 1
         outs = []
         for a in range(0, tq, blk):

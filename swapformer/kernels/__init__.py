@@ -13,6 +13,7 @@ from swapformer.kernels.fastweight import (
     naive_fastweight_decay_chunked,
     naive_fastweight_decay_recurrent,
 )
+from swapformer.kernels.window import naive_window_attention, window_attention
 from swapformer.kernels.worker import (
     causal_dwconv,
     causal_dwconv_gather,
@@ -34,6 +35,8 @@ __all__ = [
     "naive_elita_attention",
     "naive_fastweight_decay_chunked",
     "naive_fastweight_decay_recurrent",
+    "naive_window_attention",
     "naive_worker_attention",
+    "window_attention",
     "worker_attention",
 ]

@@ -439,7 +439,9 @@ def _model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     cores = stateful_layers(module)
     cache = find_cache(list(bound.values()) + list(kwargs.values()))
     mask = bound.get("attention_mask")
-    context["keep"] = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    keep = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    # read once per forward (a GPU sync), not once per layer: None when every token is real
+    context["keep"] = None if keep is None or bool(keep.all()) else keep
     logits_to_keep = bound.get("logits_to_keep")
     if isinstance(logits_to_keep, int) and logits_to_keep > 1:
         context["logits_asked"] = logits_to_keep  # read by the inner model's ``_prepare_tokens``

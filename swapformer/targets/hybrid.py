@@ -66,6 +66,7 @@ from swapformer.targets.reference import (
     check_full_call,
     key_keep_from_bias,
     require_hidden,
+    state_keys_real,
     state_pos,
     window_buffer_slices,
     window_keep,
@@ -335,7 +336,7 @@ class HybridAttention(TargetModule):
         num, den = num + g * m, den + g * n
         return num / den.clamp_min(torch.finfo(den.dtype).tiny), mem
 
-    def _store(self, state: dict, buf: Tokens, pos, keep, mem: Memory, end: int) -> None:
+    def _store(self, state: dict, buf: Tokens, pos, keep, mem: Memory, end: int, padded: bool) -> None:
         """Keep the sinks and the last ``w − 1`` tokens (the rest is in the memory) and the memory."""
         sink_end, run_start, run_end = window_buffer_slices(end - 1, pos.shape[0], self.sinks,
                                                             end - self.window + 1, end)
@@ -346,6 +347,7 @@ class HybridAttention(TargetModule):
         # every state tensor is batch-first (caches reorder beams); positions agree across rows
         state["k_pos"] = torch.cat([pos[i:j] for i, j in kept]).expand(keep.shape[0], -1)
         state["keep"] = torch.cat([keep[:, i:j] for i, j in kept], dim=1)
+        state["padded"] = padded  # may be stale-True once the padding has left: re-read then
         state.update(mem)
         state["pos"] = end
 
@@ -378,7 +380,7 @@ class HybridAttention(TargetModule):
                 and k.shape[-2] == 1 and w > 1 and self._far_ratios is None
                 and not torch.is_grad_enabled() and "k" in state and state_pos(state) >= s + w - 1
                 and state["k"].shape[2] == s + w - 1 and state["k"].dtype == dtype
-                and bool(state["keep"].all()))
+                and state_keys_real(state))
 
     def _decode_step(self, q, k, v, hidden, state: dict) -> torch.Tensor:
         """One token at position ``i = state["pos"]`` after the window has filled, without padding.
@@ -525,17 +527,19 @@ class HybridAttention(TargetModule):
         b, tq = q.shape[0], q.shape[-2]
         start = state_pos(state)
         keep_new = key_keep_from_bias(bias, b, k.shape[-2])
+        # known without reading the device: this call's padding, the state's flag (state_keys_real)
+        padded = keep_new is not None or not state_keys_real(state)
         if keep_new is None:
             keep_new = torch.ones(b, k.shape[-2], dtype=torch.bool, device=q.device)
         buf, pos, keep = self._buffer(state, k, v, hidden, keep_new, start)
         mem = self._memory_from(state, b, q)
         qf = self.query_features(q, hidden, torch.arange(start, start + tq, device=q.device))
-        outs, last, padded = [], start + tq - 1, not bool(keep.all())
+        outs, last = [], start + tq - 1
         if self.tiled_prefill and start == 0 and not padded and tq > self.block_size \
                 and self.far_tiles_supported():
             out, mem = self._tiled(q, qf, buf, mem)
             if state is not None:
-                self._store(state, buf, pos, keep, mem, tq)
+                self._store(state, buf, pos, keep, mem, tq, padded)
             return out
         for a in range(0, tq, self.block_size):
             e = min(tq, a + self.block_size)
@@ -543,7 +547,7 @@ class HybridAttention(TargetModule):
                                    last, padded)
             outs.append(out)
         if state is not None:
-            self._store(state, buf, pos, keep, mem, start + tq)
+            self._store(state, buf, pos, keep, mem, start + tq, padded)
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
     def new_parameters(self) -> list[nn.Parameter]:

@@ -277,3 +277,17 @@ def next_power_of_two(n: int) -> int:
 
 def state_pos(state: dict | None) -> int:
     return 0 if state is None else int(state.get("pos", 0))
+
+
+def state_keys_real(state: dict | None) -> bool:
+    """Whether every key a decoding state holds is real (no padding).
+
+    ``state["padded"]`` (a Python bool the cores write with ``keep``) answers without reading the
+    device: a GPU sync per layer and step stalls the launch queue. Where it says padded or is
+    missing, ``keep`` is read once and the answer remembered (padding leaves the window in time).
+    """
+    if state is None or "keep" not in state:
+        return True
+    if state.get("padded", True):
+        state["padded"] = not bool(state["keep"].all())
+    return not state["padded"]

@@ -35,6 +35,7 @@ from swapformer.targets.reference import (
     key_keep_from_bias,
     masked_sdpa,
     sdpa_flops_per_token,
+    state_keys_real,
     state_pos,
     window_buffer_slices,
     window_keep,
@@ -191,6 +192,8 @@ class WindowAttention(TargetModule):
         b, tq, dev = q.shape[0], q.shape[-2], q.device
         start = state_pos(state)
         keep_new = key_keep_from_bias(bias, b, tq)
+        # known without reading the device: this call's padding, the state's flag (state_keys_real)
+        padded = keep_new is not None or not state_keys_real(state)
         if keep_new is None:
             keep_new = torch.ones(b, tq, dtype=torch.bool, device=dev)
         if "k" in state:
@@ -200,7 +203,7 @@ class WindowAttention(TargetModule):
         else:
             keep_keys = keep_new
         # no padding among the keys: the blocks take the cached additive masks
-        out = self._blocked(q, k, v, None if bool(keep_keys.all()) else keep_keys, start)
+        out = self._blocked(q, k, v, keep_keys if padded else None, start)
         # future queries (position >= end) only see the sinks and keys after end - window
         end, length = start + tq, k.shape[-2]
         sink_end, run_start, run_end = window_buffer_slices(end - 1, length, self.sinks,
@@ -215,6 +218,7 @@ class WindowAttention(TargetModule):
         # every state tensor is batch-first (so caches can reorder beams); positions agree across rows
         state["k_pos"] = positions.expand(b, -1)
         state["keep"] = torch.cat([keep_keys[:, i:j] for i, j in kept], dim=1)
+        state["padded"] = padded  # may be stale-True once the padding has left: re-read then
         state["pos"] = end
         return out
 

@@ -62,6 +62,7 @@ def kernel_table(dt: str) -> list[tuple[object, dict]]:
     from swapformer.kernels.cat import triton as cat
     from swapformer.kernels.elita import triton as elita
     from swapformer.kernels.fastweight import triton as fw
+    from swapformer.kernels.window import triton as window
     from swapformer.kernels.worker import triton as worker
 
     P, F32, I32 = f"*{dt}", "*fp32", "i32"
@@ -86,6 +87,11 @@ def kernel_table(dt: str) -> list[tuple[object, dict]]:
                                           scale="fp32", CHUNK=16, IS_COMP=comp, **att))
             for comp in (False, True)
         ],
+        (window.window_fwd_kernel, dict(q=P, k=P, v=P, o=P, c=F32, den=F32, T=I32, qk_scale="fp32",
+                                        **{n: I32 for n in ("sq_b", "sq_h", "sq_t", "sk_b", "sk_h", "sk_t",
+                                                            "sv_b", "sv_h", "sv_t")},
+                                        WINDOW=512, SINKS=4, BS=16, H=9, HKV=3, D=64, DV=64, BD=64, BDV=64,
+                                        PREC=prec)),
         (worker.worker_fwd_kernel, dict(**wk_in, o=P, lse=F32, **att)),
         (worker.worker_bwd_dq_kernel, dict(**wk_in, do=P, lse=F32, delta=F32, dq=P, scale="fp32", **att)),
         (worker.worker_bwd_dkv_kernel, dict(**wk_in, do=P, lse=F32, delta=F32, dk=P, dv=P, scale="fp32", **att)),

@@ -26,6 +26,7 @@ from swapformer.calibrate import CalibrationConfig, Stage, calibrate
 from swapformer.loading.data import TokenSplits, heldout_split, pack
 from swapformer.loading.offline import corpus_tokens, load_smollm2
 from swapformer.measure import forward_logits, perplexity, recall_nll
+from swapformer.targets.hybrid import HybridAttention
 
 log = logging.getLogger("quality_smollm2.hybrid")
 EVAL_CORPORA = ("shakespeare", "wiki")
@@ -126,10 +127,14 @@ def teacher_throughput(teacher, train: torch.Tensor, args, batches: int = 3) -> 
 def transfer_config(args, tokens: int, first: bool) -> CalibrationConfig:
     short = tuple(int(w) for w in args.short_windows.split(",") if w)
     stage = Stage("transfer", tokens=tokens, lr=args.transfer_lr, init_mix=first, short_windows=short,
-                  schedule="constant")
+                  schedule="constant", mix_lr=args.mix_lr)
     return CalibrationConfig(stages=(stage,), batch_size=train_batch_size(args), seq_len=args.train_len,
                              eval_batches=0, seed=args.seed, log_every=25, progress=False,
                              device=args.device)
+
+
+def mix_lr_label(args) -> str:
+    return "" if args.mix_lr is None else f", mix lr {args.mix_lr:g}"
 
 
 def vo_projections(student) -> tuple[str, ...]:
@@ -140,7 +145,8 @@ def vo_projections(student) -> tuple[str, ...]:
 def distill_config(args, tokens: int, lora_targets: tuple[str, ...]) -> CalibrationConfig:
     """End-to-end KL to the teacher's logits: the per-layer transfer leaves errors that compound over
     30 layers; this stage sees the whole model's output. LoRA on v/o only (issue 12)."""
-    stage = Stage("distill", tokens=tokens, lr=args.distill_lr, train=args.distill_train, schedule="constant")
+    stage = Stage("distill", tokens=tokens, lr=args.distill_lr, train=args.distill_train, schedule="constant",
+                  mix_lr=args.mix_lr)
     return CalibrationConfig(stages=(stage,), batch_size=train_batch_size(args), seq_len=args.train_len,
                              eval_batches=0, seed=args.seed, log_every=25, progress=False,
                              device=args.device, lora_rank=args.lora_rank, lora_targets=lora_targets)
@@ -153,6 +159,19 @@ def _calibrate_rows(student, teacher, train, used: int, tokens: int, config) -> 
     start = used // config.seq_len
     data = TokenSplits(train=train[start : start + rows_needed], heldout=train[:0])
     return calibrate(student, teacher, data, config).stages[0]
+
+
+def mix_summary(student) -> str:
+    """The hybrid cores' far-memory mixes ``g_h``: median and range over every head of every layer."""
+    mixes = [m.mix().detach().flatten() for m in student.modules() if isinstance(m, HybridAttention)]
+    if not mixes:
+        return "no hybrid core"
+    g = torch.cat(mixes)
+    return f"mix g over {g.numel()} heads: median {g.median():.3g}, min {g.min():.3g}, max {g.max():.3g}"
+
+
+def log_mixes(student) -> None:
+    log.info("%s", mix_summary(student))
 
 
 def target_rows(target: str, teacher, corpora, train, vocab: int, args) -> list[Row]:
@@ -176,6 +195,7 @@ def target_rows(target: str, teacher, corpora, train, vocab: int, args) -> list[
                   state, evaluate(student, corpora, vocab, args))
         log.info("%s %d tokens (%.0f s, %.0f tok/s, loss %.3g -> %.3g): %s", target, used, seconds,
                  row.tok_s, stage.first_loss, stage.last_loss, row.scores)
+        log_mixes(student)
         rows.append(row)
     kl_used, lora = 0, vo_projections(student)
     for budget in (int(float(b)) for b in args.distill_curve.split(",") if b):
@@ -183,11 +203,12 @@ def target_rows(target: str, teacher, corpora, train, vocab: int, args) -> list[
                                 distill_config(args, budget - kl_used, lora))
         kl_used += stage.tokens
         seconds += stage.seconds
-        row = Row(f"{label}, transfer {used:,} + KL {kl_used:,} ({args.distill_train}, lr {args.distill_lr:g})",
+        row = Row(f"{label}, transfer {used:,} + KL {kl_used:,} ({args.distill_train}, lr {args.distill_lr:g}{mix_lr_label(args)})",
                   used + kl_used, seconds, stage.tokens / max(stage.seconds, 1e-9), state,
                   evaluate(student, corpora, vocab, args))
         log.info("%s +%d KL tokens (%.0f s, %.0f tok/s, loss %.3g -> %.3g): %s", target, kl_used, seconds,
                  row.tok_s, stage.first_loss, stage.last_loss, row.scores)
+        log_mixes(student)
         rows.append(row)
     return rows
 

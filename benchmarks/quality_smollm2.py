@@ -107,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hybrid: cumulative KL-distillation token budgets after the transfer curve ('' = none)")
     p.add_argument("--recall-train-share", type=float, default=0.0,
                    help="hybrid: share of training rows replaced by repeated random sequences (capability test)")
+    p.add_argument("--mix-lr", type=float, default=None,
+                   help="hybrid: lr of the far-memory mixes in both stages (default: the stage's lr)")
     p.add_argument("--distill-train", default="new+lora", choices=["new", "lora", "new+lora", "all"],
                    help="hybrid: what the KL stage trains (LoRA on v/o only)")
     p.add_argument("--train-len", type=int, default=None,

@@ -34,7 +34,7 @@ def test_the_kl_stage_trains_lora_on_value_and_output_projections_only():
     lora = hybrid_report.vo_projections(student)
     assert sorted(lora) == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("o_proj", "v_proj")]
     args = argparse.Namespace(distill_lr=1e-2, distill_train="lora", seed=0, device="cpu", lora_rank=4,
-                              train_batch_size=2, batch_size=2, seq_len=32, train_len=32)
+                              train_batch_size=2, batch_size=2, seq_len=32, train_len=32, mix_lr=None)
     train = torch.randint(0, 128, (8, 32))
     stage = hybrid_report._calibrate_rows(student, teacher, train, used=64, tokens=128,
                                           config=hybrid_report.distill_config(args, 128, lora))
@@ -53,3 +53,23 @@ def test_recall_rows_replace_the_given_share_with_a_repeated_random_half():
     assert torch.equal(train, torch.arange(8 * 10).reshape(8, 10))  # the input is not modified
     with pytest.raises(SystemExit, match="recall-train-share"):
         hybrid_report.with_recall_rows(train, 1.5, vocab=1000, seed=0)
+
+
+def test_mix_lr_opens_the_far_memory_that_the_stage_lr_leaves_shut():
+    """With the distill lr the mixes stay at their start; with ``--mix-lr`` they move (the summary
+    line the report logs after each segment says by how much)."""
+    teacher = _tiny_llama()
+    train = torch.randint(0, 128, (8, 32))
+    spans = []  # the largest factor any head's mix moved by
+    for mix_lr in (None, 0.5):
+        student = swapformer.rewrite(copy.deepcopy(teacher), "fastweight", local_window=8)
+        start = hybrid_report.mix_summary(student)
+        args = argparse.Namespace(distill_lr=1e-3, distill_train="new", seed=0, device="cpu", lora_rank=0,
+                                  train_batch_size=2, batch_size=2, seq_len=32, train_len=32, mix_lr=mix_lr)
+        hybrid_report._calibrate_rows(student, teacher, train, used=0, tokens=256,
+                                      config=hybrid_report.distill_config(args, 256, ()))
+        g = torch.cat([m.mix() for m in student.modules() if isinstance(m, hybrid_report.HybridAttention)])
+        change = g.detach() / 1e-3  # every mix starts at mix_init = 1e-3
+        spans.append(float(torch.maximum(change, 1 / change).max()))
+        assert start.startswith("mix g over 8 heads: median 0.001")
+    assert spans[0] < 1.1 and spans[1] > 2

@@ -41,6 +41,10 @@ class Stage:
         short_windows: transfer: exact windows the hybrid cores are shortened to on a share of the
             steps (SWAX), so that the far memory must carry information; ``()`` = never.
         short_window_share: transfer: share of the steps that draw one of ``short_windows``.
+        mix_lr: peak learning rate of the hybrid cores' far-memory mix (parameters named
+            ``mix_logit``); None: the stage's ``lr``. The mix starts small (the window baseline) and
+            Adam moves its logit by about the lr per step, so at a distill lr of 1e-3 a few dozen
+            steps leave ``g = softplus(θ)`` where it started: the far memory stays shut.
     """
 
     kind: StageKind
@@ -58,11 +62,14 @@ class Stage:
     init_mix: bool = True
     short_windows: tuple[int, ...] = ()
     short_window_share: float = 0.5
+    mix_lr: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "short_windows", tuple(self.short_windows))
         if any(w < 1 for w in self.short_windows):
             raise ConfigError(f"short_windows must be >= 1, got {self.short_windows}")
+        if self.mix_lr is not None and not self.mix_lr > 0:
+            raise ConfigError(f"stage mix_lr must be > 0, got {self.mix_lr}")
         if not 0.0 <= self.short_window_share <= 1.0:
             raise ConfigError(f"short_window_share must be in [0, 1], got {self.short_window_share}")
         if self.kind not in ("transfer", "distill"):

@@ -346,6 +346,17 @@ class _Calibration:
         return torch.autocast(self.device.type, dtype=getattr(torch, self.config.autocast_dtype))
 
 
+def _param_groups(params: Named, stage: Stage) -> list[dict]:
+    """One optimizer group at the stage's lr, and the hybrids' mixes in their own at ``mix_lr``."""
+    is_mix = [name.rsplit(".", 1)[-1] == "mix_logit" for name, _ in params]
+    if stage.mix_lr is None or not any(is_mix):
+        return [{"params": [p for _, p in params], "peak_lr": stage.peak_lr()}]
+    rest = [p for (_, p), mix in zip(params, is_mix) if not mix]
+    mixes = [p for (_, p), mix in zip(params, is_mix) if mix]
+    groups = [{"params": mixes, "peak_lr": stage.mix_lr}]
+    return ([{"params": rest, "peak_lr": stage.peak_lr()}] if rest else []) + groups
+
+
 class _StageRun:
     """The optimisation loop of one stage."""
 
@@ -358,8 +369,8 @@ class _StageRun:
         self.params = [p for _, p in params]
         self.result = result
         self.total = stage.num_steps(cal.stream.tokens_per_step)
-        self.optimizer = torch.optim.AdamW(self.params, lr=stage.peak_lr(), betas=self.config.betas,
-                                           weight_decay=self.config.weight_decay)
+        self.optimizer = torch.optim.AdamW(_param_groups(params, stage), lr=stage.peak_lr(),
+                                           betas=self.config.betas, weight_decay=self.config.weight_decay)
         self.step = 0
         self.lr_scale = 1.0
         self._site_sums: dict[str, list[float]] = {}
@@ -417,7 +428,7 @@ class _StageRun:
         """One optimizer step; ``None`` (nothing applied) when the loss or gradients are not finite."""
         cal = self.cal
         for group in self.optimizer.param_groups:
-            group["lr"] = self.stage.peak_lr() * self.lr_scale * self.stage.lr_factor(self.step, self.total)
+            group["lr"] = group["peak_lr"] * self.lr_scale * self.stage.lr_factor(self.step, self.total)
         torch.manual_seed(cal.step_seed())
         batch = cal.stream.batch(cal.position).to(cal.device)
         with cal.autocast():

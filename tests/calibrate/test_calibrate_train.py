@@ -189,3 +189,24 @@ def test_normalised_transfer_loss_is_mse_over_the_reference_variance():
     for name in raw1:
         assert normed1[name] == pytest.approx(raw1[name] / float(targets[name].float().var()), rel=1e-5)
         assert normed[name] != pytest.approx(raw[name], rel=1e-3)
+
+
+def test_mix_lr_puts_the_hybrid_mixes_in_their_own_optimizer_group():
+    from swapformer.calibrate.trainer import _param_groups
+
+    mix, proj = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
+    named = [("layers.0.core.mix_logit", mix), ("layers.0.core.feature.weight", proj)]
+    groups = _param_groups(named, Stage("distill", steps=1, lr=1e-3, mix_lr=0.3))
+    assert [(g["params"], g["peak_lr"]) for g in groups] == [([proj], 1e-3), ([mix], 0.3)]
+    # without mix_lr (or without a mix) one group at the stage's lr
+    assert [g["peak_lr"] for g in _param_groups(named, Stage("distill", steps=1, lr=1e-3))] == [1e-3]
+    with pytest.raises(ConfigError, match="mix_lr"):
+        Stage("distill", steps=1, mix_lr=0.0)
+
+
+
+def test_a_stage_with_mix_lr_trains_a_student_without_mixes():
+    """``mix_lr`` on a student with no hybrid core is the plain single-group run."""
+    student, teacher = make_pair(1)
+    result = calibrate(student, teacher, token_data(), _config(Stage("transfer", steps=3, lr=1e-2, mix_lr=0.3)))
+    assert result.stages[0].steps == 3

@@ -251,6 +251,17 @@ def _decode_steps(core, state: dict, step: list[torch.Tensor], hidden: torch.Ten
         core(*step, hidden=hidden, state=state)
 
 
+def _host_decode_steps(k: torch.Tensor, v: torch.Tensor, step: list[torch.Tensor], steps: int) -> None:
+    """What the host layer does per decoded token: append to its cache (``DynamicCache`` concatenates)
+    and one query's SDPA over every cached key."""
+    import torch.nn.functional as F
+
+    q1, k1, v1 = step
+    for _ in range(steps):
+        k, v = torch.cat([k, k1], dim=2), torch.cat([v, v1], dim=2)
+        F.scaled_dot_product_attention(q1, k, v, enable_gqa=True)
+
+
 @torch.no_grad()
 def time_cores(lengths: list[int], names: list[str], steps: int, repeat: int, loop: bool) -> None:
     """Per-layer prefill ms and decode ms/token of each hybrid core beside the host's causal SDPA."""
@@ -265,8 +276,9 @@ def time_cores(lengths: list[int], names: list[str], steps: int, repeat: int, lo
         hidden = torch.randn(1, t, D_MODEL, generator=gen)
         sdpa = _best_ms(partial(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True),
                         repeat)
-        print(f"{t:>6} {'sdpa (host)':<18}{sdpa:>12.1f}{1.0:>9.2f}{'-':>15}")
         step = [torch.randn(1, h, 1, HEAD_DIM, generator=gen) for h in (HEADS, KV_HEADS, KV_HEADS)]
+        host = _best_ms(partial(_host_decode_steps, k, v, step, steps), repeat) / steps
+        print(f"{t:>6} {'sdpa (host)':<18}{sdpa:>12.1f}{1.0:>9.2f}{host:>15.3f}")
         step_hidden = torch.randn(1, 1, D_MODEL, generator=gen)
         for name, core in cores.items():
             for tiled in (True, False) if loop else (True,):

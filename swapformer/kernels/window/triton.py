@@ -52,11 +52,12 @@ def window_fwd_kernel(
     i_kv = i_h // (H // HKV)
     m0 = i_m * BM
     rows = m0 + tl.arange(0, BM)
+    rows64 = rows.to(tl.int64)  # row · stride overflows int32 past ~3.7M tokens at SmolLM2's width
     od, ov = tl.arange(0, BD), tl.arange(0, BDV)
     q_base = q + i_b.to(tl.int64) * sq_b + i_h * sq_h
     k_base = k + i_b.to(tl.int64) * sk_b + i_kv * sk_h
     v_base = v + i_b.to(tl.int64) * sv_b + i_kv * sv_h
-    bq = tl.load(q_base + rows[:, None] * sq_t + od[None, :], mask=(rows[:, None] < T) & (od[None, :] < D), other=0.0)
+    bq = tl.load(q_base + rows64[:, None] * sq_t + od[None, :], mask=(rows[:, None] < T) & (od[None, :] < D), other=0.0)
     # finite start: a row whose first block is all hidden keeps alpha = 1 and p = 0 (no nan)
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
@@ -73,8 +74,9 @@ def window_fwd_kernel(
     hi = tl.minimum(m0 + BM, T)
     for n0 in range(lo, hi, BN):
         cols = n0 + tl.arange(0, BN)
-        bk = tl.load(k_base + cols[:, None] * sk_t + od[None, :], mask=(cols[:, None] < T) & (od[None, :] < D), other=0.0)
-        bv = tl.load(v_base + cols[:, None] * sv_t + ov[None, :], mask=(cols[:, None] < T) & (ov[None, :] < DV), other=0.0)
+        cols64 = cols.to(tl.int64)
+        bk = tl.load(k_base + cols64[:, None] * sk_t + od[None, :], mask=(cols[:, None] < T) & (od[None, :] < D), other=0.0)
+        bv = tl.load(v_base + cols64[:, None] * sv_t + ov[None, :], mask=(cols[:, None] < T) & (ov[None, :] < DV), other=0.0)
         s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
         seen = (cols[None, :] <= rows[:, None]) & (rows[:, None] - cols[None, :] < WINDOW)
         m_i, l_i, acc = _online_softmax(tl.where(seen, s, float("-inf")), bv, m_i, l_i, acc, PREC)

@@ -36,9 +36,10 @@ log-sum-exp, the reference) beside the host's causal SDPA, and a one-row against
     python benchmarks/profile_smollm2.py --cores --targets worker --length 8192 --threads 1
 
 ``--cores`` times one attention core at SmolLM2-135M's shapes instead of the whole model (no weights
-needed): a stateful prefill (``state={}``, as the HF cache calls it) and decode steps of each hybrid
-target with its defaults, against the host's causal SDPA on the same ``q, k, v``; ``--loop`` adds
-each hybrid's block loop (``tiled_prefill=False``, the reference of the tiled prefill). Best of
+needed): a stateful prefill (``state={}``, as the HF cache calls it) and decode steps of ``window`` and
+each hybrid target with its defaults, against the host's causal SDPA on the same ``q, k, v`` and the
+host layer's decode step (cache append + one query's SDPA); ``--loop`` adds each core's reference
+paths (``tiled_prefill = fast_decode = False``: the block loop, and decode steps through it). Best of
 ``--repeat`` runs; on a shared machine take ``--threads 1 --clock cpu``.
 """
 
@@ -61,7 +62,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CLOCK = time.perf_counter
 
 TARGETS = ("window", "fastweight", "elita", "cat")
-HYBRIDS = ("fastweight", "elita", "cat")
 # SmolLM2-135M's attention: 9 query heads, 3 kv heads, head dim 64, model width 576
 HEADS, KV_HEADS, HEAD_DIM, D_MODEL = 9, 3, 64, 576
 
@@ -230,7 +230,11 @@ def _core(name: str):
         return HybridElita(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, D_MODEL, scale, ElitaConfig())
     if name == "cat":
         return HybridCat(HEADS, KV_HEADS, HEAD_DIM, scale, CatConfig())
-    raise SystemExit(f"--cores times the hybrids {HYBRIDS}, not {name!r}")
+    if name == "window":
+        from swapformer.targets.window import WindowAttention, WindowConfig
+
+        return WindowAttention(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, scale, WindowConfig())
+    raise SystemExit(f"--cores times {TARGETS}, not {name!r}")
 
 
 def _best_ms(fn, repeat: int) -> float:
@@ -282,14 +286,14 @@ def time_cores(lengths: list[int], names: list[str], steps: int, repeat: int, lo
         step_hidden = torch.randn(1, 1, D_MODEL, generator=gen)
         for name, core in cores.items():
             for tiled in (True, False) if loop else (True,):
-                core.tiled_prefill = tiled
+                core.tiled_prefill = core.fast_decode = tiled
                 prefill = _best_ms(partial(_stateful_prefill, core, q, k, v, hidden), repeat)
                 state: dict = {}
                 core(q, k, v, hidden=hidden, state=state)
                 per_token = _best_ms(partial(_decode_steps, core, state, step, step_hidden, steps), repeat) / steps
                 label = name if tiled else f"{name} (loop)"
                 print(f"{t:>6} {label:<18}{prefill:>12.1f}{sdpa / prefill:>9.2f}{per_token:>15.3f}")
-            core.tiled_prefill = True
+            core.tiled_prefill = core.fast_decode = True
 
 
 @torch.no_grad()
@@ -348,7 +352,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.cores:
         lengths = [int(n) for n in args.length.split(",")]
-        names = [t for t in args.targets.split(",") if t in HYBRIDS]
+        names = [t for t in args.targets.split(",") if t in TARGETS]
         if names:
             time_cores(lengths, names, max(1, args.steps) * 10, max(2, args.repeat), args.loop)
         if "worker" in args.targets.split(","):

@@ -11,9 +11,11 @@ already has a window keeps the smaller of the two.
 Prefill and decoding run in query blocks that each attend to the sinks plus the last
 ``window + block`` keys (``O(T·window)``, never a ``T×T`` mask), also when the host mask is only
 causal + key padding; only a mask with other content (a position bias, a host window) takes the dense
-masked SDPA. On CUDA without autograd a prefill from position 0 without padding runs one Triton
-kernel (:mod:`swapformer.kernels.window`) instead of the block loop. Decoding keeps only the sink keys and the last ``window − 1`` keys (and their positions /
-padding flags) in ``state``.
+masked SDPA. A one-token decoding step once the window is full (the step ``generate()`` takes) is one
+unmasked SDPA over the cache and the new token (:meth:`WindowAttention._decode_step`). On CUDA without
+autograd a prefill from position 0 without padding runs one Triton kernel (:mod:`swapformer.kernels.window`)
+instead of the block loop. Decoding keeps only the sink keys and the last ``window − 1`` keys (and their
+positions / padding flags) in ``state``.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class WindowAttention(TargetModule):
         self.window, self.sinks = self.config.window, self.config.sinks
         # additive block masks by shape (see _window_bias); never saved, rebuilt on demand
         self._bias_cache: dict[tuple, torch.Tensor] = {}
+        self._position_steps: dict[tuple, torch.Tensor] = {}  # see _position_step; never saved
 
     @classmethod
     def unsupported(cls, site: Site, config: TargetConfig) -> str | None:
@@ -187,8 +190,49 @@ class WindowAttention(TargetModule):
         # rows the host mask hides completely (padding queries) give NaN in SDPA: report zeros
         return torch.nan_to_num(out, nan=0.0)
 
+    # a one-token step with a full window and no padding runs _decode_step (False: the block path,
+    # which the tests take as the reference)
+    fast_decode: bool = True
+
+    def _decode_step_applies(self, q, k, bias, state: dict) -> bool:
+        """One token, no mask, no gradient, a full window (``s + w − 1`` cached keys), no padding."""
+        s, w = self.sinks, self.window
+        return (self.fast_decode and bias is None and q.shape[-2] == 1 and w > 1 and "k" in state
+                and not torch.is_grad_enabled() and state_pos(state) >= s + w - 1
+                and state["k"].shape[2] == s + w - 1 and state["k"].dtype == k.dtype and state_keys_real(state))
+
+    def _decode_step(self, q, k, v, state: dict) -> torch.Tensor:
+        """One token at position ``i`` once the window is full: the cache holds the sinks and tokens
+        ``i − w + 1 .. i − 1``, which with the new one are exactly the keys ``i`` sees, so one unmasked
+        SDPA. Each of ``k``, ``v`` is concatenated once as ``[token i − w + 1, sinks, i − w + 2 .. i − 1,
+        new]`` (the order of the keys does not change the softmax) and the cache keeps the view from
+        row 1 on: the layout the block path keeps, with one row more storage. Same sums as the block
+        path (checked by the tests)."""
+        s = self.sinks
+        bufs = []
+        for name, new in (("k", k), ("v", v)):
+            old = state[name]
+            parts = [old, new] if not s else [old[:, :, s:s + 1], old[:, :, :s], old[:, :, s + 1:], new]
+            bufs.append(torch.cat(parts, dim=2))
+        out = F.scaled_dot_product_attention(q, bufs[0], bufs[1], scale=self.scale,
+                                             enable_gqa=bufs[0].shape[-3] != q.shape[-3])
+        state["k"], state["v"] = bufs[0][:, :, 1:], bufs[1][:, :, 1:]
+        state["k_pos"] = state["k_pos"] + self._position_step(state["k_pos"].device)
+        state["pos"] = state["pos"] + 1
+        return out
+
+    def _position_step(self, device: torch.device) -> torch.Tensor:
+        """``[s + w − 1]`` int64: 0 for the sinks, 1 for the run (a full window's per-step change)."""
+        key = (device, self.sinks, self.window)
+        if key not in self._position_steps:
+            run = torch.arange(self.sinks + self.window - 1, device=device) >= self.sinks
+            self._position_steps[key] = run.long()
+        return self._position_steps[key]
+
     def _decode(self, q, k, v, bias, state):
         """Attend over the cached sinks + window and this call's tokens, then trim the cache."""
+        if self._decode_step_applies(q, k, bias, state):
+            return self._decode_step(q, k, v, state)
         b, tq, dev = q.shape[0], q.shape[-2], q.device
         start = state_pos(state)
         keep_new = key_keep_from_bias(bias, b, tq)

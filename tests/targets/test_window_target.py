@@ -141,3 +141,46 @@ def test_padding_first_seen_after_a_clean_call():
     got = torch.cat([first, rest], dim=2)
     torch.testing.assert_close(got[0], dense[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got[1, :, :16], dense[1, :, :16], rtol=1e-12, atol=1e-12)
+
+
+def _window_calls(core, q, k, v, bounds):
+    state: dict = {}
+    outs, states = [], []
+    with torch.no_grad():
+        for a, e in zip(bounds[:-1], bounds[1:]):
+            outs.append(core(q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], state=state))
+            states.append(dict(state))
+    return outs, states
+
+
+@pytest.mark.parametrize("window,sinks", [(1, 0), (2, 0), (4, 2), (5, 3), (3, 7)])
+@pytest.mark.parametrize("heads,batch", [((4, 2, 8), 2), ((3, 3, 8), 1)])
+def test_decode_step_equals_the_block_path(window, sinks, heads, batch):
+    """One-token steps after the window fills run ``_decode_step``; the block path is the reference:
+    every output and the state after every call (a multi-token call in between included)."""
+    from target_helpers import assert_same_decode
+
+    site, weights = attention_site(*heads, d_model=24)
+    core = build("window", site, weights, window=window, sinks=sinks, block_size=2)
+    bounds = [0, 3] + list(range(4, 14)) + [16] + list(range(17, 24))
+    q, k, v, _ = qkv_inputs(site, batch, bounds[-1], 24)
+    results = []
+    for fast in (True, False):
+        core.fast_decode = fast
+        results.append(_window_calls(core, q, k, v, bounds))
+    (fast_outs, fast_states), (slow_outs, slow_states) = results
+    assert_same_decode(fast_outs, fast_states, slow_outs, slow_states)
+    # and the whole decode equals the full-sequence forward
+    torch.testing.assert_close(torch.cat(fast_outs, dim=2), core(q, k, v), rtol=1e-10, atol=1e-10)
+
+
+def test_decode_step_runs_once_the_window_fills(monkeypatch):
+    window, sinks = 4, 2
+    site, weights = attention_site(4, 2, 8, d_model=24)
+    core = build("window", site, weights, window=window, sinks=sinks)
+    calls = []
+    original = core._decode_step
+    monkeypatch.setattr(core, "_decode_step", lambda *a: calls.append(a[-1]["pos"]) or original(*a))
+    q, k, v, _ = qkv_inputs(site, 1, 12, 24)
+    _window_calls(core, q, k, v, list(range(13)))
+    assert calls == list(range(window + sinks - 1, 12))  # from position s + w − 1 on

@@ -1,4 +1,5 @@
-"""Efficient kernels behind the swap targets, one package per operator (fla layout ``[B, T, H, D]``).
+"""Efficient kernels behind the swap targets, one package per operator (fla layout ``[B, T, H, D]``;
+``window/`` takes the attention targets' ``[B, H, T, D]``, whose callers hold that layout).
 
 Each ``<op>/`` has ``naive.py`` (pure PyTorch reference, the spec), ``op.py`` (``torch.library`` custom
 ops with fake and autograd registrations) and ``triton.py`` (kernels and launchers, imported lazily, so

@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import triton
+import triton.language as tl
 
 from swapformer.kernels.utils import interpreter_enabled
 
@@ -40,6 +42,24 @@ def autotune(configs: Sequence[triton.Config], key: list[str]) -> Callable[[Any]
         return triton.autotune(configs=list(configs), key=key)(fn)
 
     return deco
+
+
+@triton.jit
+def online_softmax_step(s, bv, m_i, l_i, acc, PREC: tl.constexpr):
+    """Online-softmax update with base-2 logits ``s [BM, BN]`` (masked entries are -inf): the row
+    max ``m_i``, the row sum ``l_i`` and the output accumulator ``acc`` after the block ``bv``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(bv.dtype), bv, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+def dot_precision(x: torch.Tensor) -> str:
+    """``tl.dot``'s ``input_precision`` for inputs like ``x``: fp32 inputs get exact fp32 products;
+    half types use tensor cores anyway."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def pow2(n: int, lo: int = 16) -> int:

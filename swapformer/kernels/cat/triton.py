@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from swapformer.kernels.triton_utils import autotune, pow2
+from swapformer.kernels.triton_utils import autotune, dot_precision, online_softmax_step, pow2
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -33,17 +33,6 @@ _BWD_CONFIGS = [
     triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in ((16, 16, 4, 1), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2))
 ]
-
-
-@triton.jit
-def _softmax_step(s, bv, m_i, l_i, acc, PREC: tl.constexpr):
-    """Online-softmax update with base-2 logits ``s [BM, BN]`` (masked entries are -inf)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(bv.dtype), bv, input_precision=PREC)
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -88,7 +77,7 @@ def cat_fwd_kernel(
         bv = _kv_block(vc, i_b, slots, N, i_kv, HKV, D, BD)
         s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
         s = tl.where(slots[None, :] < row_chunk[:, None], s, float("-inf"))
-        m_i, l_i, acc = _softmax_step(s, bv, m_i, l_i, acc, PREC)
+        m_i, l_i, acc = online_softmax_step(s, bv, m_i, l_i, acc, PREC)
     for n0 in range((m0 // CHUNK) * CHUNK, last + 1, BN):
         cols = n0 + tl.arange(0, BN)
         bk = _kv_block(k, i_b, cols, T, i_kv, HKV, D, BD)
@@ -96,7 +85,7 @@ def cat_fwd_kernel(
         s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
         vis = (cols[None, :] <= rows[:, None]) & ((cols // CHUNK)[None, :] == row_chunk[:, None])
         s = tl.where(vis, s, float("-inf"))
-        m_i, l_i, acc = _softmax_step(s, bv, m_i, l_i, acc, PREC)
+        m_i, l_i, acc = online_softmax_step(s, bv, m_i, l_i, acc, PREC)
     # padded rows (never stored) see no key at all; keep them finite
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     tl.store(o + p_q, (acc / l_safe[:, None]).to(o.dtype.element_ty), mask=m_q)
@@ -208,11 +197,6 @@ def cat_bwd_dkv_kernel(
     tl.store(dv + p_k, bdv.to(dv.dtype.element_ty), mask=m_k)
 
 
-def _prec(x: torch.Tensor) -> str:
-    # fp32 inputs get exact fp32 products; half types use tensor cores anyway
-    return "ieee" if x.dtype == torch.float32 else "tf32"
-
-
 def _contig(dtype, *xs):
     # tl.dot needs both operands in one dtype; everything follows q
     return [None if x is None else x.to(dtype).contiguous() for x in xs]
@@ -231,7 +215,7 @@ def cat_fwd(q, k, v, kc, vc, sink_k, sink_v, chunk_size, scale):
     grid = lambda meta: (triton.cdiv(T, meta["BM"]), B * H)
     cat_fwd_kernel[grid](
         q, k, v, kc, vc, sink_k if has_sink else q, sink_v if has_sink else q, o, lse, T, N,
-        scale * LOG2E, CHUNK=chunk_size, H=H, HKV=HKV, D=D, BD=pow2(D), HAS_SINK=has_sink, PREC=_prec(q),
+        scale * LOG2E, CHUNK=chunk_size, H=H, HKV=HKV, D=D, BD=pow2(D), HAS_SINK=has_sink, PREC=dot_precision(q),
     )  # fmt: skip
     return o, lse
 
@@ -248,7 +232,7 @@ def cat_bwd(do, q, k, v, kc, vc, sink_k, sink_v, o, lse, chunk_size, scale):
     if T == 0:
         zeros = q.new_zeros(HKV, D)
         return (dq, *(torch.zeros_like(x) for x in (k, v, kc, vc)), zeros, zeros.clone())
-    meta = dict(CHUNK=chunk_size, H=H, HKV=HKV, D=D, BD=pow2(D), PREC=_prec(q))
+    meta = dict(CHUNK=chunk_size, H=H, HKV=HKV, D=D, BD=pow2(D), PREC=dot_precision(q))
     cat_bwd_dq_kernel[lambda m: (triton.cdiv(T, m["BM"]), B * H)](
         q, k, v, kc, vc, sink_k if has_sink else q, sink_v if has_sink else q, do, lse, delta, dq,
         T, N, scale * LOG2E, scale, HAS_SINK=has_sink, **meta,

@@ -16,26 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from swapformer.kernels.triton_utils import autotune, pow2
-
-LOG2E = 1.4426950408889634
-_LN2 = tl.constexpr(0.6931471805599453)
+from swapformer.kernels.cat.triton import _LN2, LOG2E
+from swapformer.kernels.triton_utils import autotune, dot_precision, online_softmax_step, pow2
 
 _FWD_CONFIGS = [
     triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in ((16, 16, 4, 1), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 128, 8, 2))
 ]
-
-
-@triton.jit
-def _online_softmax(s, bv, m_i, l_i, acc, PREC: tl.constexpr):
-    """One online-softmax update with base-2 scores ``s [BM, BN]`` (hidden entries −inf)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(bv.dtype), bv, input_precision=PREC)
-    return m_new, l_i, acc
 
 
 @autotune(_FWD_CONFIGS, key=["D", "DV", "H", "HKV", "WINDOW", "SINKS"])
@@ -69,7 +56,7 @@ def window_fwd_kernel(
             bv = tl.load(v_base + cols[:, None] * sv_t + ov[None, :], mask=(cols[:, None] < SINKS) & (ov[None, :] < DV), other=0.0)
             s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
             seen = (cols[None, :] < SINKS) & (rows[:, None] - cols[None, :] >= WINDOW)
-            m_i, l_i, acc = _online_softmax(tl.where(seen, s, float("-inf")), bv, m_i, l_i, acc, PREC)
+            m_i, l_i, acc = online_softmax_step(tl.where(seen, s, float("-inf")), bv, m_i, l_i, acc, PREC)
     lo = tl.maximum(m0 - WINDOW + 1, 0) // BN * BN
     hi = tl.minimum(m0 + BM, T)
     for n0 in range(lo, hi, BN):
@@ -79,17 +66,12 @@ def window_fwd_kernel(
         bv = tl.load(v_base + cols64[:, None] * sv_t + ov[None, :], mask=(cols[:, None] < T) & (ov[None, :] < DV), other=0.0)
         s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
         seen = (cols[None, :] <= rows[:, None]) & (rows[:, None] - cols[None, :] < WINDOW)
-        m_i, l_i, acc = _online_softmax(tl.where(seen, s, float("-inf")), bv, m_i, l_i, acc, PREC)
+        m_i, l_i, acc = online_softmax_step(tl.where(seen, s, float("-inf")), bv, m_i, l_i, acc, PREC)
     p_row = i_bh.to(tl.int64) * T + rows
     p_o = p_row[:, None] * DV + ov[None, :]
     tl.store(o + p_o, (acc / l_i[:, None]).to(o.dtype.element_ty), mask=(rows[:, None] < T) & (ov[None, :] < DV))
     tl.store(c + p_row, m_i * _LN2, mask=rows < T)
     tl.store(den + p_row, l_i, mask=rows < T)
-
-
-def _prec(x: torch.Tensor) -> str:
-    # fp32 inputs get exact fp32 products; half types use tensor cores anyway
-    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -114,6 +96,6 @@ def window_fwd(q, k, v, window: int, sinks: int, scale: float):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         WINDOW=window, SINKS=sinks, BS=pow2(sinks), H=H, HKV=HKV, D=D, DV=DV, BD=pow2(D), BDV=pow2(DV),
-        PREC=_prec(q),
+        PREC=dot_precision(q),
     )  # fmt: skip
     return o, c, den

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from swapformer.kernels.cat.triton import _LN2, _LOG2E, LOG2E, _prec, _softmax_step
-from swapformer.kernels.triton_utils import autotune, pow2
+from swapformer.kernels.cat.triton import _LN2, _LOG2E, LOG2E
+from swapformer.kernels.triton_utils import autotune, dot_precision, online_softmax_step, pow2
 
 _ATTN_CONFIGS = [
     triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
@@ -58,7 +58,7 @@ def worker_fwd_kernel(
         bv = tl.load(v + p_k, mask=m_k, other=0.0)
         s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
         s = tl.where(cols[None, :] <= bidx[:, None], s, float("-inf"))
-        m_i, l_i, acc = _softmax_step(s, bv, m_i, l_i, acc, PREC)
+        m_i, l_i, acc = online_softmax_step(s, bv, m_i, l_i, acc, PREC)
     # padded rows (never stored) see no key at all; keep them finite
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     tl.store(o + p_q, (acc / l_safe[:, None]).to(o.dtype.element_ty), mask=m_q)
@@ -207,7 +207,7 @@ def worker_fwd(q_w, k, v, worker_idx, scale):
         return o, lse
     grid = lambda m: (triton.cdiv(W, m["BM"]), B * H)
     worker_fwd_kernel[grid](
-        q_w, k, v, idx, o, lse, T, W, scale * LOG2E, H=H, HKV=HKV, D=D, BD=pow2(D), PREC=_prec(q_w)
+        q_w, k, v, idx, o, lse, T, W, scale * LOG2E, H=H, HKV=HKV, D=D, BD=pow2(D), PREC=dot_precision(q_w)
     )
     return o, lse
 
@@ -222,7 +222,7 @@ def worker_bwd(do, q_w, k, v, worker_idx, o, lse, scale):
     if W == 0:
         return torch.zeros_like(q_w), torch.zeros_like(k).to(kv_dtype), torch.zeros_like(v).to(kv_dtype)
     delta = torch.einsum("bwhd,bwhd->bhw", do.float(), o.float()).contiguous()
-    meta = dict(H=H, HKV=HKV, D=D, BD=pow2(D), PREC=_prec(q_w))
+    meta = dict(H=H, HKV=HKV, D=D, BD=pow2(D), PREC=dot_precision(q_w))
     dq, dk, dv = torch.empty_like(q_w), torch.empty_like(k), torch.empty_like(v)
     worker_bwd_dq_kernel[lambda m: (triton.cdiv(W, m["BM"]), B * H)](
         q_w, k, v, idx, do, lse, delta, dq, T, W, scale * LOG2E, scale, **meta

@@ -64,12 +64,15 @@ from swapformer.targets.base import TargetModule
 from swapformer.targets.reference import (
     STATE_ELEMENT_BYTES,
     check_full_call,
+    evicted_first,
+    full_window_step,
     key_keep_from_bias,
     require_hidden,
     state_keys_real,
     state_pos,
     window_buffer_slices,
     window_keep,
+    window_position_step,
 )
 
 Tokens = dict[str, torch.Tensor]  # per-token tensors, token axis 2, batch first
@@ -206,8 +209,6 @@ class HybridAttention(TargetModule):
         self.window, self.sinks, self.block_size = local_window, sinks, block_size
         self.mix_logit = nn.Parameter(torch.full((num_heads,), inverse_softplus(mix_init)))
         self._far_ratios: list[torch.Tensor] | None = None
-        # per-step position increments of a full window (see _position_step); never saved
-        self._position_steps: dict[tuple, torch.Tensor] = {}
 
     # ---- far-memory hooks -------------------------------------------------------------------
     def token_inputs(self, k, v, hidden, pos) -> Tokens:
@@ -372,15 +373,11 @@ class HybridAttention(TargetModule):
     # block loop, which the tests take as the reference)
     fast_decode: bool = True
 
-    def _decode_step_applies(self, q, k, bias, state: dict | None, dtype: torch.dtype) -> bool:
+    def _decode_step_applies(self, q, k, bias, state: dict | None) -> bool:
         """Whether this call is a step :meth:`_decode_step` computes: one token, no mask, no
         gradient, a state whose window has filled (``w − 1`` run keys after ``s`` sinks), no padding."""
-        s, w = self.sinks, self.window
-        return (self.fast_decode and state is not None and bias is None and q.shape[-2] == 1
-                and k.shape[-2] == 1 and w > 1 and self._far_ratios is None
-                and not torch.is_grad_enabled() and "k" in state and state_pos(state) >= s + w - 1
-                and state["k"].shape[2] == s + w - 1 and state["k"].dtype == dtype
-                and state_keys_real(state))
+        return (self.fast_decode and self._far_ratios is None
+                and full_window_step(q, k, bias, state, self.sinks, self.window))
 
     def _decode_step(self, q, k, v, hidden, state: dict) -> torch.Tensor:
         """One token at position ``i = state["pos"]`` after the window has filled, without padding.
@@ -395,11 +392,7 @@ class HybridAttention(TargetModule):
         """
         b, hk, s, pos = q.shape[0], self.num_kv_heads, self.sinks, state["pos"]
         extra, qf = self.step_features(q, k, v, hidden, pos)
-        buf = {}
-        for name, new in {"k": k, "v": v, **extra}.items():
-            old = state[name]
-            parts = [old, new] if not s else [old[:, :, s:s + 1], old[:, :, :s], old[:, :, s + 1:], new]
-            buf[name] = torch.cat(parts, dim=2)
+        buf = {name: evicted_first(state[name], new, s) for name, new in {"k": k, "v": v, **extra}.items()}
         qg = q.view(b, hk, -1, q.shape[-1])  # [B, Hkv, G, D]: the one query of each head
         scores = torch.matmul(qg * self.scale, buf["k"].transpose(-1, -2))  # [B, Hkv, G, s + w]
         c = scores.amax(-1, keepdim=True) if self.far_reads_row_max else None
@@ -414,19 +407,10 @@ class HybridAttention(TargetModule):
         out = torch.div(o.addcmul_(m.view(b, hk, g, -1), r), (n.view(b, hk, g, 1) * r).add_(1))
         for name, t in buf.items():
             state[name] = t[:, :, 1:]
-        state["k_pos"] = state["k_pos"] + self._position_step(state["k_pos"].device)
+        state["k_pos"] = state["k_pos"] + window_position_step(state["k_pos"].device, s, self.window)
         state.update(mem)
         state["pos"] = pos + 1
         return out.view(b, self.num_heads, 1, -1)
-
-    def _position_step(self, device: torch.device) -> torch.Tensor:
-        """``[s + w − 1]`` int64: 0 for the sinks, 1 for the run (what a full window's positions
-        gain per decoding step), built once per device."""
-        key = (device, self.sinks, self.window)
-        if key not in self._position_steps:
-            run = torch.arange(self.sinks + self.window - 1, device=device) >= self.sinks
-            self._position_steps[key] = run.long()
-        return self._position_steps[key]
 
     def _tiled(self, q: torch.Tensor, qf: torch.Tensor, buf: Tokens, mem: Memory) -> tuple[torch.Tensor, Memory]:
         """The block loop of a prefill from position 0 without padding, computed tile by tile at once.
@@ -522,7 +506,7 @@ class HybridAttention(TargetModule):
         dt = torch.promote_types(q.dtype, torch.float32)
         hidden = hidden.to(dt) if hidden is not None else None
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        if self._decode_step_applies(q, k, bias, state, dt):
+        if self._decode_step_applies(q, k, bias, state):
             return self._decode_step(q, k, v, hidden, state)
         b, tq = q.shape[0], q.shape[-2]
         start = state_pos(state)

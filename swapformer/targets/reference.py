@@ -12,6 +12,7 @@ target makes the same way:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 
@@ -277,6 +278,36 @@ def next_power_of_two(n: int) -> int:
 
 def state_pos(state: dict | None) -> int:
     return 0 if state is None else int(state.get("pos", 0))
+
+
+def evicted_first(old: torch.Tensor, new: torch.Tensor, sinks: int) -> torch.Tensor:
+    """A full window's cache and the new token as one tensor (token axis 2), evicted token first.
+
+    ``old`` holds the sinks then tokens ``i − w + 1 .. i − 1``; with ``new`` (token ``i``) those are
+    exactly the keys query ``i`` sees. The result is ``[token i − w + 1, sinks, i − w + 2 .. i − 1,
+    new]``: one concatenation, an order the softmax ignores, and the cache after the step is the
+    view from row 1 on (one row more storage than it needs).
+    """
+    parts = [old, new] if not sinks else [old[:, :, sinks:sinks + 1], old[:, :, :sinks], old[:, :, sinks + 1:], new]
+    return torch.cat(parts, dim=2)
+
+
+def full_window_step(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, state: dict | None,
+                     sinks: int, window: int) -> bool:
+    """Whether a call is one token after the window has filled (``sinks + window − 1`` cached keys,
+    the layout :func:`evicted_first` reads), with no mask, no gradient and no padding: the decoding
+    step ``generate()`` takes, which the ``window`` and hybrid cores run as one unmasked softmax."""
+    return (state is not None and bias is None and q.shape[-2] == 1 and k.shape[-2] == 1 and window > 1
+            and not torch.is_grad_enabled() and "k" in state and state_pos(state) >= sinks + window - 1
+            and state["k"].shape[2] == sinks + window - 1 and state["k"].dtype == k.dtype
+            and state_keys_real(state))
+
+
+@functools.lru_cache(maxsize=64)
+def window_position_step(device: torch.device, sinks: int, window: int) -> torch.Tensor:
+    """``[sinks + window − 1]`` int64: 0 for the sinks, 1 for the run, what a full window's cached
+    positions gain per decoding step (built once per device and shape; read, never written)."""
+    return (torch.arange(sinks + window - 1, device=device) >= sinks).long()
 
 
 def state_keys_real(state: dict | None) -> bool:

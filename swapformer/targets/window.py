@@ -34,6 +34,8 @@ from swapformer.targets.base import TargetConfig, TargetModule, register_target
 from swapformer.targets.reference import (
     attention_site_problem,
     bias_to_keep,
+    evicted_first,
+    full_window_step,
     key_keep_from_bias,
     masked_sdpa,
     sdpa_flops_per_token,
@@ -41,6 +43,7 @@ from swapformer.targets.reference import (
     state_pos,
     window_buffer_slices,
     window_keep,
+    window_position_step,
 )
 
 
@@ -96,7 +99,6 @@ class WindowAttention(TargetModule):
         self.window, self.sinks = self.config.window, self.config.sinks
         # additive block masks by shape (see _window_bias); never saved, rebuilt on demand
         self._bias_cache: dict[tuple, torch.Tensor] = {}
-        self._position_steps: dict[tuple, torch.Tensor] = {}  # see _position_step; never saved
 
     @classmethod
     def unsupported(cls, site: Site, config: TargetConfig) -> str | None:
@@ -196,38 +198,19 @@ class WindowAttention(TargetModule):
 
     def _decode_step_applies(self, q, k, bias, state: dict) -> bool:
         """One token, no mask, no gradient, a full window (``s + w − 1`` cached keys), no padding."""
-        s, w = self.sinks, self.window
-        return (self.fast_decode and bias is None and q.shape[-2] == 1 and w > 1 and "k" in state
-                and not torch.is_grad_enabled() and state_pos(state) >= s + w - 1
-                and state["k"].shape[2] == s + w - 1 and state["k"].dtype == k.dtype and state_keys_real(state))
+        return self.fast_decode and full_window_step(q, k, bias, state, self.sinks, self.window)
 
     def _decode_step(self, q, k, v, state: dict) -> torch.Tensor:
-        """One token at position ``i`` once the window is full: the cache holds the sinks and tokens
-        ``i − w + 1 .. i − 1``, which with the new one are exactly the keys ``i`` sees, so one unmasked
-        SDPA. Each of ``k``, ``v`` is concatenated once as ``[token i − w + 1, sinks, i − w + 2 .. i − 1,
-        new]`` (the order of the keys does not change the softmax) and the cache keeps the view from
-        row 1 on: the layout the block path keeps, with one row more storage. Same sums as the block
-        path (checked by the tests)."""
-        s = self.sinks
-        bufs = []
-        for name, new in (("k", k), ("v", v)):
-            old = state[name]
-            parts = [old, new] if not s else [old[:, :, s:s + 1], old[:, :, :s], old[:, :, s + 1:], new]
-            bufs.append(torch.cat(parts, dim=2))
-        out = F.scaled_dot_product_attention(q, bufs[0], bufs[1], scale=self.scale,
-                                             enable_gqa=bufs[0].shape[-3] != q.shape[-3])
-        state["k"], state["v"] = bufs[0][:, :, 1:], bufs[1][:, :, 1:]
-        state["k_pos"] = state["k_pos"] + self._position_step(state["k_pos"].device)
+        """One token at position ``i`` once the window is full: the cache and the new token are exactly
+        the keys ``i`` sees (:func:`evicted_first`), so one unmasked SDPA; the cache keeps the view from
+        row 1 on. Same sums as the block path (checked by the tests)."""
+        keys, values = (evicted_first(state[name], new, self.sinks) for name, new in (("k", k), ("v", v)))
+        out = F.scaled_dot_product_attention(q, keys, values, scale=self.scale,
+                                             enable_gqa=keys.shape[-3] != q.shape[-3])
+        state["k"], state["v"] = keys[:, :, 1:], values[:, :, 1:]
+        state["k_pos"] = state["k_pos"] + window_position_step(state["k_pos"].device, self.sinks, self.window)
         state["pos"] = state["pos"] + 1
         return out
-
-    def _position_step(self, device: torch.device) -> torch.Tensor:
-        """``[s + w − 1]`` int64: 0 for the sinks, 1 for the run (a full window's per-step change)."""
-        key = (device, self.sinks, self.window)
-        if key not in self._position_steps:
-            run = torch.arange(self.sinks + self.window - 1, device=device) >= self.sinks
-            self._position_steps[key] = run.long()
-        return self._position_steps[key]
 
     def _decode(self, q, k, v, bias, state):
         """Attend over the cached sinks + window and this call's tokens, then trim the cache."""

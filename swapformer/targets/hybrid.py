@@ -430,8 +430,9 @@ class HybridAttention(TargetModule):
         fused = window_kernel_applies(q, buf["k"], buf["v"])
         if fused:  # the exact part of every tile from one kernel call: (o, c, 1 / Σ e) per query
             o_all, c_all, den = window_attention(q, buf["k"], buf["v"], window=w, sinks=sinks, scale=self.scale)
+            inv_all = den.reciprocal().to(q.dtype)[..., None]
+            c_all = c_all.to(q.dtype)[..., None] if self.far_reads_row_max else None
             seg = max(blk, self.cuda_segment_len // blk * blk)
-            stats = torch.stack([den.reciprocal(), c_all], dim=-1).to(q.dtype)
         else:
             kp, vp = (F.pad(buf[n], (0, 0, w - 1, tp - t)) for n in WINDOW_KEYS)
             sink_k, sink_v = buf["k"][:, :, None, :sinks], buf["v"][:, :, None, :sinks]
@@ -450,8 +451,8 @@ class HybridAttention(TargetModule):
             # [B, Hkv, blocks, G, block, D]: one copy, so that the products below are views
             qt = query_rows(q, a, e).view(b, hk, g, nb, blk, d).transpose(2, 3).contiguous()
             if fused:
-                o, st = as_tiles(o_all, a, e, hk, blk), as_tiles(stats, a, e, hk, blk)
-                inv_den, c = st[..., :1], (st[..., 1:] if self.far_reads_row_max else None)
+                o, inv_den = as_tiles(o_all, a, e, hk, blk), as_tiles(inv_all, a, e, hk, blk)
+                c = None if c_all is None else as_tiles(c_all, a, e, hk, blk)
             else:
                 o, inv_den, c = self._tile_exact(qt, kp, vp, sink_k, sink_v, interior, a, e, settled)
             m, n, mem = self.far_tiles(ctx, qt, qf, mem, a, e, c)

@@ -170,10 +170,6 @@ def mix_summary(student) -> str:
     return f"mix g over {g.numel()} heads: median {g.median():.3g}, min {g.min():.3g}, max {g.max():.3g}"
 
 
-def log_mixes(student) -> None:
-    log.info("%s", mix_summary(student))
-
-
 def target_rows(target: str, teacher, corpora, train, vocab: int, args) -> list[Row]:
     from quality_smollm2 import target_options
 
@@ -195,7 +191,7 @@ def target_rows(target: str, teacher, corpora, train, vocab: int, args) -> list[
                   state, evaluate(student, corpora, vocab, args))
         log.info("%s %d tokens (%.0f s, %.0f tok/s, loss %.3g -> %.3g): %s", target, used, seconds,
                  row.tok_s, stage.first_loss, stage.last_loss, row.scores)
-        log_mixes(student)
+        log.info("%s", mix_summary(student))
         rows.append(row)
     kl_used, lora = 0, vo_projections(student)
     for budget in (int(float(b)) for b in args.distill_curve.split(",") if b):
@@ -208,7 +204,7 @@ def target_rows(target: str, teacher, corpora, train, vocab: int, args) -> list[
                   evaluate(student, corpora, vocab, args))
         log.info("%s +%d KL tokens (%.0f s, %.0f tok/s, loss %.3g -> %.3g): %s", target, kl_used, seconds,
                  row.tok_s, stage.first_loss, stage.last_loss, row.scores)
-        log_mixes(student)
+        log.info("%s", mix_summary(student))
         rows.append(row)
     return rows
 

@@ -268,7 +268,7 @@ def _host_decode_steps(k: torch.Tensor, v: torch.Tensor, step: list[torch.Tensor
 
 @torch.no_grad()
 def time_cores(lengths: list[int], names: list[str], steps: int, repeat: int, loop: bool) -> None:
-    """Per-layer prefill ms and decode ms/token of each hybrid core beside the host's causal SDPA."""
+    """Per-layer prefill ms and decode ms/token of each core beside the host's causal SDPA and decode step."""
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from target_helpers import padding_bias
 
-from swapformer.targets.reference import key_keep_from_bias, uniform_gate_bias
+from swapformer.targets.reference import key_keep_from_bias, state_keys_real, uniform_gate_bias
 
 
 def test_right_padding_is_read_from_an_hf_mask():
@@ -62,3 +62,27 @@ def test_the_hf_mask_is_read_once_per_forward():
     assert _key_keep(None, mask, query, memo) is first  # the next layers: the same answer, not read again
     mask.copy_(padding_bias([6, 6], 6) > -1)  # changed in place: read again
     assert _key_keep(None, mask, query, memo) is None
+
+
+class _CountingKeep(torch.Tensor):
+    """A keep mask that counts how often its values are read (``.all()``)."""
+
+    reads = 0
+
+    def all(self, *args, **kwargs):
+        type(self).reads += 1
+        return super().all(*args, **kwargs)
+
+
+def test_the_padding_flag_spares_device_reads_and_clears_once_padding_left():
+    keep = torch.tensor([[True, False, True]]).as_subclass(_CountingKeep)
+    state = {"keep": keep, "padded": False}
+    assert state_keys_real(state) and _CountingKeep.reads == 0  # the flag answers: nothing read
+    state["padded"] = True
+    assert not state_keys_real(state) and _CountingKeep.reads == 1  # padded: read, and still padded
+    state["keep"] = torch.ones(1, 3, dtype=torch.bool).as_subclass(_CountingKeep)
+    assert state_keys_real(state) and state["padded"] is False and _CountingKeep.reads == 2
+    assert state_keys_real(state) and _CountingKeep.reads == 2  # cleared: no more reads
+    assert state_keys_real(None) and state_keys_real({"pos": 3})  # nothing cached: all real
+    unknown = {"keep": torch.tensor([[True, False]])}  # a state written without the flag: read once
+    assert not state_keys_real(unknown) and unknown["padded"] is True

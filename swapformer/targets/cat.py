@@ -68,6 +68,7 @@ from swapformer.targets.reference import (
     from_kernel_layout,
     key_keep_from_bias,
     masked_sdpa,
+    sdpa_with_lse,
     state_pos,
     to_kernel_layout,
 )
@@ -372,7 +373,7 @@ class HybridCat(HybridAttention, ChunkCompressor):
                  "pv": own(buf["v"][:, :, s + done:s + evicted]), "pkeep": keep}
         # chunk n is read from its last token's eviction on: position s + (n + 1)·C − 1 + w
         return {"kc": kc * self.scale, "vc": torch.cat([vc, torch.ones_like(vc[..., :1])], dim=-1),
-                "first": s + c - 1 + w, "after": after, "padded_len": padded_len}
+                "v": vc, "first": s + c - 1 + w, "after": after, "padded_len": padded_len}
 
     def far_tiles(self, ctx, qt, qf, mem, a, e, c):
         """Attention over the chunks readable by the segment's last query, masked per query.
@@ -388,6 +389,8 @@ class HybridCat(HybridAttention, ChunkCompressor):
         if end == 0:
             zero = qt.new_zeros(b, hk, nb, g, blk, 1)
             return zero.expand(-1, -1, -1, -1, -1, d), zero, mem
+        if qt.device.type == "cpu" and not torch.is_grad_enabled():
+            return (*self._fused_far_read(ctx, qt, a, e, end, c), mem)
         scores = torch.matmul(qt.view(b, hk, nb * g * blk, d), kc[:, :, :end].transpose(-1, -2))
         i = torch.arange(a, e, device=qt.device).view(nb, 1, blk, 1)
         seen = torch.arange(end, device=qt.device) * cs + first <= i  # [blocks, 1, block, chunks]
@@ -399,6 +402,35 @@ class HybridCat(HybridAttention, ChunkCompressor):
         read = torch.matmul(weights.view(b, hk, nb * g * blk, end), vc[:, :, :end])
         read = read.view(b, hk, nb, g, blk, d + 1)
         return read[..., :d], read[..., d:], mem
+
+    def _fused_far_read(self, ctx, qt, a: int, e: int, end: int, c) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`far_tiles`' sums from the fused CPU kernel (:func:`sdpa_with_lse`): with the row
+        log-sum-exp ``l`` over the chunks and the attention ``o``, ``n = e^{l − c}`` and ``m = o·n``.
+
+        The chunks every query of the segment reads (all before ``full``) go in one unmasked call;
+        the few the segment's queries start reading within it (at most ``segment / C + 1``) in a
+        second, masked one. A query that reads none of the second group gets zero from it.
+        """
+        b, hk, nb, g, blk, d = qt.shape
+        kc, vc, first, cs = ctx["kc"], ctx["v"], ctx["first"], self.chunk_size
+        rows, shape = qt.view(b, hk, nb * g * blk, d), (b, hk, nb, g, blk, 1)
+        full = min(end, max(0, (a - first) // cs + 1))  # chunks readable by query a
+        m = n = None
+        if full:
+            o, lse = sdpa_with_lse(rows, kc[:, :, :full], vc[:, :, :full])
+            n = (lse.view(shape) - c).exp_()
+            m = o.view(qt.shape).mul_(n)
+        if end > full:
+            i = torch.arange(a, e, device=qt.device).view(nb, 1, blk, 1)
+            seen = torch.arange(full, end, device=qt.device) * cs + first <= i  # [blocks, 1, block, chunks]
+            bias = torch.zeros(seen.shape, dtype=qt.dtype, device=qt.device).masked_fill_(~seen, -math.inf)
+            bias = bias.expand(nb, g, blk, end - full).reshape(nb * g * blk, end - full)
+            o, lse = sdpa_with_lse(rows, kc[:, :, full:end], vc[:, :, full:end], bias)
+            reads = seen.any(-1, keepdim=True)
+            n2 = torch.where(reads, (lse.view(shape) - c).exp_(), 0.0)
+            m2 = torch.where(reads, o.view(qt.shape) * n2, 0.0)
+            m, n = (m2, n2) if m is None else (m.add_(m2), n.add_(n2))
+        return m, n
 
     def memory_bytes(self, context_len: int) -> int:
         evicted = self.evicted(context_len)

@@ -272,6 +272,22 @@ def masked_sdpa(
     return out
 
 
+def sdpa_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(q kᵀ + bias) v`` and each row's log-sum-exp ``log Σ e^{q kᵀ + bias}`` (no scaling:
+    fold it into ``q`` or ``k``), from PyTorch's fused CPU attention kernel, for inference only.
+
+    The kernel is the one SDPA runs on CPU; it never materialises the scores, which is why the
+    hybrids' far reads use it (measured at SmolLM2's shapes, a 256-query segment over 2,048 chunks:
+    about half the time of matmul, mask, exp and matmul). Rows whose keys are all masked come
+    back with an undefined log-sum-exp: the caller must zero them. CPU tensors, no autograd.
+    """
+    if q.device.type != "cpu" or torch.is_grad_enabled():
+        raise InputError("sdpa_with_lse runs the CPU inference kernel: CPU tensors under torch.no_grad()")
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=1.0)
+
+
 def next_power_of_two(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 

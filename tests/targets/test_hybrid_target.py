@@ -302,11 +302,13 @@ def test_tiled_prefill_equals_the_block_loop(target, window, sinks, length, bloc
         out = core(q, k, v, hidden=h)
         grads = torch.autograd.grad(out.square().sum(), inputs + list(params), allow_unused=True)
         state: dict = {}
-        with torch.no_grad():
-            core(q, k, v, hidden=h, state=state)
-        results.append((out, grads, state))
-    (fast, fast_grads, fast_state), (slow, slow_grads, slow_state) = results
+        with torch.no_grad():  # inference takes other kernels (cat: the fused CPU attention)
+            inference = core(q, k, v, hidden=h, state=state)
+        results.append((out, grads, state, inference))
+    (fast, fast_grads, fast_state, fast_inf), (slow, slow_grads, slow_state, slow_inf) = results
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fast_inf, slow_inf, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fast_inf, slow.detach(), rtol=1e-10, atol=1e-10)
     for name, got, want in zip(("q", "k", "v", "hidden", *names), fast_grads, slow_grads):
         if got is None and want is None:
             continue

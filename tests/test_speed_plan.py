@@ -221,3 +221,22 @@ def test_prefill_chunk_reaches_every_child_and_the_table(speed, monkeypatch, cap
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["prefill_chunk"] == 8 and row["prefill_s"] > 0 and len(row["decode_ms_all"]) == 2
 
+
+
+def test_prefill_repeat_reaches_every_child_which_keeps_the_fastest(speed, monkeypatch, capsys) -> None:
+    commands = []
+    _fake_children(speed, monkeypatch, commands)
+    speed.main(["--quick", "--targets", "window", "--prefill-repeat", "3"])
+    assert [c[c.index("--prefill-repeat") + 1] for c in commands] == ["3", "3"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        speed.main(["--quick", "--prefill-repeat", "0"])
+    assert exit_info.value.code == 2 and "--prefill-repeat" in capsys.readouterr().err
+
+    # the child's side: three prefills from an empty cache each, the fastest reported, then decoded
+    monkeypatch.setattr(speed, "_load_smollm2", _load)
+    monkeypatch.setattr(speed, "_text_ids", lambda tokenizer, length: _ids()[:, :length])
+    speed.main(["--child", "window", "--lengths", "30", "--steps", "2", "--prefill-repeat", "3"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(row["prefill_s_all"]) == 3 and round(row["prefill_s"], 2) == min(row["prefill_s_all"])
+    assert len(row["decode_ms_all"]) == 2

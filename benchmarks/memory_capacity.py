@@ -11,7 +11,9 @@ bound it: ``window=64, sinks=4`` (the hybrid at mix 0) and the window whose K/V 
 hybrid's state (equal memory).
 
 The layers are the ``--layers`` whose teacher attention puts the most mass beyond the 64-token window
-on the training rows (the copying layers).
+on the training rows (the copying layers). With ``--varied`` the training copies sit at distances
+96-224 and the held-out ones at ``--length``: a memory that fits one fixed offset from positions
+(which a fixed ``L`` allows) then no longer passes.
 
 ``--whole`` then asks whether what one layer learns this way carries to the model: every layer's core
 is trained the same way (many steps over one captured set of rows: ``--text-rows`` of general English,
@@ -210,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=3, help="how many of the most far-attending layers")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--varied", action="store_true",
+                   help="train on copy rows whose distance varies (COPY_LENGTHS), held out at --length")
     p.add_argument("--whole", action="store_true", help="train every layer, then evaluate the whole model")
     p.add_argument("--text-rows", type=int, default=48, help="--whole: captured rows (half copy rows)")
     p.add_argument("--write", action="store_true", help=f"append the table to {RESULTS.name}")
@@ -219,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     teacher, tokenizer = load_smollm2()
     teacher.eval()
     vocab = teacher.config.vocab_size
-    train_ids = copy_rows(args.train_rows, args.length, vocab, seed=1)
+    train_ids = (varied_copy_rows(args.train_rows, 2 * args.length, COPY_LENGTHS, vocab, seed=1) if args.varied
+                 else copy_rows(args.train_rows, args.length, vocab, seed=1))
     eval_ids = copy_rows(args.eval_rows, args.length, vocab, seed=2)
     variants = [parse_variant(v) for v in args.variants.split(",") if v]
     from hybrid_report import equal_memory_window  # benchmarks/ is on sys.path when run as a script

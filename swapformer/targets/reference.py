@@ -278,8 +278,8 @@ def sdpa_with_lse(
     """``softmax(q kᵀ + bias) v`` and each row's log-sum-exp ``log Σ e^{q kᵀ + bias}`` (no scaling:
     fold it into ``q`` or ``k``), from PyTorch's fused CPU attention kernel, for inference only.
 
-    The kernel is the one SDPA runs on CPU; it never materialises the scores, which is why the
-    hybrids' far reads use it (measured at SmolLM2's shapes, a 256-query segment over 2,048 chunks:
+    The kernel is the one SDPA runs on CPU; it never materialises the scores, which is why the cat
+    hybrid's far read uses it (measured at SmolLM2's shapes, a 256-query segment over 2,048 chunks:
     about half the time of matmul, mask, exp and matmul). Rows whose keys are all masked come
     back with an undefined log-sum-exp: the caller must zero them. CPU tensors, no autograd.
     """

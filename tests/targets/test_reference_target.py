@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from target_helpers import padding_bias
 
-from swapformer.targets.reference import key_keep_from_bias, state_keys_real, uniform_gate_bias
+from swapformer.errors import InputError
+from swapformer.targets.reference import (
+    key_keep_from_bias,
+    sdpa_with_lse,
+    state_keys_real,
+    uniform_gate_bias,
+)
 
 
 def test_right_padding_is_read_from_an_hf_mask():
@@ -86,3 +95,22 @@ def test_the_padding_flag_spares_device_reads_and_clears_once_padding_left():
     assert state_keys_real(None) and state_keys_real({"pos": 3})  # nothing cached: all real
     unknown = {"keep": torch.tensor([[True, False]])}  # a state written without the flag: read once
     assert not state_keys_real(unknown) and unknown["padded"] is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sdpa_with_lse_is_the_softmax_and_its_log_normaliser(dtype):
+    """The fused CPU kernel the cat hybrid's far read uses: output and row log-sum-exp, with an additive
+    mask and unscaled scores, equal the dense formula (rows that see a key; others the caller zeroes)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g, dtype=dtype) for n in (7, 5, 5))
+    bias = torch.zeros(7, 5, dtype=dtype)
+    bias[:, 3:] = -math.inf
+    bias[0] = -math.inf  # a row that sees nothing
+    with torch.no_grad():
+        out, lse = sdpa_with_lse(q, k, v, bias)
+    s = q @ k.transpose(-1, -2) + bias
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    torch.testing.assert_close(lse[..., 1:], torch.logsumexp(s, -1)[..., 1:], **tol)
+    torch.testing.assert_close(out[..., 1:, :], (s.softmax(-1) @ v)[..., 1:, :], **tol)
+    with pytest.raises(InputError, match="no_grad"):
+        sdpa_with_lse(q, k, v)

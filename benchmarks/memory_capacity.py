@@ -42,12 +42,12 @@ import torch
 
 from swapformer import rewrite
 from swapformer.calibrate.trainer import replacements
-from swapformer.calibrate.transfer import TransferHooks, attention_reference
+from swapformer.calibrate.transfer import TransferHooks, _site_loss, attention_reference
 from swapformer.loading.offline import load_smollm2
 from swapformer.targets.window import WindowAttention, WindowConfig
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-COPY_LENGTHS = [96, 128, 160, 192, 224]  # --whole's training copies: none at the probe's 64 or 256
+COPY_LENGTHS = [96, 128, 160, 192, 224]  # --varied / --whole training copies: none at 64 or 256
 log = logging.getLogger("memory_capacity")
 
 
@@ -117,11 +117,6 @@ def copy_error(core, samples: list, length: int) -> float:
     return err / ref_var
 
 
-def sequence_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    err = (out - target).square().flatten(1).mean(1)
-    return (err / target.flatten(1).var(1).clamp_min(1e-12)).mean()
-
-
 def train_core(core, train: list, steps: int, lr: float, reference=None) -> float:
     """Adam on the core's new parameters over the captured batches, cycled; seconds spent.
     ``reference(q, k, v, bias)`` gives the targets the capture did not keep."""
@@ -135,7 +130,7 @@ def train_core(core, train: list, steps: int, lr: float, reference=None) -> floa
         if target is None:
             with torch.no_grad():
                 target = reference(*args)
-        loss = sequence_loss(core(*args, **kw), target)
+        loss = _site_loss(core(*args, **kw), target, normalize=True)  # the transfer stage's loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -170,11 +165,11 @@ def whole_model(teacher, tokenizer, target: str, options: dict, args) -> str:
     results.append((f"window={w_eq}, sinks=4 (equal memory)", 0,
                     evaluate(rewrite(copy.deepcopy(teacher), "window", window=w_eq, sinks=4), corpora, vocab, ev)))
     results.append((f"{label} hybrid, step 0", 0, evaluate(student, corpora, vocab, ev)))
-    captured = capture(student, rows, args.batch, None, keep_hidden=False, keep_target=False)
+    needs_hidden = any(getattr(m, "needs_hidden", False) for m in student.modules())
+    captured = capture(student, rows, args.batch, None, keep_hidden=needs_hidden, keep_target=False)
     start = time.perf_counter()
     for r in replacements(student):
         core = student.get_submodule(r.core_name)
-        core.train()
         train_core(core, captured[r.site.name], args.steps, args.lr, attention_reference(r.site))
         log.info("%s trained (%.0f s so far)", r.site.name, time.perf_counter() - start)
     seconds = time.perf_counter() - start
@@ -187,7 +182,7 @@ def whole_model(teacher, tokenizer, target: str, options: dict, args) -> str:
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """``target[:key=value,...]`` → ``(target, options)`` (values read as int, float or str)."""
+    """``target[:key=value;...]`` → ``(target, options)`` (values read as int, float or str)."""
     target, _, rest = text.partition(":")
     options = {}
     for item in filter(None, rest.split(";")):

@@ -171,16 +171,38 @@ class HedgehogFeatureMap(nn.Module):
     def head_major(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """``φ(scale · x)`` for ``x [B, H, T, D]`` -> ``[B, H, T, 2F]``, as one matmul per head.
 
-        No permute and no concatenation of the two halves: ``z`` and ``−z`` are stacked on a new
-        axis and take one softmax. The scale goes on the weights for long inputs and on ``x`` for
-        short ones (a decoding step), whichever is smaller.
+        No permute and no concatenation of the two halves: the product with ``[W, −W]`` gives ``z``
+        and ``−z`` side by side, one softmax over the view ``[..., 2, F]`` takes both (a stack of
+        ``z`` and ``−z`` costs two passes over the largest tensor of the map). Without autograd the
+        softmax runs in place. The scale goes on the weights for long inputs and on ``x`` for short
+        ones (a decoding step), whichever is smaller.
         """
         w = self.weight.to(x.dtype)
+        w = torch.cat([w, -w], dim=-1)
         if x[..., :1].numel() >= w[:, :, :1].numel():  # more rows in x than in W
             z = torch.matmul(x, w * scale)
         else:
             z = torch.matmul(x * scale, w)
-        return torch.stack([z, -z], dim=-2).softmax(-1).flatten(-2)
+        return _paired_softmax(z)
+
+    def tiles(self, qt: torch.Tensor, scale: float) -> torch.Tensor:
+        """:meth:`head_major` of query tiles ``[B, Hkv, blocks, G, block, D]`` (head ``h`` at
+        ``(h // G, h % G)``) -> ``[B, Hkv, blocks, G, block, 2F]``, in that layout."""
+        hk, g, d = qt.shape[1], qt.shape[3], qt.shape[-1]
+        w = self.weight.to(qt.dtype)
+        w = (torch.cat([w, -w], dim=-1) * scale).view(hk, 1, g, d, -1)
+        return _paired_softmax(torch.matmul(qt, w))
+
+
+def _paired_softmax(z: torch.Tensor) -> torch.Tensor:
+    """``[softmax(z₁), softmax(z₂)]`` of ``z = [z₁, z₂]`` (two halves of the last axis), in place of
+    ``z`` for a prefill's many rows when no gradient is recorded (one pass fewer over the largest
+    tensor of the map); a decoding step's few rows take the one softmax call (fewer ops)."""
+    z = z.view(*z.shape[:-1], 2, -1)
+    if torch.is_grad_enabled() or z.numel() < 1 << 16:
+        return z.softmax(-1).flatten(-2)
+    z.sub_(z.amax(-1, keepdim=True)).exp_()
+    return z.div_(z.sum(-1, keepdim=True)).flatten(-2)
 
 
 def _simple_feature_map(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -432,6 +454,15 @@ class HybridFastWeight(LinearFarMemory):
 
     def query_features(self, q, hidden, pos) -> torch.Tensor:
         return self._map(self.q_map, q)
+
+    # the tiled prefill maps each segment's query tiles (LinearFarMemory.far_tiles), memory heads
+    # being the kv heads
+    queries_from_tiles = True
+
+    def tile_query_features(self, qt: torch.Tensor) -> torch.Tensor:
+        if self.q_map is not None:
+            return self.q_map.tiles(qt, math.sqrt(self.scale))
+        return _simple_feature_map(self.config.feature_map, qt * math.sqrt(self.scale))
 
     def memory_items(self, items) -> tuple[torch.Tensor, torch.Tensor]:
         return self._map(self.k_map, items["k"]), items["v"]

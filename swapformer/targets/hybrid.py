@@ -264,7 +264,8 @@ class HybridAttention(TargetModule):
         """``(m, n, memory after)`` of queries ``a .. e − 1`` of a prefill from position 0, in tiles.
 
         ``qt [B, Hkv, blocks, G, block, D]`` the queries, ``qf [B, H, length, F]`` the query features
-        of the whole call (:func:`query_rows` pads the last segment), ``c`` the exact part's row max
+        of the whole call (:func:`query_rows` pads the last segment; None when
+        ``queries_from_tiles``: the memory maps ``qt`` itself), ``c`` the exact part's row max
         in the layout of ``qt`` (None unless ``far_reads_row_max``); returns
         ``m [B, Hkv, blocks, G, block, Dv]``, ``n [..., 1]`` and the memory the next segment needs;
         after the last segment (``e`` = the padded length), the block loop's final memory.
@@ -369,6 +370,9 @@ class HybridAttention(TargetModule):
     cuda_segment_len: int = 4096
     # the far memory reads the exact part's row max c_i (cat's chunks are shifted by it)
     far_reads_row_max: bool = False
+    # far_tiles maps each segment's query tiles itself (qf is None): no [B, H, T, F] features of
+    # the whole prompt and no copy of them into the tile layout per segment
+    queries_from_tiles: bool = False
     # a one-token decoding step with a full window and no padding runs _decode_step (False: the
     # block loop, which the tests take as the reference)
     fast_decode: bool = True
@@ -412,7 +416,7 @@ class HybridAttention(TargetModule):
         state["pos"] = pos + 1
         return out.view(b, self.num_heads, 1, -1)
 
-    def _tiled(self, q: torch.Tensor, qf: torch.Tensor, buf: Tokens, mem: Memory) -> tuple[torch.Tensor, Memory]:
+    def _tiled(self, q: torch.Tensor, qf: torch.Tensor | None, buf: Tokens, mem: Memory) -> tuple[torch.Tensor, Memory]:
         """The block loop of a prefill from position 0 without padding, computed tile by tile at once.
 
         Queries run in segments of ``segment_len`` (a multiple of the block); within one, every
@@ -518,10 +522,13 @@ class HybridAttention(TargetModule):
             keep_new = torch.ones(b, k.shape[-2], dtype=torch.bool, device=q.device)
         buf, pos, keep = self._buffer(state, k, v, hidden, keep_new, start)
         mem = self._memory_from(state, b, q)
-        qf = self.query_features(q, hidden, torch.arange(start, start + tq, device=q.device))
+        tiled = (self.tiled_prefill and start == 0 and not padded and tq > self.block_size
+                 and self.far_tiles_supported())
+        qf = None
+        if not (tiled and self.queries_from_tiles):
+            qf = self.query_features(q, hidden, torch.arange(start, start + tq, device=q.device))
         outs, last = [], start + tq - 1
-        if self.tiled_prefill and start == 0 and not padded and tq > self.block_size \
-                and self.far_tiles_supported():
+        if tiled:
             out, mem = self._tiled(q, qf, buf, mem)
             if state is not None:
                 self._store(state, buf, pos, keep, mem, tq, padded)
@@ -622,6 +629,11 @@ class LinearFarMemory(HybridAttention):
     def memory_items(self, items: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def tile_query_features(self, qt: torch.Tensor) -> torch.Tensor:
+        """:meth:`query_features` of query tiles ``[B, Hkv, blocks, G, block, D]`` in their layout
+        (only where ``queries_from_tiles``; needs ``memory_heads == num_kv_heads``)."""
+        raise NotImplementedError
+
     def memory_init(self, batch: int, ref: torch.Tensor) -> Memory:
         hm, f, dv = self.memory_heads, self.feature_dim, self.value_dim
         return {"S": ref.new_zeros(batch, hm, f, dv), "z": ref.new_zeros(batch, hm, f)}
@@ -653,18 +665,22 @@ class LinearFarMemory(HybridAttention):
     def far_tiles(self, ctx, qt, qf, mem, a, e, c) -> FarRead:
         """Chunked linear attention: each tile reads the memory before it (``S``, ``z`` plus the
         exclusive cumulative sum of the item blocks' ``φkᵀ[v, 1]``) and its own item block."""
-        b, h, _, f = qf.shape
+        b, h = qt.shape[0], self.num_heads
         hm, blk = self.memory_heads, self.block_size
         gm, nb = h // hm, (e - a) // blk
-        fk = ctx["fk"][:, :, a:e].view(b, hm, nb, blk, f)
+        fk = ctx["fk"][:, :, a:e].view(b, hm, nb, blk, -1)
         fv = ctx["fv"][:, :, a:e].view(b, hm, nb, blk, -1)
         dv = fv.shape[-1] - 1
         blocks = torch.matmul(fk.transpose(-1, -2), fv)  # [B, Hm, blocks, F, Dv + 1]
         memory = torch.cat([mem["S"], mem["z"][..., None]], dim=-1)[:, :, None]
         before = torch.cat([memory, blocks[:, :, :-1]], dim=2).cumsum(2)
-        qm = query_rows(qf, a, e).view(b, hm, gm, nb, blk, f).transpose(2, 3).reshape(b, hm, nb, gm * blk, f)
+        if qf is None:  # [B, Hkv, blocks, G, block, F]: already the layout below (Hm = Hkv)
+            qm = self.tile_query_features(qt).view(b, hm, nb, gm * blk, -1)
+        else:
+            f = qf.shape[-1]
+            qm = query_rows(qf, a, e).view(b, hm, gm, nb, blk, f).transpose(2, 3).reshape(b, hm, nb, gm * blk, f)
         scores = torch.matmul(qm, fk.transpose(-1, -2)).view(b, hm, nb, gm, blk, blk)
-        below = torch.ones(blk, blk, dtype=qf.dtype, device=qf.device).tril(-1)
+        below = torch.ones(blk, blk, dtype=qm.dtype, device=qm.device).tril(-1)
         scores = scores * below if torch.is_grad_enabled() else scores.mul_(below)
         # memory read plus the own item block's, the second product added by baddbmm (one pass fewer)
         rows = b * hm * nb

@@ -112,3 +112,46 @@ def test_default_is_normalised_elu1_and_identity_turns_the_normaliser_off():
         FastWeightConfig(feature_map="identity", normalize=True, local_window=0)
     with pytest.raises(ConfigError, match="non-negative feature map"):
         FastWeightConfig(feature_map="identity")  # the hybrid's denominator needs φ ≥ 0
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("rows", [5, 3000])
+def test_hedgehog_head_major_is_the_map_of_the_scaled_input(grad, rows):
+    """``head_major`` (one product with ``[W, −W]``, a softmax in place without autograd on many
+    rows) equals the map's own definition ``[softmax(xW), softmax(−xW)]`` on ``scale · x``, values
+    and gradients."""
+    from swapformer.targets.fastweight import HedgehogFeatureMap
+
+    torch.manual_seed(0)
+    fmap = HedgehogFeatureMap(num_heads=3, head_dim=8, feature_dim=6).double()
+    with torch.no_grad():
+        fmap.weight.add_(torch.randn_like(fmap.weight))
+    x = torch.randn(2, 3, rows, 8, dtype=torch.float64, requires_grad=grad)
+    scale = 0.7
+    want = fmap(scale * x.transpose(1, 2)).transpose(1, 2)  # [B, T, H, D] in, [B, H, T, 2F] out
+    with torch.set_grad_enabled(grad):
+        got = fmap.head_major(x, scale)
+    torch.testing.assert_close(got, want.detach() if not grad else want, rtol=1e-12, atol=1e-12)
+    assert got.shape == (2, 3, rows, 12)
+    if grad:
+        w = torch.randn_like(want)
+        gx, gw = torch.autograd.grad((got * w).sum(), (x, fmap.weight))
+        wx, ww = torch.autograd.grad((want * w).sum(), (x, fmap.weight))
+        torch.testing.assert_close(gx, wx, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gw, ww, rtol=1e-10, atol=1e-12)
+
+
+def test_hedgehog_tiles_are_head_major_in_the_tile_layout():
+    """Query tiles ``[B, Hkv, blocks, G, block, D]`` (head ``h`` at ``(h // G, h % G)``) map to the
+    rows of ``head_major`` in the same layout."""
+    from swapformer.targets.fastweight import HedgehogFeatureMap
+
+    torch.manual_seed(1)
+    b, hk, g, nb, blk, d = 2, 2, 3, 4, 5, 8
+    fmap = HedgehogFeatureMap(num_heads=hk * g, head_dim=d, feature_dim=6).double()
+    with torch.no_grad():
+        fmap.weight.add_(torch.randn_like(fmap.weight))
+        x = torch.randn(b, hk * g, nb * blk, d, dtype=torch.float64)
+        want = fmap.head_major(x, 0.7).view(b, hk, g, nb, blk, -1).transpose(2, 3)
+        tiles = x.view(b, hk, g, nb, blk, d).transpose(2, 3).contiguous()
+        torch.testing.assert_close(fmap.tiles(tiles, 0.7), want, rtol=1e-12, atol=1e-12)

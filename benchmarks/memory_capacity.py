@@ -20,11 +20,16 @@ is trained the same way (many steps over one captured set of rows: ``--text-rows
 every other one replaced by a copy row whose copy distance varies, none at the probe's 64 or 256),
 and the whole student is evaluated as the hybrid report does
 (perplexity on held-out Shakespeare and wiki at 512 and 2,048 tokens, recall at ``L`` = 64 and 256)
-beside ``window=64`` and the equal-memory window. Usage::
+beside ``window=64`` and the equal-memory window. With ``--rope-shift N`` each training step sees its
+rows as if they started at a random position ``0 .. N − 1`` (``q`` and ``k`` rotated on alike, which
+leaves the teacher's attention unchanged): the learned feature maps read post-RoPE ``q, k``, whose
+slower rotations a 512-token row covers only in part, so this asks whether the longer contexts'
+unseen angles are what a memory trained on short rows trips over. Usage::
 
     python benchmarks/memory_capacity.py --variants fastweight,cat --steps 600
     python benchmarks/memory_capacity.py --variants 'fastweight,fastweight:hedgehog_dim=256' --length 128
     python benchmarks/memory_capacity.py --whole --variants fastweight --text-rows 48 --steps 300
+    python benchmarks/memory_capacity.py --whole --variants fastweight --text-rows 48 --steps 300 --rope-shift 8192
 """
 
 from __future__ import annotations
@@ -117,16 +122,34 @@ def copy_error(core, samples: list, length: int) -> float:
     return err / ref_var
 
 
-def train_core(core, train: list, steps: int, lr: float, reference=None) -> float:
+def rope_shift(x: torch.Tensor, delta: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``x [..., T, D]`` (post-RoPE, Hugging Face's rotate-half layout) rotated on by ``delta`` more
+    positions: what the same token would give at ``p + delta``. Rotations compose and a score only
+    sees ``q·k`` rotated alike, so the host attention of shifted ``q`` and ``k`` is unchanged."""
+    angle = delta * inv_freq.to(torch.float64)
+    cos = torch.cat([angle.cos(), angle.cos()]).to(x.dtype)
+    sin = torch.cat([angle.sin(), angle.sin()]).to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def train_core(core, train: list, steps: int, lr: float, reference=None, shift=None) -> float:
     """Adam on the core's new parameters over the captured batches, cycled; seconds spent.
-    ``reference(q, k, v, bias)`` gives the targets the capture did not keep."""
+    ``reference(q, k, v, bias)`` gives the targets the capture did not keep. ``shift = (N, inv_freq)``
+    moves each step's ``q`` and ``k`` by a random ``0 .. N − 1`` positions (:func:`rope_shift`), so a
+    map of post-RoPE ``q, k`` sees the angles of positions past the captured rows' length."""
     args, kw, _ = train[0]
     core.init_from_inputs(*args, **kw)
     params = [p for p in core.new_parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for step in range(steps):
         args, kw, target = train[step % len(train)]
+        if shift is not None:
+            delta = int(torch.randint(shift[0], (1,), generator=gen))
+            args = (rope_shift(args[0], delta, shift[1]), rope_shift(args[1], delta, shift[1]), *args[2:])
         if target is None:
             with torch.no_grad():
                 target = reference(*args)
@@ -167,10 +190,13 @@ def whole_model(teacher, tokenizer, target: str, options: dict, args) -> str:
     results.append((f"{label} hybrid, step 0", 0, evaluate(student, corpora, vocab, ev)))
     needs_hidden = any(getattr(m, "needs_hidden", False) for m in student.modules())
     captured = capture(student, rows, args.batch, None, keep_hidden=needs_hidden, keep_target=False)
+    shift = (args.rope_shift, teacher.model.rotary_emb.inv_freq) if args.rope_shift else None
+    if shift:
+        label += f", RoPE shifts < {args.rope_shift}"
     start = time.perf_counter()
     for r in replacements(student):
         core = student.get_submodule(r.core_name)
-        train_core(core, captured[r.site.name], args.steps, args.lr, attention_reference(r.site))
+        train_core(core, captured[r.site.name], args.steps, args.lr, attention_reference(r.site), shift)
         log.info("%s trained (%.0f s so far)", r.site.name, time.perf_counter() - start)
     seconds = time.perf_counter() - start
     results.append((f"{label} hybrid, {args.steps} steps per layer", seconds, evaluate(student, corpora, vocab, ev)))
@@ -211,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="train on copy rows whose distance varies (COPY_LENGTHS), held out at --length")
     p.add_argument("--whole", action="store_true", help="train every layer, then evaluate the whole model")
     p.add_argument("--text-rows", type=int, default=48, help="--whole: captured rows (half copy rows)")
+    p.add_argument("--rope-shift", type=int, default=0,
+                   help="--whole: shift each training step's q, k by a random 0 .. N − 1 positions (see above)")
     p.add_argument("--write", action="store_true", help=f"append the table to {RESULTS.name}")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

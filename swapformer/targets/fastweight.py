@@ -171,19 +171,17 @@ class HedgehogFeatureMap(nn.Module):
     def head_major(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """``φ(scale · x)`` for ``x [B, H, T, D]`` -> ``[B, H, T, 2F]``, as one matmul per head.
 
-        No permute and no concatenation of the two halves: the product with ``[W, −W]`` gives ``z``
-        and ``−z`` side by side, one softmax over the view ``[..., 2, F]`` takes both (a stack of
-        ``z`` and ``−z`` costs two passes over the largest tensor of the map). Without autograd the
-        softmax runs in place. The scale goes on the weights for long inputs and on ``x`` for short
-        ones (a decoding step), whichever is smaller.
+        No permute and no concatenation of the activations for long inputs: the product with
+        ``[W, −W]`` gives ``z`` and ``−z`` side by side and one softmax over the view ``[..., 2, F]``
+        takes both (stacking ``z`` and ``−z`` costs two passes over the largest tensor of the map);
+        without autograd the softmax runs in place. A short input (a decoding step, fewer rows than
+        ``W``) stacks its few ``z`` instead: building ``[W, −W]`` would cost more than the step.
         """
         w = self.weight.to(x.dtype)
-        w = torch.cat([w, -w], dim=-1)
-        if x[..., :1].numel() >= w[:, :, :1].numel():  # more rows in x than in W
-            z = torch.matmul(x, w * scale)
-        else:
+        if x[..., :1].numel() < w[:, :, :1].numel():  # fewer rows in x than in W
             z = torch.matmul(x * scale, w)
-        return _paired_softmax(z)
+            return torch.stack([z, -z], dim=-2).softmax(-1).flatten(-2)
+        return _paired_softmax(torch.matmul(x, torch.cat([w, -w], dim=-1) * scale))
 
     def tiles(self, qt: torch.Tensor, scale: float) -> torch.Tensor:
         """:meth:`head_major` of query tiles ``[B, Hkv, blocks, G, block, D]`` (head ``h`` at
@@ -196,10 +194,9 @@ class HedgehogFeatureMap(nn.Module):
 
 def _paired_softmax(z: torch.Tensor) -> torch.Tensor:
     """``[softmax(z₁), softmax(z₂)]`` of ``z = [z₁, z₂]`` (two halves of the last axis), in place of
-    ``z`` for a prefill's many rows when no gradient is recorded (one pass fewer over the largest
-    tensor of the map); a decoding step's few rows take the one softmax call (fewer ops)."""
+    ``z`` when no gradient is recorded (one pass fewer over the largest tensor of the map)."""
     z = z.view(*z.shape[:-1], 2, -1)
-    if torch.is_grad_enabled() or z.numel() < 1 << 16:
+    if torch.is_grad_enabled():
         return z.softmax(-1).flatten(-2)
     z.sub_(z.amax(-1, keepdim=True)).exp_()
     return z.div_(z.sum(-1, keepdim=True)).flatten(-2)

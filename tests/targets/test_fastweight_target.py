@@ -115,11 +115,11 @@ def test_default_is_normalised_elu1_and_identity_turns_the_normaliser_off():
 
 
 @pytest.mark.parametrize("grad", [False, True])
-@pytest.mark.parametrize("rows", [5, 3000])
+@pytest.mark.parametrize("rows", [1, 5, 3000])
 def test_hedgehog_head_major_is_the_map_of_the_scaled_input(grad, rows):
-    """``head_major`` (one product with ``[W, −W]``, a softmax in place without autograd on many
-    rows) equals the map's own definition ``[softmax(xW), softmax(−xW)]`` on ``scale · x``, values
-    and gradients."""
+    """``head_major`` (few rows: ``z`` and ``−z`` stacked; many: one product with ``[W, −W]``, the
+    softmax in place without autograd) equals the map's own definition ``[softmax(xW), softmax(−xW)]``
+    on ``scale · x``, values and gradients."""
     from swapformer.targets.fastweight import HedgehogFeatureMap
 
     torch.manual_seed(0)

@@ -47,7 +47,7 @@ import torch
 
 from swapformer import rewrite
 from swapformer.calibrate.trainer import replacements
-from swapformer.calibrate.transfer import TransferHooks, _site_loss, attention_reference
+from swapformer.calibrate.transfer import TransferHooks, _site_loss, attention_reference, rope_shift
 from swapformer.loading.offline import load_smollm2
 from swapformer.targets.window import WindowAttention, WindowConfig
 
@@ -122,22 +122,10 @@ def copy_error(core, samples: list, length: int) -> float:
     return err / ref_var
 
 
-def rope_shift(x: torch.Tensor, delta: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """``x [..., T, D]`` (post-RoPE, Hugging Face's rotate-half layout) rotated on by ``delta`` more
-    positions: what the same token would give at ``p + delta``. Rotations compose and a score only
-    sees ``q·k`` rotated alike, so the host attention of shifted ``q`` and ``k`` is unchanged."""
-    angle = delta * inv_freq.to(torch.float64)
-    cos = torch.cat([angle.cos(), angle.cos()]).to(x.dtype)
-    sin = torch.cat([angle.sin(), angle.sin()]).to(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
 def train_core(core, train: list, steps: int, lr: float, reference=None, shift=None) -> float:
     """Adam on the core's new parameters over the captured batches, cycled; seconds spent.
     ``reference(q, k, v, bias)`` gives the targets the capture did not keep. ``shift = (N, inv_freq)``
-    moves each step's ``q`` and ``k`` by a random ``0 .. N − 1`` positions (:func:`rope_shift`), so a
+    moves each step's ``q`` and ``k`` by a random ``0 .. N − 1`` positions (``rope_shift``), so a
     map of post-RoPE ``q, k`` sees the angles of positions past the captured rows' length."""
     args, kw, _ = train[0]
     core.init_from_inputs(*args, **kw)

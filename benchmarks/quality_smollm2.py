@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recall-samples", type=int, default=2)
     p.add_argument("--curve", default="0,100000", help="hybrid: cumulative transfer-token budgets")
     p.add_argument("--short-windows", default="16,32", help="hybrid: SWAX windows ('' = off)")
+    p.add_argument("--rope-shift", type=int, default=0,
+                   help="hybrid: transfer steps see their rows at a random 0 .. N − 1 positions later (Stage.rope_shift)")
     p.add_argument("--distill-curve", default="",
                    help="hybrid: cumulative KL-distillation token budgets after the transfer curve ('' = none)")
     p.add_argument("--recall-train-share", type=float, default=0.0,

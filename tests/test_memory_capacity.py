@@ -90,27 +90,3 @@ def test_varied_copy_rows_end_in_a_repeat_at_one_of_the_lengths() -> None:
         seen.add(found[0])
     assert seen == {4, 7, 10}
 
-
-def test_rope_shift_is_the_hf_rotation_at_a_later_position_and_leaves_attention_unchanged() -> None:
-    """``rope_shift(RoPE_p(x), δ) = RoPE_{p+δ}(x)`` against transformers' own ``apply_rotary_pos_emb``
-    (rotate-half layout), and the host attention of shifted ``q``, ``k`` is the unshifted one."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    bench = _script()
-    g = torch.Generator().manual_seed(0)
-    d, t, delta = 8, 6, 1000
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    q, k, v = (torch.randn(1, 2, t, d, generator=g, dtype=torch.float64) for _ in range(3))
-
-    def hf_rope(x, start):
-        angle = torch.arange(start, start + t, dtype=torch.float64)[:, None] * inv_freq
-        emb = torch.cat([angle, angle], dim=-1)[None]
-        return apply_rotary_pos_emb(x, x, emb.cos(), emb.sin())[0]
-
-    shifted = bench.rope_shift(hf_rope(q, 0), delta, inv_freq)
-    torch.testing.assert_close(shifted, hf_rope(q, delta))
-    assert not torch.allclose(shifted, hf_rope(q, 0))
-    want = F.scaled_dot_product_attention(hf_rope(q, 0), hf_rope(k, 0), v, is_causal=True)
-    got = F.scaled_dot_product_attention(shifted, bench.rope_shift(hf_rope(k, 0), delta, inv_freq), v,
-                                         is_causal=True)
-    torch.testing.assert_close(got, want)

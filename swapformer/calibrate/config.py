@@ -41,6 +41,10 @@ class Stage:
         short_windows: transfer: exact windows the hybrid cores are shortened to on a share of the
             steps (SWAX), so that the far memory must carry information; ``()`` = never.
         short_window_share: transfer: share of the steps that draw one of ``short_windows``.
+        rope_shift: transfer: on every step after the first, rotate the ``q`` and ``k`` of every RoPE
+            site on by one random ``0 .. rope_shift − 1`` positions (the reference is unchanged by it),
+            so that maps of post-RoPE ``q, k`` learned on short rows see the angles of longer contexts;
+            reads the model's ``inv_freq`` buffer (Hugging Face rotate-half RoPE); 0 = off.
         mix_lr: peak learning rate of the hybrid cores' far-memory mix (parameters named
             ``mix_logit``); None: the stage's ``lr``. The mix starts small (the window baseline) and
             Adam moves its logit by about the lr per step, so at a distill lr of 1e-3 a few dozen
@@ -63,11 +67,14 @@ class Stage:
     short_windows: tuple[int, ...] = ()
     short_window_share: float = 0.5
     mix_lr: float | None = None
+    rope_shift: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "short_windows", tuple(self.short_windows))
         if any(w < 1 for w in self.short_windows):
             raise ConfigError(f"short_windows must be >= 1, got {self.short_windows}")
+        if self.rope_shift < 0:
+            raise ConfigError(f"stage rope_shift must be >= 0, got {self.rope_shift}")
         if self.mix_lr is not None and not self.mix_lr > 0:
             raise ConfigError(f"stage mix_lr must be > 0, got {self.mix_lr}")
         if not 0.0 <= self.short_window_share <= 1.0:

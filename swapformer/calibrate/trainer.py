@@ -44,7 +44,7 @@ from swapformer.calibrate.dist import (
 from swapformer.calibrate.distill import kl_distillation, lm_loss
 from swapformer.calibrate.lora import add_lora, is_lora_parameter, merge_lora, projection_modules
 from swapformer.calibrate.results import CalibrationDiverged, CalibrationResult, StageResult
-from swapformer.calibrate.transfer import TransferHooks
+from swapformer.calibrate.transfer import TransferHooks, rope_frequencies
 from swapformer.errors import ConfigError, InputError
 from swapformer.loading.data import BatchStream, TokenSplits, prepare
 from swapformer.measure import call_model, forward_logits, model_device, perplexity
@@ -374,6 +374,7 @@ class _StageRun:
         self.step = 0
         self.lr_scale = 1.0
         self._site_sums: dict[str, list[float]] = {}
+        self._inv_freq: torch.Tensor | None = None
 
     def run(self, ckpt: Checkpoint | None) -> None:
         if ckpt is not None and ckpt.state["step"] > 0:
@@ -474,7 +475,17 @@ class _StageRun:
         rng = random.Random(self.cal.step_seed())
         return rng.choice(stage.short_windows) if rng.random() < stage.short_window_share else None
 
+    def _rope_shift(self) -> int:
+        """This step's RoPE shift, drawn from the step seed; 0 on the first step (the mix init)."""
+        if not self.stage.rope_shift or self.step == 0:
+            return 0
+        return random.Random(self.cal.step_seed() + 1).randrange(self.stage.rope_shift)
+
     def _transfer_loss(self, hooks: TransferHooks, batch: torch.Tensor) -> torch.Tensor:
+        if self.stage.rope_shift:
+            if self._inv_freq is None:
+                self._inv_freq = rope_frequencies(self.cal.base)
+            hooks.shift = (self._rope_shift(), self._inv_freq)
         with hybrid_window(self.cal.base, self.cal.replaced, self._short_window()):
             losses = hooks.run(lambda: call_model(self.cal.base, batch))
         window = self.config.log_every

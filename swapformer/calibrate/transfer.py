@@ -20,6 +20,11 @@ outside the cores builds an autograd graph; once the last site has run the forwa
 abandoned (``early_exit``), which skips the LM head. All sites are fitted in this ONE forward pass:
 its cost is one no-grad forward of the host plus each core's own small forward and backward.
 
+With ``shift = (delta, inv_freq)`` set for a forward pass, the pre-hook also rotates the ``q`` and ``k``
+of every RoPE site on by ``delta`` positions (:func:`rope_shift`): a score sees ``q·k`` rotated alike, so
+the reference (the target) is unchanged while the core's learned maps of post-RoPE ``q, k`` see the
+angles of positions past the training rows' length (``Stage.rope_shift``; RESULTS.md, session 13).
+
 ``normalize`` divides each site's MSE by the variance of its reference output (per sequence), so that
 layers whose outputs differ in scale by orders of magnitude (LoLCATs reports ~200x) weigh the same. With
 ``init_cores``, a core that has ``init_from_inputs`` (the hybrid cores: closed-form far-memory mix)
@@ -35,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swapformer.errors import InputError
+from swapformer.errors import ConfigError, InputError
 from swapformer.rewriter.report import Replacement
 from swapformer.sites import AttentionSite, FFNSite, ProjectionRef
 from swapformer.targets.reference import ACTIVATIONS
@@ -113,6 +118,32 @@ def _detach(x: Any) -> Any:
     return x.detach() if isinstance(x, torch.Tensor) else x
 
 
+def rope_shift(x: torch.Tensor, delta: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``x [..., T, D]`` (post-RoPE, Hugging Face's rotate-half layout) rotated on by ``delta`` more
+    positions: what the same token would give at ``p + delta``. Rotations compose and a score only
+    sees ``q·k`` rotated alike, so attention over shifted ``q`` and ``k`` is unchanged."""
+    if 2 * inv_freq.numel() != x.shape[-1]:
+        raise ConfigError(f"rope_shift rotates the whole head: {inv_freq.numel()} RoPE frequencies for a head "
+                          f"dim of {x.shape[-1]} (partial rotary embeddings are not supported)")
+    angle = delta * inv_freq.to(torch.float64)
+    cos = torch.cat([angle.cos(), angle.cos()]).to(x.device, x.dtype)
+    sin = torch.cat([angle.sin(), angle.sin()]).to(x.device, x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def rope_frequencies(model: nn.Module) -> torch.Tensor:
+    """The one RoPE frequency vector of a model (the ``inv_freq`` buffer of its rotary embedding, as in
+    Hugging Face models); a clear error where there is none or several differ."""
+    found = [b for name, b in model.named_buffers() if name.rsplit(".", 1)[-1] == "inv_freq"]
+    if not found:
+        raise ConfigError("rope_shift needs the model's RoPE frequencies: no 'inv_freq' buffer found")
+    if any(f.shape != found[0].shape or not torch.equal(f, found[0]) for f in found[1:]):
+        raise ConfigError("rope_shift needs one RoPE frequency vector; the model's 'inv_freq' buffers differ")
+    return found[0].detach().float()
+
+
 class TransferHooks:
     """Context manager: hooks every replaced core for attention transfer.
 
@@ -127,14 +158,16 @@ class TransferHooks:
         self.normalize = normalize
         self.pending_init = {r.site.name for r in replaced} if init_cores else set()
         self.losses: dict[str, torch.Tensor] = {}
+        self.shift: tuple[int, torch.Tensor] | None = None  # (delta, inv_freq) for the next forward pass
         lookup = parameter_lookup(teacher, student)
         self._sites = [(r.site.name, student.get_submodule(r.core_name), _reference(r, lookup))
                        for r in replaced]
+        self._rope = {r.site.name: isinstance(r.site, AttentionSite) and r.site.rope for r in replaced}
         self._handles: list[Any] = []
 
     def __enter__(self) -> TransferHooks:
         for name, core, ref in self._sites:
-            self._handles.append(core.register_forward_pre_hook(_detach_inputs, with_kwargs=True))
+            self._handles.append(core.register_forward_pre_hook(self._make_inputs(name), with_kwargs=True))
             if name in self.pending_init and hasattr(core, "init_from_inputs"):
                 self._handles.append(core.register_forward_pre_hook(self._make_init(name), with_kwargs=True))
             self._handles.append(core.register_forward_hook(self._make_hook(name, ref), with_kwargs=True))
@@ -144,6 +177,18 @@ class TransferHooks:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def _make_inputs(self, name: str) -> Callable:
+        rope = self._rope[name]
+
+        def inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            args, kwargs = _detach_inputs(module, args, kwargs)
+            if self.shift is not None and rope and self.shift[0]:
+                delta, inv_freq = self.shift
+                args = (rope_shift(args[0], delta, inv_freq), rope_shift(args[1], delta, inv_freq), *args[2:])
+            return args, kwargs
+
+        return inputs
 
     def _make_init(self, name: str) -> Callable:
         def init(module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -47,7 +47,13 @@ import torch
 
 from swapformer import rewrite
 from swapformer.calibrate.trainer import replacements
-from swapformer.calibrate.transfer import TransferHooks, _site_loss, attention_reference, rope_shift
+from swapformer.calibrate.transfer import (
+    TransferHooks,
+    _site_loss,
+    attention_reference,
+    rope_frequencies,
+    rope_shift,
+)
 from swapformer.loading.offline import load_smollm2
 from swapformer.targets.window import WindowAttention, WindowConfig
 
@@ -178,7 +184,7 @@ def whole_model(teacher, tokenizer, target: str, options: dict, args) -> str:
     results.append((f"{label} hybrid, step 0", 0, evaluate(student, corpora, vocab, ev)))
     needs_hidden = any(getattr(m, "needs_hidden", False) for m in student.modules())
     captured = capture(student, rows, args.batch, None, keep_hidden=needs_hidden, keep_target=False)
-    shift = (args.rope_shift, teacher.model.rotary_emb.inv_freq) if args.rope_shift else None
+    shift = (args.rope_shift, rope_frequencies(teacher)) if args.rope_shift else None
     if shift:
         label += f", RoPE shifts < {args.rope_shift}"
     start = time.perf_counter()

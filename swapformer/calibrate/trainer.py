@@ -477,7 +477,7 @@ class _StageRun:
 
     def _rope_shift(self) -> int:
         """This step's RoPE shift, drawn from the step seed; 0 on the first step (the mix init)."""
-        if not self.stage.rope_shift or self.step == 0:
+        if self.step == 0:
             return 0
         return random.Random(self.cal.step_seed() + 1).randrange(self.stage.rope_shift)
 

@@ -52,7 +52,7 @@ from swapformer.calibrate.transfer import (
     _site_loss,
     attention_reference,
     rope_frequencies,
-    rope_shift,
+    shift_qk,
 )
 from swapformer.loading.offline import load_smollm2
 from swapformer.targets.window import WindowAttention, WindowConfig
@@ -131,7 +131,7 @@ def copy_error(core, samples: list, length: int) -> float:
 def train_core(core, train: list, steps: int, lr: float, reference=None, shift=None) -> float:
     """Adam on the core's new parameters over the captured batches, cycled; seconds spent.
     ``reference(q, k, v, bias)`` gives the targets the capture did not keep. ``shift = (N, inv_freq)``
-    moves each step's ``q`` and ``k`` by a random ``0 .. N − 1`` positions (``rope_shift``), so a
+    moves each step's ``q`` and ``k`` by a random ``0 .. N − 1`` positions (``shift_qk``), so a
     map of post-RoPE ``q, k`` sees the angles of positions past the captured rows' length."""
     args, kw, _ = train[0]
     core.init_from_inputs(*args, **kw)
@@ -142,8 +142,7 @@ def train_core(core, train: list, steps: int, lr: float, reference=None, shift=N
     for step in range(steps):
         args, kw, target = train[step % len(train)]
         if shift is not None:
-            delta = int(torch.randint(shift[0], (1,), generator=gen))
-            args = (rope_shift(args[0], delta, shift[1]), rope_shift(args[1], delta, shift[1]), *args[2:])
+            args = shift_qk(args, int(torch.randint(shift[0], (1,), generator=gen)), shift[1])
         if target is None:
             with torch.no_grad():
                 target = reference(*args)

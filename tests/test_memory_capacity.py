@@ -89,4 +89,3 @@ def test_varied_copy_rows_end_in_a_repeat_at_one_of_the_lengths() -> None:
         assert found
         seen.add(found[0])
     assert seen == {4, 7, 10}
-

@@ -133,6 +133,11 @@ def rope_shift(x: torch.Tensor, delta: int, inv_freq: torch.Tensor) -> torch.Ten
     return x * cos + rotated * sin
 
 
+def shift_qk(args: tuple, delta: int, inv_freq: torch.Tensor) -> tuple:
+    """A core's positional ``(q, k, ...)`` with ``q`` and ``k`` rotated on by ``delta`` positions."""
+    return (rope_shift(args[0], delta, inv_freq), rope_shift(args[1], delta, inv_freq), *args[2:])
+
+
 def rope_frequencies(model: nn.Module) -> torch.Tensor:
     """The one RoPE frequency vector of a model (the ``inv_freq`` buffer of its rotary embedding, as in
     Hugging Face models); a clear error where there is none or several differ."""
@@ -184,8 +189,7 @@ class TransferHooks:
         def inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             args, kwargs = _detach_inputs(module, args, kwargs)
             if self.shift is not None and rope and self.shift[0]:
-                delta, inv_freq = self.shift
-                args = (rope_shift(args[0], delta, inv_freq), rope_shift(args[1], delta, inv_freq), *args[2:])
+                args = shift_qk(args, *self.shift)
             return args, kwargs
 
         return inputs

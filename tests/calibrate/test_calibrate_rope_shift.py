@@ -78,14 +78,23 @@ def test_a_shifted_transfer_pass_feeds_the_core_rotated_inputs_and_keeps_the_tar
     assert set(plain) == set(shifted)
 
 
-def test_transfer_with_rope_shift_trains_and_validates_its_input() -> None:
+def _transfer(rope_shift: int):
     teacher = _llama()
     student = swapformer.rewrite(teacher, "fastweight", local_window=8, sinks=2, block_size=8)
     result = calibrate(student, teacher, token_data(), CalibrationConfig(
-        stages=(Stage("transfer", steps=12, lr=1e-2, rope_shift=4096),), batch_size=4, seq_len=32,
-        progress=False, eval_batches=1, log_every=4))
+        stages=(Stage("transfer", steps=12, lr=1e-2, rope_shift=rope_shift),), batch_size=4, seq_len=32,
+        progress=False, eval_batches=1, log_every=1))
     (transfer,) = result.stages
+    return transfer
+
+
+def test_transfer_with_rope_shift_trains_and_validates_its_input() -> None:
+    transfer = _transfer(4096)
     assert transfer.steps == 12 and all(torch.isfinite(torch.tensor(transfer.losses)))
+    # the stage reaches the hooks: the first step (the mix init) is unshifted, later ones are not
+    plain = _transfer(0)
+    assert transfer.losses[0] == pytest.approx(plain.losses[0], rel=1e-5)
+    assert transfer.losses[1:] != pytest.approx(plain.losses[1:], rel=1e-3)
     with pytest.raises(ConfigError, match="rope_shift must be >= 0"):
         Stage("transfer", rope_shift=-1)
     with pytest.raises(ConfigError, match="no 'inv_freq' buffer"):

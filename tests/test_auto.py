@@ -320,6 +320,12 @@ def test_knapsack_on_real_costs_meets_the_budget_and_loses_at_most_one_unit_per_
         assert got <= tighter + 1e-9
 
 
+def test_knapsack_with_a_subnormal_room_keeps_the_options_that_fit() -> None:
+    # hypothesis found it: room / resolution underflowed and 1.5 / unit overflowed the int conversion
+    assert choose([[0.0, 0.0]], [[0.0, 1.5]], 2.225073858507e-311, resolution=1) == [0]
+    assert choose([[1.0, 0.0]], [[0.0, 1e-311]], 1e-311, resolution=1) == [1]
+
+
 def test_knapsack_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="same groups"):
         choose([[0.0]], [[1.0, 2.0]], 3)

@@ -45,7 +45,9 @@ def choose(quality: Sequence[Sequence[float]], cost: Sequence[Sequence[float]], 
     exact = all(float(c).is_integer() for group in extra for c in group) and room <= resolution
     unit = 1.0 if exact or room == 0 else room / resolution
     bins = int(math.floor(room / unit + 1e-9))
-    weights = [[math.ceil(c / unit - 1e-9) for c in group] for group in extra]
+    # an option heavier than the room can never be picked; capping its weight at bins + 1 keeps a
+    # tiny (even subnormal) unit from overflowing the integer conversion
+    weights = [[math.ceil(min(c / unit - 1e-9, bins + 1)) for c in group] for group in extra]
     return _solve(quality, weights, bins)
 
 

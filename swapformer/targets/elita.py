@@ -32,6 +32,18 @@ with ``C, Q`` as above; the self slot ``D`` is dropped (the token itself is in t
 ``k₂, δ₀`` are unused. ``κ_j`` is computed when token ``j`` arrives and kept with the window's keys
 until it is evicted (``H`` floats per cached token). ``local_window=0`` keeps the seed form.
 
+Far-memory decay (``decay_half_life > 0``; issue 12): ``C`` is unnormalised, so without decay the far
+sums grow with every evicted token and a memory fitted on 512-token rows outweighs the window at 2k
+(RESULTS.md, session 14: 2k perplexity 41.6 → 49.9 after transfer while 512 improved). A learned
+``γ_h = σ(λ_h)`` per head, initialised to ``2^(−1/decay_half_life)``, weighs token ``j`` (available
+from query ``avail_j = j + w``) by ``γ_h^(i − avail_j)`` in ``m_i`` and ``n_i`` alike
+(:class:`~swapformer.targets.hybrid.LinearFarMemory`, the same rule as fastweight's)::
+
+    m_i = Q_i Σ_{j ∈ F_i} γ^(i − avail_j) C_j v_j,   n_i = Q_i Σ_{j ∈ F_i} γ^(i − avail_j) C_j
+
+which bounds the far mass to ~``half_life / ln 2`` tokens' worth. The decayed prefill runs the block
+loop (the cumulative-sum tiles are undecayed); the state keeps its size.
+
 Feed-forward (seeds 2.2): ``A = swish(x W₁ + b₁)``, ``B = swish(x W₂ + b₂)`` (``r = linear_factor``),
 ``y = einsum(i,j,ijk->k)(A, B, W₃) + b₃``. From a non-gated swish (SiLU) MLP the mapping is exact
 (``W₁ = W_up``, ``W₂ = 0``, ``b₂ = (β, 0, …)`` with ``swish(β) = 1``, ``W₃[:, 0] = W_down``). Other hosts
@@ -98,6 +110,8 @@ class ElitaConfig(TargetConfig):
         mix_init: initial per-head mix ``g_h`` of the far memory. Smaller than the other hybrids'
             (1e-3): ``C = e^κ`` is unnormalised, and at 1e-3 its sum over ~2,000 evicted tokens already
             moved SmolLM2-135M's 2,048-token perplexity from 37.9 to 65.7 (benchmarks/RESULTS.md).
+        decay_half_life: hybrid: initial half-life, in evicted tokens, of the learned per-head decay
+            of the far memory (0 = no decay; see the module docstring).
     """
 
     name = "elita"
@@ -110,10 +124,15 @@ class ElitaConfig(TargetConfig):
     sinks: int = 4
     block_size: int = 64
     mix_init: float = 1e-6
+    decay_half_life: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_hybrid_options(self.name, self.local_window, self.sinks, self.block_size)
+        if not self.decay_half_life >= 0:
+            raise ConfigError(f"elita decay_half_life must be >= 0 (0 = no decay), got {self.decay_half_life}")
+        if self.decay_half_life and not self.local_window:
+            raise ConfigError("elita decay_half_life decays the hybrid's far memory: it needs local_window > 0")
         if not self.mix_init > 0:
             raise ConfigError(f"elita mix_init must be > 0, got {self.mix_init}")
         if self.position_width < 0:
@@ -305,6 +324,7 @@ class HybridElita(LinearFarMemory):
                          config.sinks, config.block_size, config.mix_init)
         self.config = config
         self.memory_heads, self.feature_dim = num_heads, 1
+        self.init_decay(config.decay_half_life)
         # the seed core computes κ, ρ (and holds the k₁ initialisation); its self slot is unused
         self.logit_core = ElitaAttention(num_heads, num_kv_heads, d_model, value_dim, config)
         for p in (self.logit_core.k2, self.logit_core.self_bias):
@@ -317,7 +337,8 @@ class HybridElita(LinearFarMemory):
         assert isinstance(site, AttentionSite) and isinstance(config, ElitaConfig)
         core = cls(site.num_heads, site.num_kv_heads or site.num_heads, site.head_dim,
                    site.value_dim or site.head_dim, site_model_dim(site, weights), site.scale, config)
-        core.logit_core = ElitaAttention.from_site(site, dataclasses.replace(config, local_window=0), weights)
+        seed_form = dataclasses.replace(config, local_window=0, decay_half_life=0.0)
+        core.logit_core = ElitaAttention.from_site(site, seed_form, weights)
         for p in (core.logit_core.k2, core.logit_core.self_bias):
             p.requires_grad_(False)
         return core.to(core.logit_core.k1.dtype)
@@ -390,7 +411,8 @@ class HybridElita(LinearFarMemory):
 
     def flops_per_token(self, context_len: int) -> int:
         h, d = self.num_heads, self.logit_core.d_model
-        return self.window_flops_per_token(context_len) + 2 * 2 * h * d + 4 * h * (self.value_dim + 1)
+        decay = h * (self.value_dim + 1) if self.decay_logit is not None else 0  # S, z scaled per token
+        return self.window_flops_per_token(context_len) + 2 * 2 * h * d + 4 * h * (self.value_dim + 1) + decay
 
 
 @register_target(ElitaConfig)

@@ -61,13 +61,12 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from swapformer.errors import ConfigError
 from swapformer.sites import AttentionSite, Site
 from swapformer.targets.base import TargetConfig, TargetModule, register_target
-from swapformer.targets.hybrid import FarRead, LinearFarMemory, check_hybrid_options
+from swapformer.targets.hybrid import LinearFarMemory, check_hybrid_options
 from swapformer.targets.reference import (
     attention_site_problem,
     check_full_call,
@@ -377,59 +376,7 @@ class HybridFastWeight(LinearFarMemory):
             self.feature_dim = 2 * width
         else:
             self.feature_dim = head_dim
-        self.decay_logit: nn.Parameter | None = None
-        if config.decay_half_life:
-            gamma = 2.0 ** (-1.0 / config.decay_half_life)
-            self.decay_logit = nn.Parameter(torch.full((num_kv_heads,), math.log(gamma / (1.0 - gamma))))
-
-    def log_decay(self) -> torch.Tensor | None:
-        """``log γ_u`` per memory head ``[Hkv]`` (None without decay)."""
-        if self.decay_logit is None:
-            return None
-        return F.logsigmoid(self.decay_logit.to(torch.promote_types(self.decay_logit.dtype, torch.float32)))
-
-    def far_block(self, mem, qf, items, avail, item_keep, q_pos, c) -> FarRead:
-        """The decayed memory of the module docstring; the undecayed base form without decay."""
-        log_gamma = self.log_decay()
-        if log_gamma is None:
-            return super().far_block(mem, qf, items, avail, item_keep, q_pos, c)
-        b, h, tq, f = qf.shape
-        log_gamma = log_gamma.to(qf.dtype)
-        start, end = q_pos[0], q_pos[-1] + 1  # the memory holds every item with avail <= start
-        qg = qf.reshape(b, self.memory_heads, -1, tq, f)
-        read = torch.exp(log_gamma[:, None] * (q_pos - start).to(qf.dtype))[None, :, None, :, None]
-        m = torch.einsum("bkgtf,bkfd->bkgtd", qg, mem["S"]) * read
-        n = torch.einsum("bkgtf,bkf->bkgt", qg, mem["z"])[..., None] * read
-        carry = torch.exp(log_gamma * (end - start).to(qf.dtype))[None, :, None]
-        S, z = mem["S"] * carry[..., None], mem["z"] * carry
-        if avail.numel():
-            fk, fv = self.memory_items(items)
-            fk = fk * item_keep[:, None, :, None]
-            age = (q_pos[:, None] - avail[None, :]).to(qf.dtype)  # [Tq, Te]; visible where >= 0
-            weight = torch.exp(log_gamma[:, None, None] * age.clamp_min(0)) * (age >= 0)
-            a = torch.einsum("bkgtf,bkef->bkgte", qg, fk) * weight[None, :, None]
-            m = m + torch.einsum("bkgte,bked->bkgtd", a, fv)
-            n = n + a.sum(-1, keepdim=True)
-            written = fk * torch.exp(log_gamma[:, None] * (end - avail).to(qf.dtype))[None, :, :, None]
-            S = S + torch.einsum("bkef,bked->bkfd", written, fv)
-            z = z + written.sum(2)
-        return m.reshape(b, h, tq, -1), n.reshape(b, h, tq, 1), {"S": S, "z": z}
-
-    def far_step(self, state, qf, item, pos, c) -> FarRead:
-        """The decayed memory for one query: read as it is (age 0), then carried one position and
-        given the evicted token at age 0 (``γ S + φk vᵀ``, ``γ z + φk``)."""
-        log_gamma = self.log_decay()
-        if log_gamma is None:
-            return super().far_step(state, qf, item, pos, c)
-        b, h, _, f = qf.shape
-        qg = qf.view(b, self.memory_heads, -1, f)
-        S, z = state["S"], state["z"]
-        m, n = torch.matmul(qg, S), torch.matmul(qg, z[..., None])
-        gamma = torch.exp(log_gamma.to(qf.dtype))[:, None]  # [Hkv, 1]
-        fk, fv = self.memory_items(item)
-        mem = {"S": torch.addcmul(S * gamma[..., None], fk.transpose(-1, -2), fv),
-               "z": z * gamma + fk[:, :, 0]}
-        return m.view(b, h, 1, -1), n.view(b, h, 1, 1), mem
+        self.init_decay(config.decay_half_life)
 
     @classmethod
     def from_site(
@@ -438,10 +385,6 @@ class HybridFastWeight(LinearFarMemory):
         assert isinstance(site, AttentionSite) and isinstance(config, FastWeightConfig)
         return cls(site.num_heads, site.num_kv_heads or site.num_heads, site.head_dim,
                    site.value_dim or site.head_dim, site.scale, config)
-
-    def far_tiles_supported(self) -> bool:
-        # the tiled prefill computes the undecayed memory; the decayed one runs the block loop
-        return self.decay_logit is None
 
     def _map(self, fmap: HedgehogFeatureMap | None, x: torch.Tensor) -> torch.Tensor:
         """``[B, H, T, D]`` -> features ``[B, H, T, F]`` of ``x·√scale``."""

@@ -625,6 +625,24 @@ class LinearFarMemory(HybridAttention):
 
     feature_dim: int
     memory_heads: int
+    decay_logit: nn.Parameter | None
+
+    def init_decay(self, half_life: float) -> None:
+        """A learned decay ``γ_u = σ(λ_u)`` per memory head starting at ``2^(−1/half_life)``: an item
+        that became available at ``avail`` weighs ``γ^(i − avail)`` for query ``i``, in ``m`` and ``n``
+        alike. ``half_life = 0``: no decay and no parameter. Subclasses call it once ``memory_heads``
+        is set."""
+        logit = None
+        if half_life:
+            gamma = 2.0 ** (-1.0 / half_life)
+            logit = nn.Parameter(torch.full((self.memory_heads,), math.log(gamma / (1.0 - gamma))))
+        self.register_parameter("decay_logit", logit)
+
+    def log_decay(self) -> torch.Tensor | None:
+        """``log γ_u`` per memory head ``[Hm]`` (None without decay)."""
+        if self.decay_logit is None:
+            return None
+        return F.logsigmoid(self.decay_logit.to(torch.promote_types(self.decay_logit.dtype, torch.float32)))
 
     def memory_items(self, items: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -642,7 +660,8 @@ class LinearFarMemory(HybridAttention):
         return self.memory_heads * self.feature_dim * (self.value_dim + 1) * STATE_ELEMENT_BYTES
 
     def far_tiles_supported(self) -> bool:
-        return True
+        # the tiles compute the undecayed memory; a decayed one runs the block loop
+        return self.decay_logit is None
 
     def far_tiles_context(self, qf, buf, length, padded_len) -> dict:
         """The memory items of the call at their read index ``j' = j + w − 1`` (zero elsewhere).
@@ -692,13 +711,18 @@ class LinearFarMemory(HybridAttention):
         return read[..., :dv], read[..., dv:], mem
 
     def far_step(self, state, qf, item, pos, c) -> FarRead:
-        """``m = φq S``, ``n = φq z``, then ``S + φk vᵀ``, ``z + φk`` of the evicted token."""
+        """``m = φq S``, ``n = φq z``, then ``S + φk vᵀ``, ``z + φk`` of the evicted token; with decay,
+        read as it is (age 0), then carried one position (``γ S + φk vᵀ``, ``γ z + φk``)."""
         b, h, _, f = qf.shape
         qg = qf.view(b, self.memory_heads, -1, f)  # [B, Hm, H / Hm, F]
         S, z = state["S"], state["z"]
         m = torch.matmul(qg, S)
         n = torch.matmul(qg, z[..., None])
         fk, fv = self.memory_items(item)  # [B, Hm, 1, F], [B, Hm, 1, Dv]
+        log_gamma = self.log_decay()
+        if log_gamma is not None:
+            gamma = torch.exp(log_gamma.to(qf.dtype))[:, None]  # [Hm, 1]
+            S, z = S * gamma[..., None], z * gamma
         mem = {"S": torch.addcmul(S, fk.transpose(-1, -2), fv), "z": z + fk[:, :, 0]}
         return m.view(b, h, 1, -1), n.view(b, h, 1, 1), mem
 
@@ -710,15 +734,39 @@ class LinearFarMemory(HybridAttention):
         return x.view(b, self.num_kv_heads, -1, nb, blk, width).transpose(2, 3)
 
     def far_block(self, mem, qf, items, avail, item_keep, q_pos, c) -> FarRead:
+        """The block's queries read the memory (every item with ``avail <= start``) and the block's
+        own items with ``avail <= i``; the memory then absorbs those items.
+
+        With decay the memory is referenced to the block start: query ``i`` reads it times
+        ``γ^(i − start)``, an own item times ``γ^(i − avail)``, and the memory after the block is
+        ``γ^(end − start) S + Σ γ^(end − avail_j) φk_j v_jᵀ`` (likewise ``z``), so block size, prefill
+        length and decoding do not change the output."""
         b, h, tq, f = qf.shape
         qg = qf.reshape(b, self.memory_heads, -1, tq, f)
-        m = torch.einsum("bkgtf,bkfd->bkgtd", qg, mem["S"])
-        n = torch.einsum("bkgtf,bkf->bkgt", qg, mem["z"])[..., None]
+        S, z = mem["S"], mem["z"]
+        m = torch.einsum("bkgtf,bkfd->bkgtd", qg, S)
+        n = torch.einsum("bkgtf,bkf->bkgt", qg, z)[..., None]
+        log_gamma = self.log_decay()
+        if log_gamma is not None:
+            log_gamma = log_gamma.to(qf.dtype)
+            start, end = q_pos[0], q_pos[-1] + 1
+            read = torch.exp(log_gamma[:, None] * (q_pos - start).to(qf.dtype))[None, :, None, :, None]
+            m, n = m * read, n * read
+            carry = torch.exp(log_gamma * (end - start).to(qf.dtype))[None, :, None]
+            S, z = S * carry[..., None], z * carry
         if avail.numel():
             fk, fv = self.memory_items(items)
             fk = fk * item_keep[:, None, :, None]
-            a = torch.einsum("bkgtf,bkef->bkgte", qg, fk) * (avail[None, :] <= q_pos[:, None])
+            age = (q_pos[:, None] - avail[None, :]).to(qf.dtype)  # [Tq, Te]; visible where >= 0
+            if log_gamma is None:
+                weight = (age >= 0).to(qf.dtype)
+                written = fk
+            else:
+                weight = (torch.exp(log_gamma[:, None, None] * age.clamp_min(0)) * (age >= 0))[None, :, None]
+                written = fk * torch.exp(log_gamma[:, None] * (end - avail).to(qf.dtype))[None, :, :, None]
+            a = torch.einsum("bkgtf,bkef->bkgte", qg, fk) * weight
             m = m + torch.einsum("bkgte,bked->bkgtd", a, fv)
             n = n + a.sum(-1, keepdim=True)
-            mem = {"S": mem["S"] + torch.einsum("bkef,bked->bkfd", fk, fv), "z": mem["z"] + fk.sum(2)}
-        return m.reshape(b, h, tq, -1), n.reshape(b, h, tq, 1), mem
+            S = S + torch.einsum("bkef,bked->bkfd", written, fv)
+            z = z + written.sum(2)
+        return m.reshape(b, h, tq, -1), n.reshape(b, h, tq, 1), {"S": S, "z": z}

@@ -20,16 +20,16 @@ from target_helpers import (
 
 from swapformer.errors import ConfigError
 from swapformer.targets.cat import CatAttention, CatConfig, HybridCat
-from swapformer.targets.elita import HybridElita
+from swapformer.targets.elita import ElitaConfig, HybridElita
 from swapformer.targets.fastweight import FastWeightAttention, FastWeightConfig, HybridFastWeight
 from swapformer.targets.hybrid import HybridAttention
 from swapformer.targets.sdpa import SdpaAttention, SdpaConfig
 from swapformer.targets.window import WindowAttention, WindowConfig
 
 D_MODEL = 24
-# "fastweight+decay": the fastweight hybrid with a decaying far memory, through every property test
+# "+decay": the hybrid with a decaying far memory, through every property test
 HYBRIDS = {"fastweight": {}, "fastweight+decay": {"decay_half_life": 3.0}, "elita": {},
-           "cat": {"chunk_size": 3}}
+           "elita+decay": {"decay_half_life": 3.0}, "cat": {"chunk_size": 3}}
 TARGETS = ("fastweight", "elita", "cat")
 
 
@@ -202,7 +202,7 @@ def test_closed_form_mix_init_does_not_move_away_from_the_host(target):
     assert (core(q, k, v, hidden=h) - ref).square().mean() <= before + 1e-12
 
 
-BLOCK_TARGETS = ["fastweight", "fastweight+decay", "cat", "elita"]
+BLOCK_TARGETS = ["fastweight", "fastweight+decay", "cat", "elita", "elita+decay"]
 
 
 @pytest.mark.parametrize("target", BLOCK_TARGETS)
@@ -219,17 +219,19 @@ def test_block_size_does_not_change_the_output(target, window, sinks, length, bl
     torch.testing.assert_close(many(q, k, v, hidden=h), one(q, k, v, hidden=h), rtol=1e-10, atol=1e-10)
 
 
-def _dense_decayed_fastweight(core: HybridFastWeight, q, k, v) -> torch.Tensor:
-    """The decayed fastweight hybrid of the module docstring, query by query, key by key."""
+def _dense_decayed(core, q, k, v, hidden) -> torch.Tensor:
+    """A decayed hybrid (fastweight's or elita's memory) of the module docstrings, query by query, key
+    by key."""
     w, s, g = core.window, core.sinks, core.mix()
-    groups = core.num_heads // core.num_kv_heads
-    qf = core.query_features(q, None, None)
-    kf = core.memory_items({"k": k, "v": v})[0]
+    kv_group, memory_group = core.num_heads // core.num_kv_heads, core.num_heads // core.memory_heads
+    pos = torch.arange(q.shape[-2])
+    qf = core.query_features(q, hidden, pos)
+    kf, fv = core.memory_items({"k": k, "v": v, **core.token_inputs(k, v, hidden, pos)})
     gamma = core.log_decay().exp()
-    q, k, v, qf, kf = q[0], k[0], v[0], qf[0], kf[0]  # one sequence
+    q, k, v, qf, kf, fv = q[0], k[0], v[0], qf[0], kf[0], fv[0]  # one sequence
     out = torch.zeros_like(q)
     for hq in range(core.num_heads):
-        u = hq // groups
+        u, hm = hq // kv_group, hq // memory_group
         for i in range(q.shape[-2]):
             near = [j for j in range(i + 1) if i - j < w or j < s]
             far = range(s, i - w + 1)
@@ -238,20 +240,21 @@ def _dense_decayed_fastweight(core: HybridFastWeight, q, k, v) -> torch.Tensor:
             num = sum(e[n] * v[u, j] for n, j in enumerate(near))
             den = e.sum()
             for j in far:
-                weight = gamma[u] ** (i - (j + w)) * (qf[hq, i] @ kf[u, j])
-                num, den = num + g[hq] * weight * v[u, j], den + g[hq] * weight
+                weight = gamma[hm] ** (i - (j + w)) * (qf[hq, i] @ kf[hm, j])
+                num, den = num + g[hq] * weight * fv[hm, j], den + g[hq] * weight
             out[hq, i] = num / den
     return out[None]
 
 
-def test_decayed_memory_is_the_docstring_formula():
-    core, site = _hybrid("fastweight+decay", 3, 1, block=4, seed=2)
+@pytest.mark.parametrize("target", ["fastweight+decay", "elita+decay"])
+def test_decayed_memory_is_the_docstring_formula(target):
+    core, site = _hybrid(target, 3, 1, block=4, seed=2)
     _strong_mix(core)
     with torch.no_grad():
-        core.decay_logit.copy_(torch.linspace(-1.0, 2.0, core.num_kv_heads))  # γ differs per kv head
+        core.decay_logit.copy_(torch.linspace(-1.0, 2.0, core.memory_heads))  # γ differs per memory head
     q, k, v, h = qkv_inputs(site, 1, 17, D_MODEL, seed=3)
     with torch.no_grad():
-        torch.testing.assert_close(core(q, k, v, hidden=h), _dense_decayed_fastweight(core, q, k, v),
+        torch.testing.assert_close(core(q, k, v, hidden=h), _dense_decayed(core, q, k, v, h),
                                    rtol=1e-10, atol=1e-10)
 
 
@@ -281,6 +284,12 @@ def test_decay_half_life_sets_gamma_per_kv_head_and_is_validated():
     torch.testing.assert_close(core.log_decay().exp() ** 512, torch.full((3,), 0.5), rtol=1e-4, atol=0)
     with pytest.raises(ConfigError, match="decay_half_life"):
         FastWeightConfig(decay_half_life=-1.0)
+    elita = HybridElita(9, 3, 8, 8, D_MODEL, config=ElitaConfig(decay_half_life=512.0))
+    assert elita.log_decay().shape == (9,)  # elita's memory is per query head
+    with pytest.raises(ConfigError, match="decay_half_life"):
+        ElitaConfig(decay_half_life=-1.0)
+    with pytest.raises(ConfigError, match="local_window"):
+        ElitaConfig(decay_half_life=64.0, local_window=0)
 
 
 @pytest.mark.parametrize("target", ["fastweight", "elita", "cat"])

@@ -41,8 +41,8 @@ from query ``avail_j = j + w``) by ``γ_h^(i − avail_j)`` in ``m_i`` and ``n_i
 
     m_i = Q_i Σ_{j ∈ F_i} γ^(i − avail_j) C_j v_j,   n_i = Q_i Σ_{j ∈ F_i} γ^(i − avail_j) C_j
 
-which bounds the far mass to ~``half_life / ln 2`` tokens' worth. The decayed prefill runs the block
-loop (the cumulative-sum tiles are undecayed); the state keeps its size.
+which bounds the far mass to ~``half_life / ln 2`` tokens' worth. The decayed prefill's tiles are the
+chunked ones of ``LinearFarMemory`` (with decay) instead of one cumulative sum; the state keeps its size.
 
 Feed-forward (seeds 2.2): ``A = swish(x W₁ + b₁)``, ``B = swish(x W₂ + b₂)`` (``r = linear_factor``),
 ``y = einsum(i,j,ijk->k)(A, B, W₃) + b₃``. From a non-gated swish (SiLU) MLP the mapping is exact
@@ -373,7 +373,10 @@ class HybridElita(LinearFarMemory):
 
     def far_tiles_context(self, qf, buf, length, padded_len) -> dict:
         """The memory read by every query of the call, as one cumulative sum: query ``i`` reads
-        ``Q_i Σ_{s ≤ j ≤ i − w} C_j [v_j, 1]`` (feature width 1, so no chunking is needed)."""
+        ``Q_i Σ_{s ≤ j ≤ i − w} C_j [v_j, 1]`` (feature width 1, so no chunking is needed). A
+        decayed memory takes the chunked tiles of :class:`LinearFarMemory` instead."""
+        if self.decay_logit is not None:
+            return super().far_tiles_context(qf, buf, length, padded_len)
         w, s = self.window, self.sinks
         weight, values = self.memory_items(buf)  # C [B, H, T, 1], v [B, H, T, Dv]
         n = max(0, length - w + 1 - s)  # items j = s .. length − w: every one in the memory after the call
@@ -390,6 +393,8 @@ class HybridElita(LinearFarMemory):
     def far_tiles(self, ctx, qt, qf, mem, a, e, c):
         """``Q_i`` times the cumulative sum; between segments the memory is passed on untouched, the
         last segment returns the memory after the call."""
+        if self.decay_logit is not None:
+            return super().far_tiles(ctx, qt, qf, mem, a, e, c)
         b, hk, nb, g, blk, _ = qt.shape
         memory = torch.cat([mem["S"], mem["z"][..., None]], dim=-1)  # [B, H, 1, Dv + 1]
         read = query_rows(qf, a, e) * (memory + ctx["read"][:, :, a:e])

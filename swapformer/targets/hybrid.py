@@ -660,8 +660,7 @@ class LinearFarMemory(HybridAttention):
         return self.memory_heads * self.feature_dim * (self.value_dim + 1) * STATE_ELEMENT_BYTES
 
     def far_tiles_supported(self) -> bool:
-        # the tiles compute the undecayed memory; a decayed one runs the block loop
-        return self.decay_logit is None
+        return True
 
     def far_tiles_context(self, qf, buf, length, padded_len) -> dict:
         """The memory items of the call at their read index ``j' = j + w − 1`` (zero elsewhere).
@@ -679,36 +678,84 @@ class LinearFarMemory(HybridAttention):
         back = padded_len - front - n
         fv = torch.cat([fv, torch.ones_like(fv[..., :1])], dim=-1)  # the normaliser as a value column
         return {"fk": F.pad(fk[:, :, s:s + n], (0, 0, front, back)),
-                "fv": F.pad(fv[:, :, s:s + n], (0, 0, front, back))}
+                "fv": F.pad(fv[:, :, s:s + n], (0, 0, front, back)), "length": length}
 
     def far_tiles(self, ctx, qt, qf, mem, a, e, c) -> FarRead:
         """Chunked linear attention: each tile reads the memory before it (``S``, ``z`` plus the
-        exclusive cumulative sum of the item blocks' ``φkᵀ[v, 1]``) and its own item block."""
+        exclusive cumulative sum of the item blocks' ``φkᵀ[v, 1]``) and its own item block.
+
+        With decay every sum is referenced to a position: an item block's to the block's end, the
+        memory before tile ``β`` to its first query ``t_β`` (``before_β = γ^block before_{β−1} +
+        block_{β−1}``), which query ``t_β + r`` reads times ``γ^r``; an own item at offset ``r'``
+        (read index ``j' = j + w − 1``, available from ``j' + 1``) weighs ``γ^(r − r' − 1)``."""
         b, h = qt.shape[0], self.num_heads
         hm, blk = self.memory_heads, self.block_size
         gm, nb = h // hm, (e - a) // blk
         fk = ctx["fk"][:, :, a:e].view(b, hm, nb, blk, -1)
         fv = ctx["fv"][:, :, a:e].view(b, hm, nb, blk, -1)
         dv = fv.shape[-1] - 1
-        blocks = torch.matmul(fk.transpose(-1, -2), fv)  # [B, Hm, blocks, F, Dv + 1]
-        memory = torch.cat([mem["S"], mem["z"][..., None]], dim=-1)[:, :, None]
-        before = torch.cat([memory, blocks[:, :, :-1]], dim=2).cumsum(2)
         if qf is None:  # [B, Hkv, blocks, G, block, F]: already the layout below (Hm = Hkv)
             qm = self.tile_query_features(qt).view(b, hm, nb, gm * blk, -1)
         else:
             f = qf.shape[-1]
             qm = query_rows(qf, a, e).view(b, hm, gm, nb, blk, f).transpose(2, 3).reshape(b, hm, nb, gm * blk, f)
+        memory = torch.cat([mem["S"], mem["z"][..., None]], dim=-1)[:, :, None]
+        decay = self._tile_decay(qm.dtype, qm.device, nb)
+        if decay is None:
+            blocks = torch.matmul(fk.transpose(-1, -2), fv)  # [B, Hm, blocks, F, Dv + 1]
+            before = torch.cat([memory, blocks[:, :, :-1]], dim=2).cumsum(2)
+            below = torch.ones(blk, blk, dtype=qm.dtype, device=qm.device).tril(-1)
+        else:
+            to_end, across, row_read, below = decay
+            blocks = torch.matmul((fk * to_end).transpose(-1, -2), fv)
+            stacked = torch.cat([memory, blocks[:, :, :-1]], dim=2)  # before_β = Σ_{k ≤ β} γ^(block (β − k)) ·
+            before = torch.einsum("hik,bhkfd->bhifd", across, stacked)
         scores = torch.matmul(qm, fk.transpose(-1, -2)).view(b, hm, nb, gm, blk, blk)
-        below = torch.ones(blk, blk, dtype=qm.dtype, device=qm.device).tril(-1)
         scores = scores * below if torch.is_grad_enabled() else scores.mul_(below)
         # memory read plus the own item block's, the second product added by baddbmm (one pass fewer)
         rows = b * hm * nb
-        read = torch.baddbmm(torch.matmul(qm, before).view(rows, gm * blk, -1),
+        read_before = torch.matmul(qm, before)
+        if decay is not None:
+            read_before = read_before * row_read
+        read = torch.baddbmm(read_before.view(rows, gm * blk, -1),
                              scores.view(rows, gm * blk, blk), fv.reshape(rows, blk, -1))
-        memory = before[:, :, -1] + blocks[:, :, -1]
+        if decay is None:
+            memory = before[:, :, -1] + blocks[:, :, -1]
+        else:  # referenced to the call's last position + 1 (not the padded end), as the block loop's
+            memory = self._decayed_end(before[:, :, -1], fk[:, :, -1], fv[:, :, -1], min(e, ctx["length"]) - (e - blk))
         mem = {"S": own(memory[..., :dv]), "z": own(memory[..., dv])}
         read = self._kv_tiles(read.view(b, hm, nb, gm, blk, dv + 1))
         return read[..., :dv], read[..., dv:], mem
+
+    def _decayed_end(self, before: torch.Tensor, fk: torch.Tensor, fv: torch.Tensor, tail: int) -> torch.Tensor:
+        """The memory ``tail`` positions after the last tile's first query: ``γ^tail before`` plus
+        the last item block's items ``r < tail`` at weight ``γ^(tail − 1 − r)`` (the rest are zero)."""
+        lg = self.log_decay().to(fk.dtype)[:, None]
+        r = torch.arange(fk.shape[-2], device=fk.device, dtype=fk.dtype)
+        age = tail - 1 - r
+        weight = (torch.exp(lg * age.clamp_min(0)) * (age >= 0))[..., None]  # [Hm, block, 1]
+        return before * torch.exp(lg * tail)[..., None] + torch.matmul((fk * weight).transpose(-1, -2), fv)
+
+    def _tile_decay(self, dtype: torch.dtype, device: torch.device, blocks: int):
+        """The decay factors of :meth:`far_tiles` (None without decay), per memory head ``u``:
+        an item at block offset ``r`` to the block end ``γ^(block − 1 − r)`` ``[Hm, 1, block, 1]``;
+        across blocks ``γ^(block (β − k))`` for ``k ≤ β`` ``[Hm, blocks, blocks]``; the memory read
+        by the query at offset ``r`` of every query group ``γ^r`` ``[Hm, 1, G·block, 1]``; own items
+        ``γ^(r − r' − 1)`` for ``r' < r`` ``[Hm, 1, 1, block, block]``."""
+        log_gamma = self.log_decay()
+        if log_gamma is None:
+            return None
+        blk, g = self.block_size, self.num_heads // self.memory_heads
+        lg = log_gamma.to(dtype)[:, None, None]
+        r = torch.arange(blk, device=device, dtype=dtype)
+        to_end = torch.exp(lg * (blk - 1 - r)[:, None])[:, None]
+        beta = torch.arange(blocks, device=device, dtype=dtype)
+        gap = beta[:, None] - beta[None, :]
+        across = torch.exp(lg * (blk * gap.clamp_min(0))) * (gap >= 0)
+        row_read = torch.exp(lg * r.repeat(g)[:, None])[:, None]
+        age = r[:, None] - r[None, :] - 1
+        own_items = (torch.exp(lg * age.clamp_min(0)) * (age >= 0))[:, None, None]
+        return to_end, across, row_read, own_items
 
     def far_step(self, state, qf, item, pos, c) -> FarRead:
         """``m = φq S``, ``n = φq z``, then ``S + φk vᵀ``, ``z + φk`` of the evicted token; with decay,

@@ -292,7 +292,7 @@ def test_decay_half_life_sets_gamma_per_kv_head_and_is_validated():
         ElitaConfig(decay_half_life=64.0, local_window=0)
 
 
-@pytest.mark.parametrize("target", ["fastweight", "elita", "cat"])
+@pytest.mark.parametrize("target", ["fastweight", "fastweight+decay", "elita", "elita+decay", "cat"])
 @hypothesis_settings(10)
 @given(window=st.integers(1, 7), sinks=st.integers(0, 3), length=st.integers(2, 40),
        block=st.integers(1, 9), segment=st.integers(1, 24), seed=st.integers(0, 5))

@@ -20,6 +20,8 @@ probe (a random token sequence of length L repeated twice; NLL on the second cop
         -o fastweight:decay_half_life=512 --curve 0,100000,300000      # train at the long length
     python benchmarks/quality_smollm2.py --hybrid --targets fastweight -o fastweight:decay_half_life=128 \
         --rope-shift 8192 --curve 0,102400,307200,1024000   # fastweight's best transfer (RESULTS.md, session 14)
+    python benchmarks/quality_smollm2.py --hybrid --targets elita -o elita:decay_half_life=128 \
+        --curve 0,102400,307200,1024000                     # elita's best transfer (RESULTS.md, session 15)
 
 ``--distill-curve 51200,102400`` then continues each target with end-to-end KL distillation to the
 teacher's logits (cumulative KL tokens, on the training rows after the transfer's; ``--distill-train``

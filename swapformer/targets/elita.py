@@ -32,7 +32,7 @@ with ``C, Q`` as above; the self slot ``D`` is dropped (the token itself is in t
 ``k₂, δ₀`` are unused. ``κ_j`` is computed when token ``j`` arrives and kept with the window's keys
 until it is evicted (``H`` floats per cached token). ``local_window=0`` keeps the seed form.
 
-Far-memory decay (``decay_half_life > 0``; issue 12): ``C`` is unnormalised, so without decay the far
+Far-memory decay (``decay_half_life``, default 128 in the hybrid; issue 12): ``C`` is unnormalised, so without decay the far
 sums grow with every evicted token and a memory fitted on 512-token rows outweighs the window at 2k
 (RESULTS.md, session 14: 2k perplexity 41.6 → 49.9 after transfer while 512 improved). A learned
 ``γ_h = σ(λ_h)`` per head, initialised to ``2^(−1/decay_half_life)``, weighs token ``j`` (available
@@ -88,6 +88,9 @@ from swapformer.targets.reference import (
 
 logger = logging.getLogger(__name__)
 
+# the hybrid's default: a 512-token training row evicts <= ~444 tokens; this half-life bounds the
+# memory's mass to ~185 tokens' worth at any length (RESULTS.md, session 15)
+DEFAULT_DECAY_HALF_LIFE = 128.0
 # swish(β) = β σ(β) = 1: the constant slot that lets W₃[:, 0] reproduce a plain MLP
 SWISH_ONE = 1.2784645427610738
 # gelu(z) ≈ swish(1.702 z) / 1.702; relu(z) ≈ swish(8 z) / 8 (max error 0.035)
@@ -111,7 +114,9 @@ class ElitaConfig(TargetConfig):
             (1e-3): ``C = e^κ`` is unnormalised, and at 1e-3 its sum over ~2,000 evicted tokens already
             moved SmolLM2-135M's 2,048-token perplexity from 37.9 to 65.7 (benchmarks/RESULTS.md).
         decay_half_life: hybrid: initial half-life, in evicted tokens, of the learned per-head decay
-            of the far memory (0 = no decay; see the module docstring).
+            of the far memory (0 = no decay; see the module docstring). Default: 128 for the hybrid
+            (without it a transferred memory fails at 2k: benchmarks/RESULTS.md, session 15), 0
+            for the seed form.
     """
 
     name = "elita"
@@ -124,11 +129,13 @@ class ElitaConfig(TargetConfig):
     sinks: int = 4
     block_size: int = 64
     mix_init: float = 1e-6
-    decay_half_life: float = 0.0
+    decay_half_life: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_hybrid_options(self.name, self.local_window, self.sinks, self.block_size)
+        if self.decay_half_life is None:  # frozen: resolve the default in place
+            object.__setattr__(self, "decay_half_life", DEFAULT_DECAY_HALF_LIFE if self.local_window else 0.0)
         if not self.decay_half_life >= 0:
             raise ConfigError(f"elita decay_half_life must be >= 0 (0 = no decay), got {self.decay_half_life}")
         if self.decay_half_life and not self.local_window:

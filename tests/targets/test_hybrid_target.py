@@ -28,7 +28,8 @@ from swapformer.targets.window import WindowAttention, WindowConfig
 
 D_MODEL = 24
 # "+decay": the hybrid with a decaying far memory, through every property test
-HYBRIDS = {"fastweight": {}, "fastweight+decay": {"decay_half_life": 3.0}, "elita": {},
+# ("elita" without decay, not its default: the cumulative-sum tiles; "elita+decay" the chunked ones)
+HYBRIDS = {"fastweight": {}, "fastweight+decay": {"decay_half_life": 3.0}, "elita": {"decay_half_life": 0.0},
            "elita+decay": {"decay_half_life": 3.0}, "cat": {"chunk_size": 3}}
 TARGETS = ("fastweight", "elita", "cat")
 
@@ -286,6 +287,8 @@ def test_decay_half_life_sets_gamma_per_kv_head_and_is_validated():
         FastWeightConfig(decay_half_life=-1.0)
     elita = HybridElita(9, 3, 8, 8, D_MODEL, config=ElitaConfig(decay_half_life=512.0))
     assert elita.log_decay().shape == (9,)  # elita's memory is per query head
+    assert ElitaConfig().decay_half_life == 128.0 and ElitaConfig(local_window=0).decay_half_life == 0.0
+    assert HybridElita(9, 3, 8, 8, D_MODEL, config=ElitaConfig(decay_half_life=0.0)).decay_logit is None
     with pytest.raises(ConfigError, match="decay_half_life"):
         ElitaConfig(decay_half_life=-1.0)
     with pytest.raises(ConfigError, match="local_window"):

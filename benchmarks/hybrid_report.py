@@ -127,7 +127,7 @@ def teacher_throughput(teacher, train: torch.Tensor, args, batches: int = 3) -> 
 def transfer_config(args, tokens: int, first: bool) -> CalibrationConfig:
     short = tuple(int(w) for w in args.short_windows.split(",") if w)
     stage = Stage("transfer", tokens=tokens, lr=args.transfer_lr, init_mix=first, short_windows=short,
-                  schedule="constant", mix_lr=args.mix_lr, rope_shift=args.rope_shift)
+                  schedule=args.transfer_schedule, mix_lr=args.mix_lr, rope_shift=args.rope_shift)
     return CalibrationConfig(stages=(stage,), batch_size=train_batch_size(args), seq_len=args.train_len,
                              eval_batches=0, seed=args.seed, log_every=25, progress=False,
                              device=args.device)
@@ -220,7 +220,8 @@ def window_row(teacher, corpora, vocab: int, args, window: int, label: str) -> R
 def _transfer_words(args) -> str:
     if not any(int(float(b)) > 0 for b in args.curve.split(",") if b):
         return "no attention transfer"
-    return (f"attention transfer, all layers in one teacher forward, lr {args.transfer_lr:g}, SWAX windows "
+    return (f"attention transfer, all layers in one teacher forward, lr {args.transfer_lr:g} "
+            f"({args.transfer_schedule}), SWAX windows "
             f"{args.short_windows or 'off'} on half the steps, closed-form mix init"
             + (f", RoPE shifts < {args.rope_shift}" if args.rope_shift else ""))
 

@@ -94,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--eval-fraction", type=float, default=0.05)
     p.add_argument("--transfer-lr", type=float, default=1e-2)
+    p.add_argument("--transfer-schedule", choices=("constant", "cosine"), default="constant",
+                   help="--hybrid: the lr of each curve segment's transfer stage (cosine: to 10%% at its end)")
     p.add_argument("--distill-lr", type=float, default=1e-4)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--device", default="cpu")

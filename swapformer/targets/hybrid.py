@@ -28,9 +28,10 @@ as tiles instead (:meth:`HybridAttention._tiled`): the queries run in segments o
 (256), and within a segment every query block is one tile of one batched matmul (its queries, the
 sinks and its ``w + block − 1`` window keys, an unfolded view of the keys), with the mask built once
 and the far memory for all its blocks at once (:meth:`HybridAttention.far_tiles`: chunked linear
-attention for fast weights, one cumulative sum for ELiTA, CAT's chunks compressed once). The block
-loop stays for decoding, continued prefills and padding, and is the reference the tests pin the
-tiles to (outputs, gradients, state); ``tiled_prefill = False`` selects it.
+attention for fast weights and a decayed ELiTA, one cumulative sum for an undecayed ELiTA, CAT's
+chunks compressed once). The block loop stays for decoding, continued prefills and padding, and is
+the reference the tests pin the tiles to (outputs, gradients, state); ``tiled_prefill = False``
+selects it.
 
 A decoding step of one token after the window has filled, without padding (the step ``generate()``
 takes) runs :meth:`HybridAttention._decode_step` instead of the block loop: the state holds exactly
@@ -141,6 +142,12 @@ def tile_terms(
     inv_den = p.amax(-1, keepdim=True)
     o = torch.matmul(p.view(*lead, g * tq, -1), v)
     return o.view(*lead, g, tq, -1), inv_den, c
+
+
+def decay_powers(log_gamma: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+    """``γ^age`` where ``age >= 0`` and 0 where it is negative (not yet visible), broadcast over
+    ``log γ``'s and ``age``'s shapes; the exponent is clamped first so that no ``inf · 0`` arises."""
+    return torch.exp(log_gamma * age.clamp_min(0)) * (age >= 0)
 
 
 def own(x: torch.Tensor) -> torch.Tensor:
@@ -733,7 +740,7 @@ class LinearFarMemory(HybridAttention):
         lg = self.log_decay().to(fk.dtype)[:, None]
         r = torch.arange(fk.shape[-2], device=fk.device, dtype=fk.dtype)
         age = tail - 1 - r
-        weight = (torch.exp(lg * age.clamp_min(0)) * (age >= 0))[..., None]  # [Hm, block, 1]
+        weight = decay_powers(lg, age)[..., None]  # [Hm, block, 1]
         return before * torch.exp(lg * tail)[..., None] + torch.matmul((fk * weight).transpose(-1, -2), fv)
 
     def _tile_decay(self, dtype: torch.dtype, device: torch.device, blocks: int):
@@ -751,10 +758,10 @@ class LinearFarMemory(HybridAttention):
         to_end = torch.exp(lg * (blk - 1 - r)[:, None])[:, None]
         beta = torch.arange(blocks, device=device, dtype=dtype)
         gap = beta[:, None] - beta[None, :]
-        across = torch.exp(lg * (blk * gap.clamp_min(0))) * (gap >= 0)
+        across = decay_powers(lg, blk * gap)
         row_read = torch.exp(lg * r.repeat(g)[:, None])[:, None]
         age = r[:, None] - r[None, :] - 1
-        own_items = (torch.exp(lg * age.clamp_min(0)) * (age >= 0))[:, None, None]
+        own_items = decay_powers(lg, age)[:, None, None]
         return to_end, across, row_read, own_items
 
     def far_step(self, state, qf, item, pos, c) -> FarRead:
@@ -809,7 +816,7 @@ class LinearFarMemory(HybridAttention):
                 weight = (age >= 0).to(qf.dtype)
                 written = fk
             else:
-                weight = (torch.exp(log_gamma[:, None, None] * age.clamp_min(0)) * (age >= 0))[None, :, None]
+                weight = decay_powers(log_gamma[:, None, None], age)[None, :, None]
                 written = fk * torch.exp(log_gamma[:, None] * (end - avail).to(qf.dtype))[None, :, :, None]
             a = torch.einsum("bkgtf,bkef->bkgte", qg, fk) * weight
             m = m + torch.einsum("bkgte,bked->bkgtd", a, fv)

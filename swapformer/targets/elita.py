@@ -419,7 +419,10 @@ class HybridElita(LinearFarMemory):
         return self.num_heads * STATE_ELEMENT_BYTES
 
     def new_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+        # By identity, not by requires_grad: LoRA (peft) freezes every non-adapter parameter, and a
+        # flag-based list then left this memory out of the KL stage's "new+lora".
+        unused = {id(self.logit_core.k2), id(self.logit_core.self_bias)}
+        return [p for p in self.parameters() if id(p) not in unused]
 
     def flops_per_token(self, context_len: int) -> int:
         h, d = self.num_heads, self.logit_core.d_model

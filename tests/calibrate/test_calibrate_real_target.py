@@ -51,3 +51,27 @@ def test_hybrid_transfer_with_short_windows_fits_the_far_memory(target) -> None:
     assert all(c.window == 8 for c in cores)  # the short windows were undone
     first, last = sum(transfer.losses[:3]) / 3, sum(transfer.losses[-3:]) / 3
     assert last < first, transfer.losses
+
+
+@pytest.mark.parametrize("target", ["fastweight", "elita", "cat"])
+def test_new_plus_lora_distill_trains_every_new_parameter_of_a_hybrid(target) -> None:
+    """The KL stage's default ``new+lora``: the adapters and every core's new parameters move."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    teacher = transformers.LlamaForCausalLM(config).eval()
+    extra = {"chunk_size": 2} if target == "cat" else {}
+    student = swapformer.rewrite(teacher, target, local_window=8, sinks=2, block_size=8, **extra)
+    cores = [student.get_submodule(r.core_name) for r in student.swapformer_report.replaced]
+    new = [(p, p.detach().clone()) for c in cores for p in c.new_parameters()]
+    result = calibrate(student, teacher, token_data(), CalibrationConfig(
+        stages=(Stage("distill", steps=3, lr=1e-2),), batch_size=4, seq_len=32, progress=False,
+        eval_batches=0, lora_rank=4))
+    (distill,) = result.stages
+    assert distill.train == "new+lora"
+    assert distill.trainable_parameters > sum(p.numel() for p, _ in new)  # the adapters as well
+    unmoved = [tuple(p.shape) for p, p0 in new if torch.equal(p, p0)]
+    assert not unmoved, f"{target}: new parameters the KL stage left untouched: {unmoved}"

@@ -146,6 +146,15 @@ def test_backward_reaches_new_parameters(target, options):
         assert p.grad is not None and torch.isfinite(p.grad).all()
 
 
+@pytest.mark.parametrize(("target", "options"), CASES, ids=IDS)
+def test_new_parameters_do_not_depend_on_requires_grad(target, options):
+    # calibrate's LoRA (peft) freezes every non-adapter parameter before it selects what trains
+    core, _ = _core(target, options)
+    before = [id(p) for p in core.new_parameters()]
+    core.requires_grad_(False)
+    assert [id(p) for p in core.new_parameters()] == before
+
+
 @pytest.mark.parametrize("target", ["fastweight", "elita", "cat", "worker"])
 def test_full_call_needs_matching_queries_and_keys(target):
     core, site = _core(target, {})

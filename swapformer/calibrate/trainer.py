@@ -223,6 +223,10 @@ class _Calibration:
         if "lora" in train:
             self._ensure_lora(index)
         params = self._select(train)
+        if "new" in train and params and not self._new_parameter_ids():
+            # a silent LoRA-only stage once hid a target whose new parameters went missing
+            logger.warning("%s stage trains %r, but the replaced cores have no new parameters: only the "
+                           "LoRA adapters train", stage.kind, train)
         self.calibrated |= {id(p) for _, p in params}
         result = StageResult(kind=stage.kind, train=train,
                              trainable_parameters=sum(p.numel() for _, p in params))
@@ -272,8 +276,11 @@ class _Calibration:
         self.peft = add_lora(self.base, targets, rank=self.config.lora_rank,
                              alpha=self.config.lora_alpha, dropout=self.config.lora_dropout)
 
+    def _new_parameter_ids(self) -> set[int]:
+        return {id(p) for r in self.replaced for p in self.base.get_submodule(r.core_name).new_parameters()}
+
     def _select(self, train: str) -> Named:
-        new = {id(p) for r in self.replaced for p in self.base.get_submodule(r.core_name).new_parameters()}
+        new = self._new_parameter_ids()
         chosen = []
         for name, p in self.base.named_parameters():
             if (train == "all" or ("new" in train and id(p) in new)

@@ -75,3 +75,18 @@ def test_new_plus_lora_distill_trains_every_new_parameter_of_a_hybrid(target) ->
     assert distill.trainable_parameters > sum(p.numel() for p, _ in new)  # the adapters as well
     unmoved = [tuple(p.shape) for p, p0 in new if torch.equal(p, p0)]
     assert not unmoved, f"{target}: new parameters the KL stage left untouched: {unmoved}"
+
+
+def test_a_new_plus_lora_stage_with_no_new_parameters_says_only_the_lora_trains(caplog) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    teacher = transformers.LlamaForCausalLM(config).eval()
+    student = swapformer.rewrite(teacher, "window", window=8, sinks=2)  # a window has no new parameters
+    calibrate(student, teacher, token_data(), CalibrationConfig(
+        stages=(Stage("distill", steps=1),), batch_size=4, seq_len=32, progress=False, eval_batches=0,
+        lora_rank=4))
+    assert "no new parameters: only the LoRA adapters train" in caplog.text

@@ -222,8 +222,9 @@ class _Calibration:
         train = stage.trains(self.config.lora_rank)
         if "lora" in train:
             self._ensure_lora(index)
-        params = self._select(train)
-        if "new" in train and params and not self._new_parameter_ids():
+        new = self._new_parameter_ids()
+        params = self._select(train, new)
+        if "new" in train and params and not new:
             # a silent LoRA-only stage once hid a target whose new parameters went missing
             logger.warning("%s stage trains %r, but the replaced cores have no new parameters: only the "
                            "LoRA adapters train", stage.kind, train)
@@ -279,8 +280,7 @@ class _Calibration:
     def _new_parameter_ids(self) -> set[int]:
         return {id(p) for r in self.replaced for p in self.base.get_submodule(r.core_name).new_parameters()}
 
-    def _select(self, train: str) -> Named:
-        new = self._new_parameter_ids()
+    def _select(self, train: str, new: set[int]) -> Named:
         chosen = []
         for name, p in self.base.named_parameters():
             if (train == "all" or ("new" in train and id(p) in new)

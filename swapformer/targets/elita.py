@@ -334,8 +334,7 @@ class HybridElita(LinearFarMemory):
         self.init_decay(config.decay_half_life)
         # the seed core computes κ, ρ (and holds the k₁ initialisation); its self slot is unused
         self.logit_core = ElitaAttention(num_heads, num_kv_heads, d_model, value_dim, config)
-        for p in (self.logit_core.k2, self.logit_core.self_bias):
-            p.requires_grad_(False)
+        self._freeze_unused()
 
     @classmethod
     def from_site(
@@ -346,9 +345,16 @@ class HybridElita(LinearFarMemory):
                    site.value_dim or site.head_dim, site_model_dim(site, weights), site.scale, config)
         seed_form = dataclasses.replace(config, local_window=0, decay_half_life=0.0)
         core.logit_core = ElitaAttention.from_site(site, seed_form, weights)
-        for p in (core.logit_core.k2, core.logit_core.self_bias):
-            p.requires_grad_(False)
+        core._freeze_unused()
         return core.to(core.logit_core.k1.dtype)
+
+    def _unused(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """The seed core's self-slot parameters ``k₂, δ₀``: the hybrid never reads them."""
+        return self.logit_core.k2, self.logit_core.self_bias
+
+    def _freeze_unused(self) -> None:
+        for p in self._unused():
+            p.requires_grad_(False)
 
     def init_from_hidden(self, hidden: torch.Tensor) -> None:
         self.logit_core.init_from_hidden(hidden)
@@ -421,7 +427,7 @@ class HybridElita(LinearFarMemory):
     def new_parameters(self) -> list[nn.Parameter]:
         # By identity, not by requires_grad: LoRA (peft) freezes every non-adapter parameter, and a
         # flag-based list then left this memory out of the KL stage's "new+lora".
-        unused = {id(self.logit_core.k2), id(self.logit_core.self_bias)}
+        unused = {id(p) for p in self._unused()}
         return [p for p in self.parameters() if id(p) not in unused]
 
     def flops_per_token(self, context_len: int) -> int:

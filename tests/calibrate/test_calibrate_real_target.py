@@ -8,15 +8,20 @@ import swapformer
 from swapformer.calibrate import CalibrationConfig, Stage, calibrate
 
 
-def test_transfer_loss_decreases_on_a_rewritten_hf_llama() -> None:
-    # fastweight: among the learned targets the one whose transfer loss moves within a few dozen
-    # steps at this size (elita and cat need far more tokens, as benchmarks/RESULTS.md shows)
+def _tiny_llama():
+    """A 2-layer random Llama (GQA 4:2) small enough for a few calibration steps; seeded."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
                                       max_position_embeddings=64)
     torch.manual_seed(0)
-    teacher = transformers.LlamaForCausalLM(config).eval()
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_transfer_loss_decreases_on_a_rewritten_hf_llama() -> None:
+    # fastweight: among the learned targets the one whose transfer loss moves within a few dozen
+    # steps at this size (elita and cat need far more tokens, as benchmarks/RESULTS.md shows)
+    teacher = _tiny_llama()
     # the seed form: the hybrid's exact window would cover these 32-token sequences
     student = swapformer.rewrite(teacher, "fastweight", local_window=0)
     replaced = {r.site.name for r in student.swapformer_report.replaced}
@@ -33,12 +38,7 @@ def test_transfer_loss_decreases_on_a_rewritten_hf_llama() -> None:
 @pytest.mark.parametrize("target", ["fastweight", "elita", "cat"])
 def test_hybrid_transfer_with_short_windows_fits_the_far_memory(target) -> None:
     """All layers in one forward: the closed-form mix init, then SWAX steps; the loss falls."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                      max_position_embeddings=64)
-    torch.manual_seed(0)
-    teacher = transformers.LlamaForCausalLM(config).eval()
+    teacher = _tiny_llama()
     extra = {"chunk_size": 2} if target == "cat" else {}
     student = swapformer.rewrite(teacher, target, local_window=8, sinks=2, block_size=8, **extra)
     cores = [student.get_submodule(r.core_name) for r in student.swapformer_report.replaced]
@@ -56,13 +56,8 @@ def test_hybrid_transfer_with_short_windows_fits_the_far_memory(target) -> None:
 @pytest.mark.parametrize("target", ["fastweight", "elita", "cat"])
 def test_new_plus_lora_distill_trains_every_new_parameter_of_a_hybrid(target) -> None:
     """The KL stage's default ``new+lora``: the adapters and every core's new parameters move."""
-    transformers = pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                      max_position_embeddings=64)
-    torch.manual_seed(0)
-    teacher = transformers.LlamaForCausalLM(config).eval()
+    teacher = _tiny_llama()
     extra = {"chunk_size": 2} if target == "cat" else {}
     student = swapformer.rewrite(teacher, target, local_window=8, sinks=2, block_size=8, **extra)
     cores = [student.get_submodule(r.core_name) for r in student.swapformer_report.replaced]
@@ -78,13 +73,8 @@ def test_new_plus_lora_distill_trains_every_new_parameter_of_a_hybrid(target) ->
 
 
 def test_a_new_plus_lora_stage_with_no_new_parameters_says_only_the_lora_trains(caplog) -> None:
-    transformers = pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                      max_position_embeddings=64)
-    torch.manual_seed(0)
-    teacher = transformers.LlamaForCausalLM(config).eval()
+    teacher = _tiny_llama()
     student = swapformer.rewrite(teacher, "window", window=8, sinks=2)  # a window has no new parameters
     calibrate(student, teacher, token_data(), CalibrationConfig(
         stages=(Stage("distill", steps=1),), batch_size=4, seq_len=32, progress=False, eval_batches=0,

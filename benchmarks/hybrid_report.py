@@ -133,6 +133,10 @@ def transfer_config(args, tokens: int, first: bool) -> CalibrationConfig:
                              device=args.device)
 
 
+def kl_schedule_label(args) -> str:
+    return "" if args.distill_schedule == "constant" else f" {args.distill_schedule}"
+
+
 def mix_lr_label(args) -> str:
     return "" if args.mix_lr is None else f", mix lr {args.mix_lr:g}"
 
@@ -145,7 +149,7 @@ def vo_projections(student) -> tuple[str, ...]:
 def distill_config(args, tokens: int, lora_targets: tuple[str, ...]) -> CalibrationConfig:
     """End-to-end KL to the teacher's logits: the per-layer transfer leaves errors that compound over
     30 layers; this stage sees the whole model's output. LoRA on v/o only (issue 12)."""
-    stage = Stage("distill", tokens=tokens, lr=args.distill_lr, train=args.distill_train, schedule="constant",
+    stage = Stage("distill", tokens=tokens, lr=args.distill_lr, train=args.distill_train, schedule=args.distill_schedule,
                   mix_lr=args.mix_lr)
     return CalibrationConfig(stages=(stage,), batch_size=train_batch_size(args), seq_len=args.train_len,
                              eval_batches=0, seed=args.seed, log_every=25, progress=False,
@@ -199,7 +203,7 @@ def target_rows(target: str, teacher, corpora, train, vocab: int, args) -> list[
                                 distill_config(args, budget - kl_used, lora))
         kl_used += stage.tokens
         seconds += stage.seconds
-        row = Row(f"{label}, transfer {used:,} + KL {kl_used:,} ({args.distill_train}, lr {args.distill_lr:g}{mix_lr_label(args)})",
+        row = Row(f"{label}, transfer {used:,} + KL {kl_used:,} ({args.distill_train}, lr {args.distill_lr:g}{kl_schedule_label(args)}{mix_lr_label(args)})",
                   used + kl_used, seconds, stage.tokens / max(stage.seconds, 1e-9), state,
                   evaluate(student, corpora, vocab, args))
         log.info("%s +%d KL tokens (%.0f s, %.0f tok/s, loss %.3g -> %.3g): %s", target, kl_used, seconds,

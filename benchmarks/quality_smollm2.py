@@ -25,7 +25,8 @@ probe (a random token sequence of length L repeated twice; NLL on the second cop
 
 ``--distill-curve 51200,102400`` then continues each target with end-to-end KL distillation to the
 teacher's logits (cumulative KL tokens, on the training rows after the transfer's; ``--distill-train``
-chooses what trains, default the new parameters plus LoRA on the v/o projections; ``--distill-lr``)::
+chooses what trains, default the new parameters plus LoRA on the v/o projections; ``--distill-lr``;
+``--distill-schedule cosine`` decays each segment's lr to 10 % at its end)::
 
     python benchmarks/quality_smollm2.py --hybrid --targets fastweight --curve 0,102400 \
         --distill-curve 51200,102400 --distill-lr 1e-3
@@ -99,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--transfer-schedule", choices=("constant", "cosine"), default="constant",
                    help="--hybrid: the lr of each curve segment's transfer stage (cosine: to 10%% at its end)")
     p.add_argument("--distill-lr", type=float, default=1e-4)
+    p.add_argument("--distill-schedule", choices=("constant", "cosine"), default="constant",
+                   help="--hybrid: the lr of each --distill-curve segment's KL stage (cosine: to 10%% at its end)")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--autocast", choices=["bfloat16", "float16"], default=None)

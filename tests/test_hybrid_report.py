@@ -33,7 +33,8 @@ def test_the_kl_stage_trains_lora_on_value_and_output_projections_only():
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     lora = hybrid_report.vo_projections(student)
     assert sorted(lora) == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("o_proj", "v_proj")]
-    args = argparse.Namespace(distill_lr=1e-2, distill_train="lora", seed=0, device="cpu", lora_rank=4,
+    args = argparse.Namespace(distill_lr=1e-2, distill_train="lora", distill_schedule="constant", seed=0,
+                              device="cpu", lora_rank=4,
                               train_batch_size=2, batch_size=2, seq_len=32, train_len=32, mix_lr=None)
     train = torch.randint(0, 128, (8, 32))
     stage = hybrid_report._calibrate_rows(student, teacher, train, used=64, tokens=128,
@@ -64,7 +65,8 @@ def test_mix_lr_opens_the_far_memory_that_the_stage_lr_leaves_shut():
     for mix_lr in (None, 0.5):
         student = swapformer.rewrite(copy.deepcopy(teacher), "fastweight", local_window=8)
         start = hybrid_report.mix_summary(student)
-        args = argparse.Namespace(distill_lr=1e-3, distill_train="new", seed=0, device="cpu", lora_rank=0,
+        args = argparse.Namespace(distill_lr=1e-3, distill_train="new", distill_schedule="constant", seed=0,
+                                  device="cpu", lora_rank=0,
                                   train_batch_size=2, batch_size=2, seq_len=32, train_len=32, mix_lr=mix_lr)
         hybrid_report._calibrate_rows(student, teacher, train, used=0, tokens=256,
                                       config=hybrid_report.distill_config(args, 256, ()))
@@ -73,3 +75,16 @@ def test_mix_lr_opens_the_far_memory_that_the_stage_lr_leaves_shut():
         spans.append(float(torch.maximum(change, 1 / change).max()))
         assert start.startswith("mix g over 8 heads: median 0.001")
     assert spans[0] < 1.1 and spans[1] > 2
+
+
+def test_the_kl_stage_follows_distill_schedule():
+    args = argparse.Namespace(distill_lr=1e-3, distill_train="new+lora", distill_schedule="cosine", seed=0,
+                              device="cpu", lora_rank=4, train_batch_size=2, batch_size=2, seq_len=32,
+                              train_len=32, mix_lr=None)
+    stage = hybrid_report.distill_config(args, 640, ()).stages[0]
+    steps = stage.num_steps(2 * 32)
+    factors = [stage.lr_factor(i, steps) for i in range(steps)]
+    assert factors[0] == 1.0 and factors == sorted(factors, reverse=True) and 0.1 <= factors[-1] < 0.2
+    assert hybrid_report.kl_schedule_label(args) == " cosine"
+    args.distill_schedule = "constant"
+    assert hybrid_report.kl_schedule_label(args) == ""

@@ -31,7 +31,7 @@ chooses what trains, default the new parameters plus LoRA on the v/o projections
     python benchmarks/quality_smollm2.py --hybrid --targets fastweight --curve 0,102400 \
         --distill-curve 51200,102400 --distill-lr 1e-3
     python benchmarks/quality_smollm2.py --hybrid --targets elita --curve 0,307200 \
-        --distill-curve 51200,102400 --distill-lr 1e-3   # elita ≤ 1.20× at 2k (RESULTS.md, session 16)
+        --distill-curve 204800 --distill-lr 1e-3 --distill-schedule cosine  # elita's best (session 17)
 
 In that mode every corpus is packed to ``--long-len`` tokens first and every 20th sequence is held
 out; the 512-token held-out and ``--train-len`` training sequences are cut from those, so no

@@ -50,6 +50,22 @@ position, which the hybrid already tracks), so decoding, block size and prefill 
 the output. Without decay, a model trained on 512-token sequences sees a normaliser at 2k context
 that sums ~4× more evicted tokens than in training; the decay bounds it to ~``half_life / ln 2``.
 ``decay_half_life=0`` is the undecayed form above exactly (no parameter is created).
+
+Delta-rule writes (``update="delta"``, hybrid only; DeltaNet / Gated DeltaNet, a departure from T2FW's
+additive rule): an evicted token overwrites what its key already returns instead of adding to it, so a
+later query that matches it reads its value rather than an average of everything stored under similar
+keys. With ``M = [S, z]`` (the normaliser as one more value column), unit keys ``k̂_j = φk_j / ‖φk_j‖``
+and a write strength ``β_j = σ(w_u·k_j + b_u) ∈ (0, 1)`` per KV head (``β = ½`` at init)::
+
+    M ← γ M                                       once per position (decay, as above)
+    u_j = β_j ([v_j, 1] − Mᵀ k̂_j)                  what the memory lacks for this key
+    M ← M + k̂_j u_jᵀ                               i.e. M ← (I − β_j k̂_j k̂_jᵀ) M + β_j k̂_j [v_j, 1]
+
+read as above (``m = φq S``, ``n = max(0, φq z)``: the subtraction can make ``z`` negative along some
+directions). ``β → 0`` writes nothing (the window target); orthogonal keys make it the sum rule scaled
+by ``β``. Prefill solves the writes of each block of items as one unit-lower-triangular system
+(:func:`~swapformer.targets.hybrid.delta_values`), decoding takes them one at a time; the state is
+the sum rule's.
 """
 
 from __future__ import annotations
@@ -62,6 +78,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from swapformer.errors import ConfigError
 from swapformer.sites import AttentionSite, Site
@@ -83,6 +100,7 @@ from swapformer.targets.reference import (
 logger = logging.getLogger(__name__)
 
 FeatureMapName = Literal["identity", "elu1", "relu", "hedgehog"]
+UpdateRule = Literal["sum", "delta"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -95,8 +113,9 @@ class FastWeightConfig(TargetConfig):
     ~6e3 for ``elu1`` + normaliser. ``feature_map="identity"`` gives the seed's exact rule.
 
     Args:
-        feature_map: map applied to q and k: ``"identity"`` (T2FW), ``"elu1"`` (elu + 1), ``"relu"``,
-            ``"hedgehog"`` (learned, per head, feature width ``2 * hedgehog_dim``).
+        feature_map: map applied to q and k: ``"identity"`` (T2FW; in the hybrid only with
+            ``update="delta"``), ``"elu1"`` (elu + 1), ``"relu"``, ``"hedgehog"`` (learned, per head,
+            feature width ``2 * hedgehog_dim``).
         hedgehog_dim: projection width of the hedgehog map (0 = the head dim).
         normalize: divide by the decayed key sum; default on, off for ``"identity"`` (it needs a
             non-negative feature map).
@@ -109,6 +128,8 @@ class FastWeightConfig(TargetConfig):
         mix_init: initial per-head mix ``g_h`` of the far memory (small: starts at the window).
         decay_half_life: hybrid: initial half-life, in tokens, of the learned per-KV-head decay of
             the far memory (0 = no decay).
+        update: hybrid: how an evicted token enters the far memory: ``"sum"`` adds ``φk vᵀ``,
+            ``"delta"`` overwrites what its key returned (see the module docstring).
     """
 
     name = "fastweight"
@@ -122,6 +143,7 @@ class FastWeightConfig(TargetConfig):
     block_size: int = 64
     mix_init: float = 1e-3
     decay_half_life: float = 0.0
+    update: UpdateRule = "sum"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,13 +151,19 @@ class FastWeightConfig(TargetConfig):
         if not self.decay_half_life >= 0:
             raise ConfigError(f"fastweight decay_half_life must be >= 0 (0 = no decay), got "
                               f"{self.decay_half_life}")
+        if self.update not in ("sum", "delta"):
+            raise ConfigError(f"fastweight update {self.update!r} is not one of 'sum', 'delta'")
+        if self.update == "delta" and not self.local_window:
+            raise ConfigError("fastweight update='delta' is a far-memory rule of the hybrid: it needs "
+                              "local_window > 0")
         if not self.mix_init > 0:
             raise ConfigError(f"fastweight mix_init must be > 0, got {self.mix_init}")
         if self.feature_map is None:  # frozen: resolve the default in place
             object.__setattr__(self, "feature_map", "hedgehog" if self.local_window else "elu1")
-        if self.local_window and self.feature_map == "identity":
+        if self.local_window and self.feature_map == "identity" and self.update != "delta":
+            # the sum rule's normaliser z sums the keys: signed keys can cancel it to 0
             raise ConfigError("the fastweight hybrid (local_window > 0) needs a non-negative feature "
-                              "map ('hedgehog', 'elu1' or 'relu'), not 'identity'")
+                              "map ('hedgehog', 'elu1' or 'relu'), not 'identity', unless update='delta'")
         if self.feature_map not in ("identity", "elu1", "relu", "hedgehog"):
             raise ConfigError(f"fastweight feature_map {self.feature_map!r} is not one of "
                               "'identity', 'elu1', 'relu', 'hedgehog'")
@@ -377,6 +405,7 @@ class HybridFastWeight(LinearFarMemory):
         else:
             self.feature_dim = head_dim
         self.init_decay(config.decay_half_life)
+        self.init_delta(config.update == "delta")
 
     @classmethod
     def from_site(
@@ -405,12 +434,16 @@ class HybridFastWeight(LinearFarMemory):
         return _simple_feature_map(self.config.feature_map, qt * math.sqrt(self.scale))
 
     def memory_items(self, items) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._map(self.k_map, items["k"]), items["v"]
+        fk = self._map(self.k_map, items["k"])
+        if self.delta_rule:  # unit keys: a write with β = 1 replaces what the key returned
+            fk = F.normalize(fk, dim=-1)
+        return fk, items["v"]
 
     def flops_per_token(self, context_len: int) -> int:
         """Exact window attention, both feature maps, and the memory write + read."""
         h, hkv, d, f, dv = self.num_heads, self.num_kv_heads, self.head_dim, self.feature_dim, self.value_dim
         fmap = 2 * (h + hkv) * d * (f // 2) if self.q_map is not None else 0
         decay = hkv * f * (dv + 1) if self.decay_logit is not None else 0  # S, z scaled once per token
+        delta = 2 * hkv * f * (dv + 1) + 2 * hkv * d if self.delta_rule else 0  # Mᵀ k̂ and β per write
         return (self.window_flops_per_token(context_len) + fmap + 2 * hkv * f * (dv + 1)
-                + 2 * h * f * (dv + 1) + decay)
+                + 2 * h * f * (dv + 1) + decay + delta)

@@ -150,6 +150,48 @@ def decay_powers(log_gamma: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_gamma * age.clamp_min(0)) * (age >= 0)
 
 
+def delta_values(fk: torch.Tensor, fv: torch.Tensor, beta: torch.Tensor, prior: torch.Tensor,
+                 log_gamma: torch.Tensor | None) -> torch.Tensor:
+    """What a run of consecutive delta-rule writes adds: ``u`` with ``M_after = Σ_j (decay) fk_j u_jᵀ``.
+
+    Item ``j`` (one position after ``j − 1``) writes ``u_j = β_j (fv_j − prior_j − Σ_{l<j} γ^(j−l)
+    (fk_j·fk_l) u_l)``: its value minus what the memory already returns for its key (``prior_j``, the
+    memory before the run read at ``j``'s key and position). One unit-lower-triangular solve of the run's
+    length. ``fk [B, Hm, n, F]``, ``fv``, ``prior [B, Hm, n, X]``, ``beta [B, Hm, n]``, ``log γ [Hm]``.
+    """
+    gram = torch.matmul(fk, fk.transpose(-1, -2)).tril(-1)
+    if log_gamma is not None:
+        r = torch.arange(fk.shape[-2], device=fk.device, dtype=fk.dtype)
+        gram = gram * decay_powers(log_gamma.to(fk.dtype)[:, None, None], r[:, None] - r[None, :])
+    # the solve ignores the diagonal (unitriangular): the system is I + β·(strictly lower gram)
+    return torch.linalg.solve_triangular(gram * beta[..., None], beta[..., None] * (fv - prior),
+                                         upper=False, unitriangular=True)
+
+
+def delta_chunks(fk: torch.Tensor, fv: torch.Tensor, beta: torch.Tensor, log_gamma: torch.Tensor | None,
+                 chunk: int) -> torch.Tensor:
+    """:func:`delta_values` of ``n`` consecutive writes into an empty memory, ``chunk`` at a time (the
+    solves stay ``chunk²``, not ``n²``); the memory between chunks is referenced to the next chunk's
+    first item."""
+    b, hm, n, f = fk.shape
+    memory = fk.new_zeros(b, hm, f, fv.shape[-1])
+    outs = []
+    for a in range(0, n, chunk):
+        kc, vc, bc = fk[:, :, a:a + chunk], fv[:, :, a:a + chunk], beta[:, :, a:a + chunk]
+        prior = torch.matmul(kc, memory)
+        if log_gamma is None:
+            u = delta_values(kc, vc, bc, prior, None)
+            memory = memory + torch.matmul(kc.transpose(-1, -2), u)
+        else:
+            lg = log_gamma.to(fk.dtype)[:, None, None]
+            r = torch.arange(kc.shape[2], device=fk.device, dtype=fk.dtype)[:, None]
+            u = delta_values(kc, vc, bc, prior * torch.exp(lg * r), log_gamma)
+            to_end = torch.exp(lg * (kc.shape[2] - r))
+            memory = memory * torch.exp(lg * kc.shape[2]) + torch.matmul((kc * to_end).transpose(-1, -2), u)
+        outs.append(u)
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+
 def own(x: torch.Tensor) -> torch.Tensor:
     """A copy of ``x`` in storage of its own: what a decoding state keeps must not hold a larger
     tensor alive through a view (a long prompt's keys, a memory's normaliser column)."""
@@ -633,6 +675,8 @@ class LinearFarMemory(HybridAttention):
     feature_dim: int
     memory_heads: int
     decay_logit: nn.Parameter | None
+    # delta-rule writes (init_delta): each item writes its value minus what the memory returns for it
+    delta_rule: bool = False
 
     def init_decay(self, half_life: float) -> None:
         """A learned decay ``γ_u = σ(λ_u)`` per memory head starting at ``2^(−1/half_life)``: an item
@@ -644,6 +688,29 @@ class LinearFarMemory(HybridAttention):
             gamma = 2.0 ** (-1.0 / half_life)
             logit = nn.Parameter(torch.full((self.memory_heads,), math.log(gamma / (1.0 - gamma))))
         self.register_parameter("decay_logit", logit)
+
+    def init_delta(self, enabled: bool) -> None:
+        """Delta-rule writes when ``enabled``: item ``j`` writes ``u_j = β_j ([v_j, 1] − M_jᵀ φk_j)``
+        instead of ``[v_j, 1]``, with ``M_j = [S, z]`` the memory just before it and a write strength
+        ``β_j = σ(w_u·k_j + b_u)`` per memory head from the raw key (``w = 0``, ``b = 0``: ``β = ½``).
+        Keys are unit vectors (:meth:`memory_items`), so a write with ``β = 1`` replaces what the key
+        returned; the normaliser ``n`` read from the written ``1`` column is floored at 0. No parameter
+        when disabled. Needs ``memory_heads == num_kv_heads``."""
+        self.delta_rule = enabled
+        weight = bias = None
+        if enabled:
+            if self.memory_heads != self.num_kv_heads:
+                raise ConfigError("delta-rule writes need one memory per kv head")
+            weight = nn.Parameter(torch.zeros(self.memory_heads, self.head_dim))
+            bias = nn.Parameter(torch.zeros(self.memory_heads))
+        self.register_parameter("write_weight", weight)
+        self.register_parameter("write_bias", bias)
+
+    def write_strength(self, items: Tokens) -> torch.Tensor:
+        """``β [B, Hm, Te]`` of the items (delta rule only)."""
+        k = items["k"]
+        return torch.sigmoid(torch.matmul(k, self.write_weight.to(k.dtype)[:, :, None])[..., 0]
+                             + self.write_bias.to(k.dtype)[:, None])
 
     def log_decay(self) -> torch.Tensor | None:
         """``log γ_u`` per memory head ``[Hm]`` (None without decay)."""
@@ -684,8 +751,11 @@ class LinearFarMemory(HybridAttention):
         front = min(lead, padded_len)
         back = padded_len - front - n
         fv = torch.cat([fv, torch.ones_like(fv[..., :1])], dim=-1)  # the normaliser as a value column
-        return {"fk": F.pad(fk[:, :, s:s + n], (0, 0, front, back)),
-                "fv": F.pad(fv[:, :, s:s + n], (0, 0, front, back)), "length": length}
+        fk, fv = fk[:, :, s:s + n], fv[:, :, s:s + n]
+        if self.delta_rule and n:  # the memory starts empty: a prefill from position 0
+            beta = self.write_strength({"k": buf["k"][:, :, s:s + n]})
+            fv = delta_chunks(fk, fv, beta, self.log_decay(), self.block_size)
+        return {"fk": F.pad(fk, (0, 0, front, back)), "fv": F.pad(fv, (0, 0, front, back)), "length": length}
 
     def far_tiles(self, ctx, qt, qf, mem, a, e, c) -> FarRead:
         """Chunked linear attention: each tile reads the memory before it (``S``, ``z`` plus the
@@ -732,7 +802,11 @@ class LinearFarMemory(HybridAttention):
             memory = self._decayed_end(before[:, :, -1], fk[:, :, -1], fv[:, :, -1], min(e, ctx["length"]) - (e - blk))
         mem = {"S": own(memory[..., :dv]), "z": own(memory[..., dv])}
         read = self._kv_tiles(read.view(b, hm, nb, gm, blk, dv + 1))
-        return read[..., :dv], read[..., dv:], mem
+        return read[..., :dv], self._floor(read[..., dv:]), mem
+
+    def _floor(self, n: torch.Tensor) -> torch.Tensor:
+        """The read normaliser, floored at 0 for delta-rule writes (which can subtract from it)."""
+        return n.clamp_min(0.0) if self.delta_rule else n
 
     def _decayed_end(self, before: torch.Tensor, fk: torch.Tensor, fv: torch.Tensor, tail: int) -> torch.Tensor:
         """The memory ``tail`` positions after the last tile's first query: ``γ^tail before`` plus
@@ -777,8 +851,15 @@ class LinearFarMemory(HybridAttention):
         if log_gamma is not None:
             gamma = torch.exp(log_gamma.to(qf.dtype))[:, None]  # [Hm, 1]
             S, z = S * gamma[..., None], z * gamma
-        mem = {"S": torch.addcmul(S, fk.transpose(-1, -2), fv), "z": z + fk[:, :, 0]}
-        return m.view(b, h, 1, -1), n.view(b, h, 1, 1), mem
+        if self.delta_rule:  # u = β ([v, 1] − Mᵀ φk), M the memory carried to the item's position
+            beta = self.write_strength(item)[..., None]
+            memory = torch.cat([S, z[..., None]], dim=-1)
+            u = beta * (torch.cat([fv, torch.ones_like(fv[..., :1])], dim=-1) - torch.matmul(fk, memory))
+            memory = torch.addcmul(memory, fk.transpose(-1, -2), u)
+            mem = {"S": memory[..., :-1], "z": memory[..., -1]}
+        else:
+            mem = {"S": torch.addcmul(S, fk.transpose(-1, -2), fv), "z": z + fk[:, :, 0]}
+        return m.view(b, h, 1, -1), self._floor(n.view(b, h, 1, 1)), mem
 
     def _kv_tiles(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, Hm, blocks, H/Hm, block, X]`` (memory-head tiles) -> ``[B, Hkv, blocks, G, block, X]``."""
@@ -819,8 +900,26 @@ class LinearFarMemory(HybridAttention):
                 weight = decay_powers(log_gamma[:, None, None], age)[None, :, None]
                 written = fk * torch.exp(log_gamma[:, None] * (end - avail).to(qf.dtype))[None, :, :, None]
             a = torch.einsum("bkgtf,bkef->bkgte", qg, fk) * weight
+            if self.delta_rule:
+                fv, ones = self._delta_block(mem, fk, fv, items, avail, start if log_gamma is not None else None)
+                n = n + torch.einsum("bkgte,bked->bkgtd", a, ones)
+                z = z + torch.einsum("bkef,bke->bkf", written, ones[..., 0])
+            else:
+                n = n + a.sum(-1, keepdim=True)
+                z = z + written.sum(2)
             m = m + torch.einsum("bkgte,bked->bkgtd", a, fv)
-            n = n + a.sum(-1, keepdim=True)
             S = S + torch.einsum("bkef,bked->bkfd", written, fv)
-            z = z + written.sum(2)
-        return m.reshape(b, h, tq, -1), n.reshape(b, h, tq, 1), {"S": S, "z": z}
+        return m.reshape(b, h, tq, -1), self._floor(n.reshape(b, h, tq, 1)), {"S": S, "z": z}
+
+    def _delta_block(self, mem: Memory, fk, fv, items: Tokens, avail: torch.Tensor, start):
+        """The delta-rule values ``(u[..., :Dv], u[..., Dv:])`` of a block's items (consecutive
+        positions) given the memory before the block (referenced to ``start`` with decay)."""
+        memory = torch.cat([mem["S"], mem["z"][..., None]], dim=-1)
+        prior = torch.matmul(fk, memory)
+        log_gamma = self.log_decay()
+        if log_gamma is not None:
+            age = (avail - start).to(fk.dtype)
+            prior = prior * torch.exp(log_gamma.to(fk.dtype)[:, None] * age)[None, :, :, None]
+        u = delta_values(fk, torch.cat([fv, torch.ones_like(fv[..., :1])], dim=-1), self.write_strength(items),
+                         prior, log_gamma)
+        return u[..., :-1], u[..., -1:]

@@ -30,7 +30,10 @@ D_MODEL = 24
 # "+decay": the hybrid with a decaying far memory, through every property test
 # ("elita" without decay, not its default: the cumulative-sum tiles; "elita+decay" the chunked ones)
 HYBRIDS = {"fastweight": {}, "fastweight+decay": {"decay_half_life": 3.0}, "elita": {"decay_half_life": 0.0},
-           "elita+decay": {"decay_half_life": 3.0}, "cat": {"chunk_size": 3}}
+           "elita+decay": {"decay_half_life": 3.0}, "cat": {"chunk_size": 3},
+           "fastweight+delta": {"update": "delta", "decay_half_life": 3.0}}
+# delta-rule writes without decay: only where the decayed and undecayed code paths differ
+VARIANTS = {**HYBRIDS, "fastweight+delta-nodecay": {"update": "delta"}}
 TARGETS = ("fastweight", "elita", "cat")
 
 
@@ -38,7 +41,7 @@ def _hybrid(target, window, sinks, block=3, seed=1, dtype=torch.float64, heads=(
     num_heads, num_kv_heads, head_dim = heads
     site, weights = attention_site(num_heads, num_kv_heads, head_dim, d_model=D_MODEL, qkv_bias=True,
                                    dtype=dtype)
-    options = {**HYBRIDS[target], **options}
+    options = {**VARIANTS[target], **options}
     core = build(target.split("+")[0], site, weights, local_window=window, sinks=sinks, block_size=block,
                  **options)
     assert isinstance(core, HybridAttention)
@@ -203,7 +206,8 @@ def test_closed_form_mix_init_does_not_move_away_from_the_host(target):
     assert (core(q, k, v, hidden=h) - ref).square().mean() <= before + 1e-12
 
 
-BLOCK_TARGETS = ["fastweight", "fastweight+decay", "cat", "elita", "elita+decay"]
+BLOCK_TARGETS = ["fastweight", "fastweight+decay", "cat", "elita", "elita+decay", "fastweight+delta",
+                 "fastweight+delta-nodecay"]
 
 
 @pytest.mark.parametrize("target", BLOCK_TARGETS)
@@ -259,6 +263,74 @@ def test_decayed_memory_is_the_docstring_formula(target):
                                    rtol=1e-10, atol=1e-10)
 
 
+def _dense_delta(core, q, k, v, hidden) -> torch.Tensor:
+    """fastweight's delta-rule hybrid as its module docstring writes it: position by position, the
+    memory decays, query ``i`` reads it, then the token leaving the window is written."""
+    w, s, g = core.window, core.sinks, core.mix()
+    kv_group = core.num_heads // core.num_kv_heads
+    length = q.shape[-2]
+    pos = torch.arange(length)
+    qf = core.query_features(q, hidden, pos)[0]
+    kf, _ = core.memory_items({"k": k, "v": v})
+    beta = core.write_strength({"k": k})[0]
+    gamma = core.log_decay().exp()
+    q, k, v, kf = q[0], k[0], v[0], kf[0]
+    out = torch.zeros_like(q)
+    memory = torch.zeros(core.num_kv_heads, kf.shape[-1], v.shape[-1] + 1, dtype=q.dtype)
+    for i in range(length):
+        j = i - w  # F_i gains token j at position i (avail = j + w)
+        memory = memory * gamma[:, None, None]
+        if j >= s:
+            for u in range(core.num_kv_heads):
+                value = torch.cat([v[u, j], torch.ones(1, dtype=q.dtype)])
+                write = beta[u, j] * (value - memory[u].T @ kf[u, j])
+                memory[u] = memory[u] + torch.outer(kf[u, j], write)
+        for hq in range(core.num_heads):
+            u = hq // kv_group
+            near = [jj for jj in range(i + 1) if i - jj < w or jj < s]
+            logits = torch.stack([core.scale * q[hq, i] @ k[u, jj] for jj in near])
+            e = (logits - logits.max()).exp()
+            num = sum(e[n] * v[u, jj] for n, jj in enumerate(near))
+            read = qf[hq, i] @ memory[u]
+            out[hq, i] = (num + g[hq] * read[:-1]) / (e.sum() + g[hq] * read[-1].clamp_min(0))
+    return out[None]
+
+
+@pytest.mark.parametrize("target", ["fastweight+delta", "fastweight+delta-nodecay"])
+@pytest.mark.parametrize("tiled", [True, False])
+def test_delta_rule_memory_is_the_docstring_formula(target, tiled):
+    core, site = _hybrid(target, 3, 1, block=4, seed=2)
+    _strong_mix(core)
+    core.tiled_prefill = tiled
+    if core.decay_logit is None:
+        core.decay_logit = torch.nn.Parameter(torch.full((core.memory_heads,), 60.0, dtype=torch.float64))
+        core.decay_logit.requires_grad_(False)  # the test's reference reads γ: 1 within float64
+    q, k, v, h = qkv_inputs(site, 1, 19, D_MODEL, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(core(q, k, v, hidden=h), _dense_delta(core, q, k, v, h),
+                                   rtol=1e-10, atol=1e-10)
+
+
+def test_delta_rule_with_no_write_is_the_window_and_validates():
+    core, site = _hybrid("fastweight+delta", 3, 1, seed=5)
+    _strong_mix(core)
+    with torch.no_grad():
+        core.write_bias.fill_(-1e4)  # β = σ(−1e4) = 0 exactly in float64: nothing is written
+    ref = WindowAttention(site.num_heads, site.num_kv_heads, site.head_dim, scale=site.scale,
+                          config=WindowConfig(window=3, sinks=1))
+    q, k, v, h = qkv_inputs(site, 2, 21, D_MODEL)
+    torch.testing.assert_close(core(q, k, v, hidden=h), ref(q, k, v), rtol=1e-10, atol=1e-10)
+    assert HybridFastWeight(9, 3, 8, 8, config=FastWeightConfig()).write_weight is None
+    with pytest.raises(ConfigError, match="update"):
+        FastWeightConfig(update="overwrite")
+    with pytest.raises(ConfigError, match="local_window"):
+        FastWeightConfig(update="delta", local_window=0)
+    # signed (identity) features: only the delta rule, whose normaliser is a written value, takes them
+    assert HybridFastWeight(9, 3, 8, 8, config=FastWeightConfig(update="delta", feature_map="identity")).q_map is None
+    with pytest.raises(ConfigError, match="identity"):
+        FastWeightConfig(feature_map="identity")
+
+
 def test_no_decay_is_todays_form_and_decay_changes_the_far_part():
     undecayed, site = _hybrid("fastweight", 3, 1, seed=4)
     assert undecayed.decay_logit is None and undecayed.config.decay_half_life == 0
@@ -295,7 +367,8 @@ def test_decay_half_life_sets_gamma_per_kv_head_and_is_validated():
         ElitaConfig(decay_half_life=64.0, local_window=0)
 
 
-@pytest.mark.parametrize("target", ["fastweight", "fastweight+decay", "elita", "elita+decay", "cat"])
+@pytest.mark.parametrize("target", ["fastweight", "fastweight+decay", "elita", "elita+decay", "cat",
+                                    "fastweight+delta", "fastweight+delta-nodecay"])
 @hypothesis_settings(10)
 @given(window=st.integers(1, 7), sinks=st.integers(0, 3), length=st.integers(2, 40),
        block=st.integers(1, 9), segment=st.integers(1, 24), seed=st.integers(0, 5))

@@ -150,6 +150,11 @@ def decay_powers(log_gamma: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_gamma * age.clamp_min(0)) * (age >= 0)
 
 
+def with_ones(x: torch.Tensor) -> torch.Tensor:
+    """``[x, 1]``: values with the normaliser as one more column."""
+    return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+
+
 def delta_values(fk: torch.Tensor, fv: torch.Tensor, beta: torch.Tensor, prior: torch.Tensor,
                  log_gamma: torch.Tensor | None) -> torch.Tensor:
     """What a run of consecutive delta-rule writes adds: ``u`` with ``M_after = Σ_j (decay) fk_j u_jᵀ``.
@@ -178,16 +183,13 @@ def delta_chunks(fk: torch.Tensor, fv: torch.Tensor, beta: torch.Tensor, log_gam
     outs = []
     for a in range(0, n, chunk):
         kc, vc, bc = fk[:, :, a:a + chunk], fv[:, :, a:a + chunk], beta[:, :, a:a + chunk]
-        prior = torch.matmul(kc, memory)
-        if log_gamma is None:
-            u = delta_values(kc, vc, bc, prior, None)
-            memory = memory + torch.matmul(kc.transpose(-1, -2), u)
-        else:
-            lg = log_gamma.to(fk.dtype)[:, None, None]
-            r = torch.arange(kc.shape[2], device=fk.device, dtype=fk.dtype)[:, None]
-            u = delta_values(kc, vc, bc, prior * torch.exp(lg * r), log_gamma)
-            to_end = torch.exp(lg * (kc.shape[2] - r))
-            memory = memory * torch.exp(lg * kc.shape[2]) + torch.matmul((kc * to_end).transpose(-1, -2), u)
+        prior, written = torch.matmul(kc, memory), kc
+        if log_gamma is not None:  # item r reads the memory γ^r on; it weighs γ^(c − r) at the end
+            lg, c = log_gamma.to(fk.dtype)[:, None, None], kc.shape[2]
+            r = torch.arange(c, device=fk.device, dtype=fk.dtype)[:, None]
+            prior, written, memory = prior * torch.exp(lg * r), kc * torch.exp(lg * (c - r)), memory * torch.exp(lg * c)
+        u = delta_values(kc, vc, bc, prior, log_gamma)
+        memory = memory + torch.matmul(written.transpose(-1, -2), u)
         outs.append(u)
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
@@ -750,8 +752,7 @@ class LinearFarMemory(HybridAttention):
         n = max(0, length - lead)  # items read within this call
         front = min(lead, padded_len)
         back = padded_len - front - n
-        fv = torch.cat([fv, torch.ones_like(fv[..., :1])], dim=-1)  # the normaliser as a value column
-        fk, fv = fk[:, :, s:s + n], fv[:, :, s:s + n]
+        fk, fv = fk[:, :, s:s + n], with_ones(fv[:, :, s:s + n])
         if self.delta_rule and n:  # the memory starts empty: a prefill from position 0
             beta = self.write_strength({"k": buf["k"][:, :, s:s + n]})
             fv = delta_chunks(fk, fv, beta, self.log_decay(), self.block_size)
@@ -854,7 +855,7 @@ class LinearFarMemory(HybridAttention):
         if self.delta_rule:  # u = β ([v, 1] − Mᵀ φk), M the memory carried to the item's position
             beta = self.write_strength(item)[..., None]
             memory = torch.cat([S, z[..., None]], dim=-1)
-            u = beta * (torch.cat([fv, torch.ones_like(fv[..., :1])], dim=-1) - torch.matmul(fk, memory))
+            u = beta * (with_ones(fv) - torch.matmul(fk, memory))
             memory = torch.addcmul(memory, fk.transpose(-1, -2), u)
             mem = {"S": memory[..., :-1], "z": memory[..., -1]}
         else:
@@ -901,7 +902,7 @@ class LinearFarMemory(HybridAttention):
                 written = fk * torch.exp(log_gamma[:, None] * (end - avail).to(qf.dtype))[None, :, :, None]
             a = torch.einsum("bkgtf,bkef->bkgte", qg, fk) * weight
             if self.delta_rule:
-                fv, ones = self._delta_block(mem, fk, fv, items, avail, start if log_gamma is not None else None)
+                fv, ones = self._delta_block(mem, fk, fv, items, avail, q_pos[0])
                 n = n + torch.einsum("bkgte,bked->bkgtd", a, ones)
                 z = z + torch.einsum("bkef,bke->bkf", written, ones[..., 0])
             else:
@@ -911,15 +912,15 @@ class LinearFarMemory(HybridAttention):
             S = S + torch.einsum("bkef,bked->bkfd", written, fv)
         return m.reshape(b, h, tq, -1), self._floor(n.reshape(b, h, tq, 1)), {"S": S, "z": z}
 
-    def _delta_block(self, mem: Memory, fk, fv, items: Tokens, avail: torch.Tensor, start):
+    def _delta_block(self, mem: Memory, fk, fv, items: Tokens, avail: torch.Tensor, start: torch.Tensor):
         """The delta-rule values ``(u[..., :Dv], u[..., Dv:])`` of a block's items (consecutive
-        positions) given the memory before the block (referenced to ``start`` with decay)."""
+        positions) given the memory before the block (referenced to ``start``, the block's first query,
+        with decay)."""
         memory = torch.cat([mem["S"], mem["z"][..., None]], dim=-1)
         prior = torch.matmul(fk, memory)
         log_gamma = self.log_decay()
         if log_gamma is not None:
             age = (avail - start).to(fk.dtype)
             prior = prior * torch.exp(log_gamma.to(fk.dtype)[:, None] * age)[None, :, :, None]
-        u = delta_values(fk, torch.cat([fv, torch.ones_like(fv[..., :1])], dim=-1), self.write_strength(items),
-                         prior, log_gamma)
+        u = delta_values(fk, with_ones(fv), self.write_strength(items), prior, log_gamma)
         return u[..., :-1], u[..., -1:]

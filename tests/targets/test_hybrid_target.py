@@ -273,7 +273,7 @@ def _dense_delta(core, q, k, v, hidden) -> torch.Tensor:
     qf = core.query_features(q, hidden, pos)[0]
     kf, _ = core.memory_items({"k": k, "v": v})
     beta = core.write_strength({"k": k})[0]
-    gamma = core.log_decay().exp()
+    gamma = torch.ones(core.memory_heads, dtype=q.dtype) if core.decay_logit is None else core.log_decay().exp()
     q, k, v, kf = q[0], k[0], v[0], kf[0]
     out = torch.zeros_like(q)
     memory = torch.zeros(core.num_kv_heads, kf.shape[-1], v.shape[-1] + 1, dtype=q.dtype)
@@ -302,9 +302,6 @@ def test_delta_rule_memory_is_the_docstring_formula(target, tiled):
     core, site = _hybrid(target, 3, 1, block=4, seed=2)
     _strong_mix(core)
     core.tiled_prefill = tiled
-    if core.decay_logit is None:
-        core.decay_logit = torch.nn.Parameter(torch.full((core.memory_heads,), 60.0, dtype=torch.float64))
-        core.decay_logit.requires_grad_(False)  # the test's reference reads γ: 1 within float64
     q, k, v, h = qkv_inputs(site, 1, 19, D_MODEL, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(core(q, k, v, hidden=h), _dense_delta(core, q, k, v, h),

@@ -12,8 +12,8 @@ from swapformer.targets.base import TargetModule
 
 TARGETS = {
     "window": {"window": 4, "sinks": 1},
-    "fastweight": {"feature_map": "elu1", "normalize": True},
     # hybrid windows short enough for the zoo's 16-token inputs to reach the far memory
+    "fastweight": {"local_window": 3, "sinks": 1},
     "elita": {"local_window": 3, "sinks": 1},
     "cat": {"chunk_size": 2, "local_window": 3, "sinks": 1},
     "worker": {"interval": 2},

@@ -127,9 +127,14 @@ class FastWeightConfig(TargetConfig):
         block_size: query block of the hybrid's prefill.
         mix_init: initial per-head mix ``g_h`` of the far memory (small: starts at the window).
         decay_half_life: hybrid: initial half-life, in tokens, of the learned per-KV-head decay of
-            the far memory (0 = no decay).
+            the far memory (0 = no decay); default 128 for the hybrid, 0 for the seed form.
         update: hybrid: how an evicted token enters the far memory: ``"sum"`` adds ``φk vᵀ``,
-            ``"delta"`` overwrites what its key returned (see the module docstring).
+            ``"delta"`` overwrites what its key returned (see the module docstring); default
+            ``"delta"`` for the hybrid, ``"sum"`` for the seed form.
+
+    The hybrid's defaults (Hedgehog maps, half-life 128, delta rule) are the best measured recipe on
+    SmolLM2-135M (benchmarks/RESULTS.md, issue 12, sessions 13-19): after 307k transfer + 204k KL
+    tokens, 32.41 / 15.90 perplexity at 2k against the sum rule's 33.53 / 16.42.
     """
 
     name = "fastweight"
@@ -142,12 +147,17 @@ class FastWeightConfig(TargetConfig):
     sinks: int = 4
     block_size: int = 64
     mix_init: float = 1e-3
-    decay_half_life: float = 0.0
-    update: UpdateRule = "sum"
+    decay_half_life: float | None = None
+    update: UpdateRule | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_hybrid_options(self.name, self.local_window, self.sinks, self.block_size)
+        hybrid = bool(self.local_window)
+        if self.decay_half_life is None:  # frozen: resolve the defaults in place
+            object.__setattr__(self, "decay_half_life", 128.0 if hybrid else 0.0)
+        if self.update is None:
+            object.__setattr__(self, "update", "delta" if hybrid else "sum")
         if not self.decay_half_life >= 0:
             raise ConfigError(f"fastweight decay_half_life must be >= 0 (0 = no decay), got "
                               f"{self.decay_half_life}")

@@ -48,7 +48,10 @@ def test_a_shifted_transfer_pass_feeds_the_core_rotated_inputs_and_keeps_the_tar
     """With ``hooks.shift`` the cores receive rotated ``q, k`` and so compute another output; what they
     pass on (the reference: the teacher-forced activations) is the unshifted pass's."""
     teacher = _llama()
-    student = swapformer.rewrite(teacher, "fastweight", local_window=8, sinks=2, block_size=8)
+    # the sum rule without decay: its far part moves most with the shift at this size (12 steps of
+    # 32 tokens); with delta writes and decay the losses differ by ~1e-5, too little to test
+    student = swapformer.rewrite(teacher, "fastweight", local_window=8, sinks=2, block_size=8, update="sum",
+                                 decay_half_life=0.0)
     core = student.get_submodule(student.swapformer_report.replaced[0].core_name)
     torch.manual_seed(1)
     core.set_mix(1.0)  # open the far memory and sharpen its maps, which (unlike q·k) see the rotation
@@ -80,7 +83,10 @@ def test_a_shifted_transfer_pass_feeds_the_core_rotated_inputs_and_keeps_the_tar
 
 def _transfer(rope_shift: int):
     teacher = _llama()
-    student = swapformer.rewrite(teacher, "fastweight", local_window=8, sinks=2, block_size=8)
+    # the sum rule without decay: its far part moves most with the shift at this size (12 steps of
+    # 32 tokens); with delta writes and decay the losses differ by ~1e-5, too little to test
+    student = swapformer.rewrite(teacher, "fastweight", local_window=8, sinks=2, block_size=8, update="sum",
+                                 decay_half_life=0.0)
     result = calibrate(student, teacher, token_data(), CalibrationConfig(
         stages=(Stage("transfer", steps=12, lr=1e-2, rope_shift=rope_shift),), batch_size=4, seq_len=32,
         progress=False, eval_batches=1, log_every=1))

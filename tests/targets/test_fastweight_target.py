@@ -111,7 +111,7 @@ def test_default_is_normalised_elu1_and_identity_turns_the_normaliser_off():
     with pytest.raises(ConfigError, match="non-negative feature map"):
         FastWeightConfig(feature_map="identity", normalize=True, local_window=0)
     with pytest.raises(ConfigError, match="non-negative feature map"):
-        FastWeightConfig(feature_map="identity")  # the hybrid's denominator needs φ ≥ 0
+        FastWeightConfig(feature_map="identity", update="sum")  # the sum rule's denominator needs φ ≥ 0
 
 
 @pytest.mark.parametrize("grad", [False, True])

@@ -29,11 +29,12 @@ from swapformer.targets.window import WindowAttention, WindowConfig
 D_MODEL = 24
 # "+decay": the hybrid with a decaying far memory, through every property test
 # ("elita" without decay, not its default: the cumulative-sum tiles; "elita+decay" the chunked ones)
-HYBRIDS = {"fastweight": {}, "fastweight+decay": {"decay_half_life": 3.0}, "elita": {"decay_half_life": 0.0},
+HYBRIDS = {"fastweight": {"update": "sum", "decay_half_life": 0.0},
+           "fastweight+decay": {"update": "sum", "decay_half_life": 3.0}, "elita": {"decay_half_life": 0.0},
            "elita+decay": {"decay_half_life": 3.0}, "cat": {"chunk_size": 3},
            "fastweight+delta": {"update": "delta", "decay_half_life": 3.0}}
 # delta-rule writes without decay: only where the decayed and undecayed code paths differ
-VARIANTS = {**HYBRIDS, "fastweight+delta-nodecay": {"update": "delta"}}
+VARIANTS = {**HYBRIDS, "fastweight+delta-nodecay": {"update": "delta", "decay_half_life": 0.0}}
 TARGETS = ("fastweight", "elita", "cat")
 
 
@@ -150,7 +151,8 @@ def test_fastweight_state_is_per_kv_head_and_fixed():
     window = (64 - 1 + 4) * (3 * 128 * 4 + 9)
     assert core.state_bytes(8192) == window + 3 * 128 * 65 * 4
     assert core.state_bytes(8192) == core.state_bytes(100_000)
-    assert sum(p.numel() for p in core.new_parameters()) == (9 + 3) * 64 * 64 + 9
+    # Hedgehog maps per query and per kv head, the mix per head, decay and write strength per kv head
+    assert sum(p.numel() for p in core.new_parameters()) == (9 + 3) * 64 * 64 + 9 + 3 + 3 * (64 + 1)
 
 
 def test_long_prefill_is_not_dense(monkeypatch):
@@ -317,7 +319,7 @@ def test_delta_rule_with_no_write_is_the_window_and_validates():
                           config=WindowConfig(window=3, sinks=1))
     q, k, v, h = qkv_inputs(site, 2, 21, D_MODEL)
     torch.testing.assert_close(core(q, k, v, hidden=h), ref(q, k, v), rtol=1e-10, atol=1e-10)
-    assert HybridFastWeight(9, 3, 8, 8, config=FastWeightConfig()).write_weight is None
+    assert HybridFastWeight(9, 3, 8, 8, config=FastWeightConfig(update="sum")).write_weight is None
     with pytest.raises(ConfigError, match="update"):
         FastWeightConfig(update="overwrite")
     with pytest.raises(ConfigError, match="local_window"):
@@ -325,7 +327,19 @@ def test_delta_rule_with_no_write_is_the_window_and_validates():
     # signed (identity) features: only the delta rule, whose normaliser is a written value, takes them
     assert HybridFastWeight(9, 3, 8, 8, config=FastWeightConfig(update="delta", feature_map="identity")).q_map is None
     with pytest.raises(ConfigError, match="identity"):
-        FastWeightConfig(feature_map="identity")
+        FastWeightConfig(feature_map="identity", update="sum")
+
+
+def test_fastweight_defaults_are_the_measured_hybrid_recipe():
+    """The hybrid defaults to decay 128 and delta writes (RESULTS.md, session 19); the seed form to
+    neither, and explicit values are kept."""
+    hybrid, seed = FastWeightConfig(), FastWeightConfig(local_window=0)
+    assert (hybrid.feature_map, hybrid.decay_half_life, hybrid.update) == ("hedgehog", 128.0, "delta")
+    assert (seed.feature_map, seed.decay_half_life, seed.update) == ("elu1", 0.0, "sum")
+    explicit = FastWeightConfig(decay_half_life=0.0, update="sum")
+    assert (explicit.decay_half_life, explicit.update) == (0.0, "sum")
+    core = HybridFastWeight(9, 3, 8, 8, config=hybrid)
+    assert core.delta_rule and core.decay_logit is not None and core.write_weight is not None
 
 
 def test_no_decay_is_todays_form_and_decay_changes_the_far_part():

@@ -178,7 +178,7 @@ def test_hidden_is_required(target):
      ("cat", {"mode": "dense"}), ("cat", {"chunk_size": 0}), ("cat", {"chunk_size": 6, "max_chunk_size": 8}),
      ("cat", {"chunk_size": 16, "max_chunk_size": 8}), ("window", {"window": 0}),
      ("window", {"sinks": -1}), ("fastweight", {"local_window": -1}),
-     ("fastweight", {"feature_map": "identity", "normalize": False}), ("elita", {"sinks": -1}),
+     ("fastweight", {"feature_map": "identity", "normalize": False, "update": "sum"}), ("elita", {"sinks": -1}),
      ("cat", {"mode": "layer", "local_window": 8}), ("cat", {"block_size": 0}), ("cat", {"mix_init": 0.0}), ("worker", {"interval": 0}), ("worker", {"conv_kernel": 0})],
 )
 def test_invalid_options_raise_config_error(target, options):

@@ -31,6 +31,7 @@ Ratios are original / converted (> 1 means faster or smaller), measured in the s
     python benchmarks/speed_smollm2.py --lengths 32768 --targets window,fastweight --synthetic-above 8192
     python benchmarks/speed_smollm2.py --lengths 32768 --targets window,fastweight --prefill-chunk 2048
     python benchmarks/speed_smollm2.py --lengths 2048 --targets worker,worker+ffn  # FFN sites converted too
+    python benchmarks/speed_smollm2.py --lengths 2048 --targets 'fastweight,fastweight:update=sum;decay_half_life=0'
     python benchmarks/speed_smollm2.py --lengths 32768 --targets '' --plan auto3x=pareto_plan_3x.json \
         --synthetic-above 8192                                      # a saved per-layer plan
 
@@ -118,6 +119,15 @@ def _load_smollm2() -> tuple[torch.nn.Module, Any]:
     return load_smollm2()
 
 
+def target_spec(text: str) -> tuple[str, dict[str, Any]]:
+    """``"fastweight:update=sum;decay_half_life=0"`` → ``("fastweight", {"update": "sum", ...})``
+    (values as ``-o`` reads them: JSON, else a string); a bare name has no options."""
+    from swapformer.cli import parse_option
+
+    name, _, rest = text.partition(":")
+    return name, dict(parse_option(item) for item in rest.split(";") if item)
+
+
 def build_model(target: str, plan: Path | None = None,
                 load: Callable[[], tuple[torch.nn.Module, Any]] | None = None) -> tuple[torch.nn.Module, Any]:
     """``(model, tokenizer)`` of one row, as the child measures it: ``load()`` afresh (default: SmolLM2),
@@ -137,7 +147,8 @@ def build_model(target: str, plan: Path | None = None,
     elif target.endswith("+ffn"):  # the FFN sites too (the worker target's sparse FFN)
         model = swapformer.rewrite(model, target.removesuffix("+ffn"), kinds=("attention", "ffn"))
     elif target != "original":
-        model = swapformer.rewrite(model, target)
+        name, options = target_spec(target)
+        model = swapformer.rewrite(model, name, **options)
     gc.collect()  # the original's weights go before anything is measured
     return model.eval(), tokenizer
 

@@ -92,6 +92,14 @@ def test_original_and_uniform_rows_are_unchanged(speed) -> None:
     assert set(_decisions(window).values()) == {"WindowAttention"}
 
 
+def test_a_row_takes_target_options(speed) -> None:
+    assert speed.target_spec("fastweight:update=sum;decay_half_life=0") == (
+        "fastweight", {"update": "sum", "decay_half_life": 0})
+    window, _ = speed.build_model("window:window=8;sinks=0", load=_load)
+    cores = [window.get_submodule(r.core_name) for r in window.swapformer_report.replaced]
+    assert [(c.window, c.sinks) for c in cores] == [(8, 0), (8, 0)]
+
+
 def test_a_plus_ffn_row_converts_the_ffn_sites_too(speed) -> None:
     worker, _ = speed.build_model("worker", load=_load)
     assert set(_decisions(worker).values()) == {"WorkerAttention"}

@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distill-schedule", choices=("constant", "cosine"), default="constant",
                    help="--hybrid: the lr of each --distill-curve segment's KL stage (cosine: to 10%% at its end)")
     p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-modules", default="vo", choices=["vo", "qkvo"],
+                   help="hybrid: the attention projections the KL stage's LoRA adapts (issue 12: v/o)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--autocast", choices=["bfloat16", "float16"], default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -31,8 +31,10 @@ def test_the_kl_stage_trains_lora_on_value_and_output_projections_only():
     teacher = _tiny_llama()
     student = swapformer.rewrite(copy.deepcopy(teacher), "fastweight", local_window=8)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
-    lora = hybrid_report.vo_projections(student)
+    lora = hybrid_report.lora_projections(student)
     assert sorted(lora) == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("o_proj", "v_proj")]
+    assert sorted(hybrid_report.lora_projections(student, "qkvo")) == [
+        f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "koqv"]
     args = argparse.Namespace(distill_lr=1e-2, distill_train="lora", distill_schedule="constant", seed=0,
                               device="cpu", lora_rank=4,
                               train_batch_size=2, batch_size=2, seq_len=32, train_len=32, mix_lr=None)

@@ -49,10 +49,11 @@ with ``avail_j ≤ i``. The state keeps its size (``S``, ``z`` are referenced to
 position, which the hybrid already tracks), so decoding, block size and prefill length do not change
 the output. Without decay, a model trained on 512-token sequences sees a normaliser at 2k context
 that sums ~4× more evicted tokens than in training; the decay bounds it to ~``half_life / ln 2``.
-``decay_half_life=0`` is the undecayed form above exactly (no parameter is created).
+``decay_half_life=0`` is the undecayed form above exactly (no parameter is created); the hybrid
+defaults to 128.
 
-Delta-rule writes (``update="delta"``, hybrid only; DeltaNet / Gated DeltaNet, a departure from T2FW's
-additive rule): an evicted token overwrites what its key already returns instead of adding to it, so a
+Delta-rule writes (``update="delta"``, hybrid only and its default; DeltaNet / Gated DeltaNet, a
+departure from T2FW's additive rule): an evicted token overwrites what its key already returns instead of adding to it, so a
 later query that matches it reads its value rather than an average of everything stored under similar
 keys. With ``M = [S, z]`` (the normaliser as one more value column), unit keys ``k̂_j = φk_j / ‖φk_j‖``
 and a write strength ``β_j = σ(w_u·k_j + b_u) ∈ (0, 1)`` per KV head (``β = ½`` at init)::

@@ -53,9 +53,9 @@ that sums ~4× more evicted tokens than in training; the decay bounds it to ~``h
 defaults to 128.
 
 Delta-rule writes (``update="delta"``, hybrid only and its default; DeltaNet / Gated DeltaNet, a
-departure from T2FW's additive rule): an evicted token overwrites what its key already returns instead of adding to it, so a
-later query that matches it reads its value rather than an average of everything stored under similar
-keys. With ``M = [S, z]`` (the normaliser as one more value column), unit keys ``k̂_j = φk_j / ‖φk_j‖``
+departure from T2FW's additive rule): an evicted token overwrites what its key already returns instead
+of adding to it, so a later query that matches it reads its value rather than an average of everything
+stored under similar keys. With ``M = [S, z]`` (the normaliser as one more value column), unit keys ``k̂_j = φk_j / ‖φk_j‖``
 and a write strength ``β_j = σ(w_u·k_j + b_u) ∈ (0, 1)`` per KV head (``β = ½`` at init)::
 
     M ← γ M                                       once per position (decay, as above)

@@ -84,6 +84,25 @@ def train_batch_size(args) -> int:
     return args.train_batch_size or max(1, args.batch_size * args.seq_len // args.train_len)
 
 
+def distill_batch_size(args) -> int:
+    """Sequences per KL step: the transfer's when both stages use the same length, else as many tokens
+    as the eval batch."""
+    if args.distill_len == args.train_len:
+        return train_batch_size(args)
+    return max(1, args.batch_size * args.seq_len // args.distill_len)
+
+
+def kl_start(used: int, args, corpora: int) -> int:
+    """Where the KL rows start, in tokens of the ``--distill-len`` layout: after every token the
+    transfer used. Both layouts interleave the corpora row by row (:func:`mixed_train`), so the
+    transfer took ``used / corpora`` tokens of each, in whole ``--train-len`` rows; the KL skips as
+    many whole ``--distill-len`` rows of each as cover them."""
+    if args.distill_len == args.train_len:
+        return used
+    per_corpus = math.ceil(used / (corpora * args.train_len)) * args.train_len
+    return math.ceil(per_corpus / args.distill_len) * corpora * args.distill_len
+
+
 def evaluate(model, corpora: dict[str, Corpus], vocab: int, args) -> dict[str, float]:
     model.eval()
     scores = {}
@@ -137,6 +156,10 @@ def kl_schedule_label(args) -> str:
     return "" if args.distill_schedule == "constant" else f" {args.distill_schedule}"
 
 
+def kl_len_label(args) -> str:
+    return "" if args.distill_len == args.train_len else f", {args.distill_len}-token rows"
+
+
 def mix_lr_label(args) -> str:
     return "" if args.mix_lr is None else f", mix lr {args.mix_lr:g}"
 
@@ -153,7 +176,7 @@ def distill_config(args, tokens: int, lora_targets: tuple[str, ...]) -> Calibrat
     30 layers; this stage sees the whole model's output. LoRA on ``lora_targets`` (v/o: issue 12)."""
     stage = Stage("distill", tokens=tokens, lr=args.distill_lr, train=args.distill_train, schedule=args.distill_schedule,
                   mix_lr=args.mix_lr)
-    return CalibrationConfig(stages=(stage,), batch_size=train_batch_size(args), seq_len=args.train_len,
+    return CalibrationConfig(stages=(stage,), batch_size=distill_batch_size(args), seq_len=args.distill_len,
                              eval_batches=0, seed=args.seed, log_every=25, progress=False,
                              device=args.device, lora_rank=args.lora_rank, lora_targets=lora_targets)
 
@@ -176,7 +199,10 @@ def mix_summary(student) -> str:
     return f"mix g over {g.numel()} heads: median {g.median():.3g}, min {g.min():.3g}, max {g.max():.3g}"
 
 
-def target_rows(target: str, teacher, corpora, train, vocab: int, args) -> list[Row]:
+def target_rows(target: str, teacher, corpora, train, vocab: int, args,
+                kl_train: torch.Tensor | None = None) -> list[Row]:
+    """Step 0, each transfer budget and each KL budget of one target. ``kl_train``: the KL stage's
+    rows when ``--distill-len`` differs from ``--train-len`` (default ``train``)."""
     from quality_smollm2 import target_options
 
     options = target_options(args).get(target, {})
@@ -200,12 +226,13 @@ def target_rows(target: str, teacher, corpora, train, vocab: int, args) -> list[
         log.info("%s", mix_summary(student))
         rows.append(row)
     kl_used, lora = 0, lora_projections(student, args.lora_modules)
+    kl_rows, kl_from = (train, used) if kl_train is None else (kl_train, kl_start(used, args, len(corpora)))
     for budget in (int(float(b)) for b in args.distill_curve.split(",") if b):
-        stage = _calibrate_rows(student, teacher, train, used + kl_used, budget - kl_used,
+        stage = _calibrate_rows(student, teacher, kl_rows, kl_from + kl_used, budget - kl_used,
                                 distill_config(args, budget - kl_used, lora))
         kl_used += stage.tokens
         seconds += stage.seconds
-        row = Row(f"{label}, transfer {used:,} + KL {kl_used:,} ({args.distill_train}{'' if args.lora_modules == 'vo' else ' ' + args.lora_modules}, lr {args.distill_lr:g}{kl_schedule_label(args)}{mix_lr_label(args)})",
+        row = Row(f"{label}, transfer {used:,} + KL {kl_used:,} ({args.distill_train}{'' if args.lora_modules == 'vo' else ' ' + args.lora_modules}, lr {args.distill_lr:g}{kl_schedule_label(args)}{mix_lr_label(args)}{kl_len_label(args)})",
                   used + kl_used, seconds, stage.tokens / max(stage.seconds, 1e-9), state,
                   evaluate(student, corpora, vocab, args))
         log.info("%s +%d KL tokens (%.0f s, %.0f tok/s, loss %.3g -> %.3g): %s", target, kl_used, seconds,
@@ -250,7 +277,8 @@ def markdown(rows: list[Row], teacher: Row, teacher_tok_s: float, args, machine:
         f"({args.eval_batches} x {args.batch_size} x {args.seq_len} and {args.long_batches} x "
         f"{args.long_len} tokens per corpus); recall: NLL (nats/token) on the second copy, "
         f"{args.recall_samples} samples; teacher no-grad forward {teacher_tok_s:.0f} tok/s"
-        + (f"; then KL to the teacher's logits (the rows '+ KL', on the next training rows, LoRA rank "
+        + (f"; then KL to the teacher's logits (the rows '+ KL', on the next training rows, "
+           f"batch {distill_batch_size(args)} x {args.distill_len}, LoRA rank "
            f"{args.lora_rank} on {'/'.join(args.lora_modules)} where trained)" if args.distill_curve else ""),
         "",
         f"| model | calibration tokens | s | tok/s (× teacher fwd) | state/layer @{args.long_len} | {head} |",
@@ -276,19 +304,22 @@ def hybrid_main(args, results: Path) -> int:
     teacher.to(args.device).eval()
     vocab = int(teacher.config.vocab_size)
     corpora = {name: load_corpus(name, tokenizer, args) for name in EVAL_CORPORA}
-    if args.long_len % args.train_len or args.long_len % args.seq_len:
-        raise SystemExit(f"--train-len {args.train_len} and --seq-len {args.seq_len} must divide "
-                         f"--long-len {args.long_len}")
+    if any(args.long_len % n for n in (args.train_len, args.seq_len, args.distill_len)):
+        raise SystemExit(f"--train-len {args.train_len}, --distill-len {args.distill_len} and --seq-len "
+                         f"{args.seq_len} must divide --long-len {args.long_len}")
     train = mixed_train(corpora, args.train_len)
+    kl_train = None if args.distill_len == args.train_len else mixed_train(corpora, args.distill_len)
     if args.recall_train_share:
         train = with_recall_rows(train, args.recall_train_share, vocab, args.seed)
+        if kl_train is not None:
+            kl_train = with_recall_rows(kl_train, args.recall_train_share, vocab, args.seed)
     teacher_tok_s = teacher_throughput(teacher, mixed_train(corpora, args.seq_len), args)
     teacher_row = Row("teacher", scores=evaluate(teacher, corpora, vocab, args))
     log.info("teacher %s, %.0f tok/s no-grad forward", teacher_row.scores, teacher_tok_s)
     rows = [window_row(teacher, corpora, vocab, args, BASELINE["window"], "baseline")]
     windows_done = {BASELINE["window"]}
     for target in (t for t in args.targets.split(",") if t):
-        target_rows_ = target_rows(target, teacher, corpora, train, vocab, args)
+        target_rows_ = target_rows(target, teacher, corpora, train, vocab, args, kl_train)
         rows += target_rows_
         from quality_smollm2 import target_options
 

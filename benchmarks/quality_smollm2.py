@@ -26,7 +26,8 @@ probe (a random token sequence of length L repeated twice; NLL on the second cop
 ``--distill-curve 51200,102400`` then continues each target with end-to-end KL distillation to the
 teacher's logits (cumulative KL tokens, on the training rows after the transfer's; ``--distill-train``
 chooses what trains, default the new parameters plus LoRA on the v/o projections; ``--distill-lr``;
-``--distill-schedule cosine`` decays each segment's lr to 10 % at its end)::
+``--distill-schedule cosine`` decays each segment's lr to 10 % at its end; ``--distill-len 2048`` gives
+the KL stage rows of its own length, as many tokens per step, past every row the transfer used)::
 
     python benchmarks/quality_smollm2.py --hybrid --targets fastweight --curve 0,102400 \
         --distill-curve 51200,102400 --distill-lr 1e-3
@@ -34,7 +35,7 @@ chooses what trains, default the new parameters plus LoRA on the v/o projections
         --distill-curve 204800 --distill-lr 1e-3 --distill-schedule cosine  # elita's best (session 17)
 
 In that mode every corpus is packed to ``--long-len`` tokens first and every 20th sequence is held
-out; the 512-token held-out and ``--train-len`` training sequences are cut from those, so no
+out; the 512-token held-out and ``--train-len`` (``--distill-len``) training sequences are cut from those, so no
 calibration token is ever evaluated. ``-o TARGET:KEY=VALUE`` options apply to the hybrid targets too.
 
 Calibration uses ``--corpus``; held-out perplexity is measured on it and on every ``--eval-corpora``
@@ -130,9 +131,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hybrid: transfer sequence length (default --seq-len; e.g. 2048 = --long-len)")
     p.add_argument("--train-batch-size", type=int, default=None,
                    help="hybrid: transfer sequences per step (default: --batch-size x --seq-len tokens)")
+    p.add_argument("--distill-len", type=int, default=None,
+                   help="hybrid: KL-stage sequence length (default --train-len; e.g. 2048 = --long-len), "
+                        "as many tokens per step as --batch-size x --seq-len")
     args = p.parse_args(argv)
     if args.train_len is None:
         args.train_len = args.seq_len
+    if args.distill_len is None:
+        args.distill_len = args.train_len
     return args
 
 

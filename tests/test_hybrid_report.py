@@ -37,7 +37,7 @@ def test_the_kl_stage_trains_lora_on_value_and_output_projections_only():
         f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "koqv"]
     args = argparse.Namespace(distill_lr=1e-2, distill_train="lora", distill_schedule="constant", seed=0,
                               device="cpu", lora_rank=4,
-                              train_batch_size=2, batch_size=2, seq_len=32, train_len=32, mix_lr=None)
+                              train_batch_size=2, batch_size=2, seq_len=32, train_len=32, distill_len=32, mix_lr=None)
     train = torch.randint(0, 128, (8, 32))
     stage = hybrid_report._calibrate_rows(student, teacher, train, used=64, tokens=128,
                                           config=hybrid_report.distill_config(args, 128, lora))
@@ -69,7 +69,7 @@ def test_mix_lr_opens_the_far_memory_that_the_stage_lr_leaves_shut():
         start = hybrid_report.mix_summary(student)
         args = argparse.Namespace(distill_lr=1e-3, distill_train="new", distill_schedule="constant", seed=0,
                                   device="cpu", lora_rank=0,
-                                  train_batch_size=2, batch_size=2, seq_len=32, train_len=32, mix_lr=mix_lr)
+                                  train_batch_size=2, batch_size=2, seq_len=32, train_len=32, distill_len=32, mix_lr=mix_lr)
         hybrid_report._calibrate_rows(student, teacher, train, used=0, tokens=256,
                                       config=hybrid_report.distill_config(args, 256, ()))
         g = torch.cat([m.mix() for m in student.modules() if isinstance(m, hybrid_report.HybridAttention)])
@@ -82,7 +82,7 @@ def test_mix_lr_opens_the_far_memory_that_the_stage_lr_leaves_shut():
 def test_the_kl_stage_follows_distill_schedule():
     args = argparse.Namespace(distill_lr=1e-3, distill_train="new+lora", distill_schedule="cosine", seed=0,
                               device="cpu", lora_rank=4, train_batch_size=2, batch_size=2, seq_len=32,
-                              train_len=32, mix_lr=None)
+                              train_len=32, distill_len=32, mix_lr=None)
     stage = hybrid_report.distill_config(args, 640, ()).stages[0]
     steps = stage.num_steps(2 * 32)
     factors = [stage.lr_factor(i, steps) for i in range(steps)]
@@ -90,3 +90,26 @@ def test_the_kl_stage_follows_distill_schedule():
     assert hybrid_report.kl_schedule_label(args) == " cosine"
     args.distill_schedule = "constant"
     assert hybrid_report.kl_schedule_label(args) == ""
+
+
+def test_kl_rows_of_another_length_start_after_every_transfer_token():
+    """``--distill-len``: the KL stage takes rows of its own length, as many tokens per step, and
+    starts past the whole rows (of each corpus) that the transfer used."""
+    args = argparse.Namespace(train_len=512, distill_len=2048, batch_size=4, seq_len=512, train_batch_size=None)
+    assert hybrid_report.distill_batch_size(args) == 1 and hybrid_report.train_batch_size(args) == 4
+    assert hybrid_report.kl_start(307_200, args, corpora=2) == 307_200  # 75 rows of 2,048 per corpus
+    # 3 transfer rows of 512: 2 from the first corpus, 1 from the second -> one 2,048 row each skipped
+    assert hybrid_report.kl_start(3 * 512, args, corpora=2) == 2 * 2048
+    assert hybrid_report.kl_start(0, args, corpora=2) == 0
+    assert hybrid_report.kl_len_label(args) == ", 2048-token rows"
+    args.distill_len = 512
+    assert hybrid_report.kl_start(1536, args, corpora=2) == 1536 and hybrid_report.kl_len_label(args) == ""
+    assert hybrid_report.distill_batch_size(args) == 4
+    # tokens of each corpus in the two layouts: the KL rows never hold a token the transfer used
+    corpus = [torch.arange(c * 10_000, c * 10_000 + 8192) for c in range(2)]
+    layout = {n: torch.stack([x.reshape(-1, n) for x in corpus], 1).flatten(0, 1) for n in (512, 2048)}
+    args.distill_len = 2048
+    for used in (512, 1536, 4096, 5120):
+        seen = set(layout[512].flatten()[:used].tolist())
+        start = hybrid_report.kl_start(used, args, corpora=2)
+        assert not seen & set(layout[2048].flatten()[start:].tolist())

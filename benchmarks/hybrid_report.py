@@ -79,6 +79,12 @@ def with_recall_rows(train: torch.Tensor, share: float, vocab: int, seed: int) -
     return train
 
 
+def training_rows(corpora: dict[str, Corpus], length: int, vocab: int, args) -> torch.Tensor:
+    """:func:`mixed_train` rows of ``length``, with ``--recall-train-share`` of them copy rows."""
+    rows = mixed_train(corpora, length)
+    return with_recall_rows(rows, args.recall_train_share, vocab, args.seed) if args.recall_train_share else rows
+
+
 def train_batch_size(args) -> int:
     """Sequences per transfer step: ``--train-batch-size``, else as many tokens as the eval batch."""
     return args.train_batch_size or max(1, args.batch_size * args.seq_len // args.train_len)
@@ -199,10 +205,9 @@ def mix_summary(student) -> str:
     return f"mix g over {g.numel()} heads: median {g.median():.3g}, min {g.min():.3g}, max {g.max():.3g}"
 
 
-def target_rows(target: str, teacher, corpora, train, vocab: int, args,
-                kl_train: torch.Tensor | None = None) -> list[Row]:
+def target_rows(target: str, teacher, corpora, train, kl_train, vocab: int, args) -> list[Row]:
     """Step 0, each transfer budget and each KL budget of one target. ``kl_train``: the KL stage's
-    rows when ``--distill-len`` differs from ``--train-len`` (default ``train``)."""
+    rows (``--distill-len`` long; ``train`` itself when that is ``--train-len``)."""
     from quality_smollm2 import target_options
 
     options = target_options(args).get(target, {})
@@ -226,9 +231,9 @@ def target_rows(target: str, teacher, corpora, train, vocab: int, args,
         log.info("%s", mix_summary(student))
         rows.append(row)
     kl_used, lora = 0, lora_projections(student, args.lora_modules)
-    kl_rows, kl_from = (train, used) if kl_train is None else (kl_train, kl_start(used, args, len(corpora)))
+    kl_from = kl_start(used, args, len(corpora))
     for budget in (int(float(b)) for b in args.distill_curve.split(",") if b):
-        stage = _calibrate_rows(student, teacher, kl_rows, kl_from + kl_used, budget - kl_used,
+        stage = _calibrate_rows(student, teacher, kl_train, kl_from + kl_used, budget - kl_used,
                                 distill_config(args, budget - kl_used, lora))
         kl_used += stage.tokens
         seconds += stage.seconds
@@ -307,19 +312,15 @@ def hybrid_main(args, results: Path) -> int:
     if any(args.long_len % n for n in (args.train_len, args.seq_len, args.distill_len)):
         raise SystemExit(f"--train-len {args.train_len}, --distill-len {args.distill_len} and --seq-len "
                          f"{args.seq_len} must divide --long-len {args.long_len}")
-    train = mixed_train(corpora, args.train_len)
-    kl_train = None if args.distill_len == args.train_len else mixed_train(corpora, args.distill_len)
-    if args.recall_train_share:
-        train = with_recall_rows(train, args.recall_train_share, vocab, args.seed)
-        if kl_train is not None:
-            kl_train = with_recall_rows(kl_train, args.recall_train_share, vocab, args.seed)
+    train = training_rows(corpora, args.train_len, vocab, args)
+    kl_train = train if args.distill_len == args.train_len else training_rows(corpora, args.distill_len, vocab, args)
     teacher_tok_s = teacher_throughput(teacher, mixed_train(corpora, args.seq_len), args)
     teacher_row = Row("teacher", scores=evaluate(teacher, corpora, vocab, args))
     log.info("teacher %s, %.0f tok/s no-grad forward", teacher_row.scores, teacher_tok_s)
     rows = [window_row(teacher, corpora, vocab, args, BASELINE["window"], "baseline")]
     windows_done = {BASELINE["window"]}
     for target in (t for t in args.targets.split(",") if t):
-        target_rows_ = target_rows(target, teacher, corpora, train, vocab, args, kl_train)
+        target_rows_ = target_rows(target, teacher, corpora, train, kl_train, vocab, args)
         rows += target_rows_
         from quality_smollm2 import target_options
 

@@ -6,6 +6,7 @@ import argparse
 import copy
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -105,9 +106,10 @@ def test_kl_rows_of_another_length_start_after_every_transfer_token():
     args.distill_len = 512
     assert hybrid_report.kl_start(1536, args, corpora=2) == 1536 and hybrid_report.kl_len_label(args) == ""
     assert hybrid_report.distill_batch_size(args) == 4
-    # tokens of each corpus in the two layouts: the KL rows never hold a token the transfer used
-    corpus = [torch.arange(c * 10_000, c * 10_000 + 8192) for c in range(2)]
-    layout = {n: torch.stack([x.reshape(-1, n) for x in corpus], 1).flatten(0, 1) for n in (512, 2048)}
+    # tokens of each corpus in the report's two layouts: the KL rows never hold a token the transfer used
+    corpora = {name: SimpleNamespace(train=torch.arange(c * 10_000, c * 10_000 + 8192))
+               for c, name in enumerate(("shakespeare", "wiki"))}
+    layout = {n: hybrid_report.mixed_train(corpora, n) for n in (512, 2048)}
     args.distill_len = 2048
     for used in (512, 1536, 4096, 5120):
         seen = set(layout[512].flatten()[:used].tolist())

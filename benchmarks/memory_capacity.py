@@ -201,18 +201,12 @@ def whole_model(teacher, tokenizer, target: str, options: dict, args) -> str:
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """``target[:key=value;...]`` → ``(target, options)`` (values read as int, float or str)."""
+    """``target[:key=value;...]`` → ``(target, options)``; values read as ``-o`` reads them (JSON, else a
+    string), so ``normalize=true`` is a bool here as in ``quality_smollm2.py`` and ``speed_smollm2.py``."""
+    from swapformer.cli.options import parse_option
+
     target, _, rest = text.partition(":")
-    options = {}
-    for item in filter(None, rest.split(";")):
-        key, _, value = item.partition("=")
-        for cast in (int, float, str):
-            try:
-                options[key] = cast(value)
-                break
-            except ValueError:
-                continue
-    return target, options
+    return target, dict(parse_option(item) for item in rest.split(";") if item)
 
 
 def main(argv: list[str] | None = None) -> None:

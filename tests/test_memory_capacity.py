@@ -39,6 +39,8 @@ def test_parse_variant_and_copy_rows() -> None:
     assert bench.parse_variant("fastweight") == ("fastweight", {})
     assert bench.parse_variant("fastweight:hedgehog_dim=256;decay_half_life=0.5;feature_map=elu1") == (
         "fastweight", {"hedgehog_dim": 256, "decay_half_life": 0.5, "feature_map": "elu1"})
+    # the same reading as ``-o`` and speed_smollm2.target_spec: JSON booleans, not the string "true"
+    assert bench.parse_variant("fastweight:normalize=true") == ("fastweight", {"normalize": True})
     rows = bench.copy_rows(3, 5, 1000, seed=0)
     assert rows.shape == (3, 10) and torch.equal(rows[:, :5], rows[:, 5:]) and int(rows.min()) >= 100
 

@@ -54,6 +54,7 @@ from swapformer.calibrate.transfer import (
     rope_frequencies,
     shift_qk,
 )
+from swapformer.cli.options import parse_target_spec as parse_variant
 from swapformer.loading.offline import load_smollm2
 from swapformer.targets.window import WindowAttention, WindowConfig
 
@@ -198,15 +199,6 @@ def whole_model(teacher, tokenizer, target: str, options: dict, args) -> str:
     table += [f"| {name} | {sec:.0f} | " + " | ".join(f"{sc[k]:.2f}" for k in keys) + " |"
               for name, sec, sc in results]
     return "\n".join(table)
-
-
-def parse_variant(text: str) -> tuple[str, dict]:
-    """``target[:key=value;...]`` → ``(target, options)``; values read as ``-o`` reads them (JSON, else a
-    string), so ``normalize=true`` is a bool here as in ``quality_smollm2.py`` and ``speed_smollm2.py``."""
-    from swapformer.cli.options import parse_option
-
-    target, _, rest = text.partition(":")
-    return target, dict(parse_option(item) for item in rest.split(";") if item)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,6 +62,7 @@ from typing import Any
 
 import torch
 
+from swapformer.cli.options import parse_target_spec as target_spec
 from swapformer.measure.speed import (
     PeakRss,
     max_rss_mib,
@@ -117,15 +118,6 @@ def _load_smollm2() -> tuple[torch.nn.Module, Any]:
     from swapformer.loading.offline import load_smollm2
 
     return load_smollm2()
-
-
-def target_spec(text: str) -> tuple[str, dict[str, Any]]:
-    """``"fastweight:update=sum;decay_half_life=0"`` → ``("fastweight", {"update": "sum", ...})``
-    (values as ``-o`` reads them: JSON, else a string); a bare name has no options."""
-    from swapformer.cli import parse_option
-
-    name, _, rest = text.partition(":")
-    return name, dict(parse_option(item) for item in rest.split(";") if item)
 
 
 def build_model(target: str, plan: Path | None = None,

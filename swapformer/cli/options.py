@@ -86,6 +86,14 @@ def parse_option(text: str) -> tuple[str, Any]:
         return key.strip(), raw
 
 
+def parse_target_spec(text: str) -> tuple[str, dict[str, Any]]:
+    """``"fastweight:update=sum;decay_half_life=0"`` → ``("fastweight", {"update": "sum", ...})``, each
+    value read as :func:`parse_option` reads it; a bare name has no options. The benchmarks' one syntax
+    for a target with its options."""
+    name, _, rest = text.partition(":")
+    return name, dict(parse_option(item) for item in rest.split(";") if item)
+
+
 def parse_kinds(text: str) -> tuple[str, ...]:
     """``"attention,ffn"`` → ``("attention", "ffn")``.
 

@@ -56,4 +56,7 @@ def test_rows_side_by_side_and_a_failing_target_reported_not_raised(bench):
     assert failed and all("no-such-target" in r.error for r in failed)
     text = bench.table(rows, checks)
     assert "| window:window=8 | 24 |" in text and "failed:" in text
-    assert text.count("1.00×") == 4  # the original's own prefill and decode ratios at both lengths
+    original_rows = "\n".join(line for line in text.splitlines() if line.startswith("| original |"))
+    # the original's own prefill and decode ratios at both lengths; only its rows, since a tiny
+    # window's CPU speed-up may round to 1.00× too
+    assert original_rows.count("1.00×") == 4

@@ -196,6 +196,12 @@ def _calibrate_rows(student, teacher, train, used: int, tokens: int, config) -> 
     return calibrate(student, teacher, data, config).stages[0]
 
 
+def repeat_note(stage) -> str:
+    """A row's note where its segment ran out of training rows and read some twice (a curve point
+    beyond the corpus must say so in the table, not only in the log)."""
+    return f" [rows repeat: {stage.passes:.2f} passes]" if stage.passes > 1 else ""
+
+
 def mix_summary(student) -> str:
     """The hybrid cores' far-memory mixes ``g_h``: median and range over every head of every layer."""
     mixes = [m.mix().detach().flatten() for m in student.modules() if isinstance(m, HybridAttention)]
@@ -224,7 +230,7 @@ def target_rows(target: str, teacher, corpora, train, kl_train, vocab: int, args
                                 transfer_config(args, budget - used, used == 0))
         used += stage.tokens
         seconds += stage.seconds
-        row = Row(f"{label}, transfer", used, seconds, stage.tokens / max(stage.seconds, 1e-9),
+        row = Row(f"{label}, transfer{repeat_note(stage)}", used, seconds, stage.tokens / max(stage.seconds, 1e-9),
                   state, evaluate(student, corpora, vocab, args))
         log.info("%s %d tokens (%.0f s, %.0f tok/s, loss %.3g -> %.3g): %s", target, used, seconds,
                  row.tok_s, stage.first_loss, stage.last_loss, row.scores)
@@ -237,7 +243,7 @@ def target_rows(target: str, teacher, corpora, train, kl_train, vocab: int, args
                                 distill_config(args, budget - kl_used, lora))
         kl_used += stage.tokens
         seconds += stage.seconds
-        row = Row(f"{label}, transfer {used:,} + KL {kl_used:,} ({args.distill_train}{'' if args.lora_modules == 'vo' else ' ' + args.lora_modules}, lr {args.distill_lr:g}{kl_schedule_label(args)}{mix_lr_label(args)}{kl_len_label(args)})",
+        row = Row(f"{label}, transfer {used:,} + KL {kl_used:,} ({args.distill_train}{'' if args.lora_modules == 'vo' else ' ' + args.lora_modules}, lr {args.distill_lr:g}{kl_schedule_label(args)}{mix_lr_label(args)}{kl_len_label(args)}){repeat_note(stage)}",
                   used + kl_used, seconds, stage.tokens / max(stage.seconds, 1e-9), state,
                   evaluate(student, corpora, vocab, args))
         log.info("%s +%d KL tokens (%.0f s, %.0f tok/s, loss %.3g -> %.3g): %s", target, kl_used, seconds,

@@ -115,3 +115,17 @@ def test_kl_rows_of_another_length_start_after_every_transfer_token():
         seen = set(layout[512].flatten()[:used].tolist())
         start = hybrid_report.kl_start(used, args, corpora=2)
         assert not seen & set(layout[2048].flatten()[start:].tolist())
+
+
+def test_a_curve_point_past_the_training_rows_is_marked_in_its_row():
+    teacher = _tiny_llama()
+    student = swapformer.rewrite(copy.deepcopy(teacher), "fastweight", local_window=8)
+    args = argparse.Namespace(distill_lr=1e-3, distill_train="new", distill_schedule="constant", seed=0,
+                              device="cpu", lora_rank=0, train_batch_size=2, batch_size=2, seq_len=32,
+                              train_len=32, distill_len=32, mix_lr=None)
+    train = torch.randint(0, 128, (8, 32))
+    config = hybrid_report.distill_config(args, 128, ())
+    inside = hybrid_report._calibrate_rows(student, teacher, train, used=64, tokens=128, config=config)
+    assert inside.passes == 1.0 and hybrid_report.repeat_note(inside) == ""  # rows 2-5, each once
+    past = hybrid_report._calibrate_rows(student, teacher, train, used=192, tokens=128, config=config)
+    assert hybrid_report.repeat_note(past) == " [rows repeat: 2.00 passes]"  # rows 6-7 read twice

@@ -20,7 +20,9 @@ class StageResult:
 
     ``losses`` holds the (rank-averaged) loss of every completed step of this run; a stage resumed
     from a checkpoint lists only the steps run after the resume. ``site_losses`` (transfer) is the
-    mean per-site MSE over the last ``log_every`` steps, by site name.
+    mean per-site MSE over the last ``log_every`` steps, by site name. ``passes``: the passes over
+    the training sequences made by the end of the stage (counted from the run's first stage; above 1
+    rows repeat).
     """
 
     kind: str
@@ -34,6 +36,7 @@ class StageResult:
     losses: list[float] = field(default_factory=list)
     site_losses: dict[str, float] = field(default_factory=dict)
     skipped: str = ""
+    passes: float = 0.0
 
     @property
     def first_loss(self) -> float | None:
@@ -50,7 +53,8 @@ class StageResult:
         last = f"{self.last_loss:.4g}" if self.last_loss is not None else "-"
         return (f"{self.kind} ({self.train}, {self.trainable_parameters:,} params): {self.steps} steps, "
                 f"{self.tokens:,} tokens, {self.seconds:.1f} s, loss {first} -> {last}"
-                + (f", {self.rollbacks} rollbacks" if self.rollbacks else ""))
+                + (f", {self.rollbacks} rollbacks" if self.rollbacks else "")
+                + (f", {self.passes:.2f} passes over the data (rows repeat)" if self.passes > 1 else ""))
 
 
 @dataclass

@@ -389,6 +389,7 @@ class _StageRun:
             self.step = ckpt.state["step"]
             self.lr_scale = ckpt.state["lr_scale"]
         broadcast_parameters(self.params, self.cal.ctx)
+        self._count_passes()
         t0 = time.perf_counter()
         with self._loss_context() as loss_fn:
             self._loop(loss_fn)
@@ -397,6 +398,16 @@ class _StageRun:
         self.result.site_losses = {k: sum(v) / len(v) for k, v in self._site_sums.items()}
         self.cal.checkpoint(self.index + 1, 0, 1.0, None)
         logger.info("%s", self.result.describe())
+
+    def _count_passes(self) -> None:
+        """Record how far into the training data the stage reads; warn where rows repeat (a corpus
+        smaller than the token budget is legitimate, but a table built from the run must not hide it)."""
+        stream = self.cal.stream
+        self.result.passes = stream.passes(self.cal.position + self.total - self.step)
+        if self.result.passes > 1:
+            logger.warning("%s stage: %d steps of %d sequences read past the %d training sequences; rows "
+                           "repeat (%.2f passes over the data by the stage's end)", self.stage.kind, self.total,
+                           stream.batch_size * stream.world_size, stream.seqs.shape[0], self.result.passes)
 
     @contextlib.contextmanager
     def _loss_context(self):

@@ -246,6 +246,11 @@ class BatchStream:
         """Tokens in one global batch (all ranks)."""
         return self.batch_size * self.world_size * int(self.seqs.shape[1])
 
+    def passes(self, batches: int) -> float:
+        """Passes over the sequences that global batches ``0 .. batches − 1`` make; above 1 the stream
+        has started another epoch and rows repeat."""
+        return batches * self.batch_size * self.world_size / int(self.seqs.shape[0])
+
     def batch(self, index: int) -> torch.Tensor:
         """This rank's ``[batch_size, T]`` slice of global batch ``index``."""
         start = (index * self.world_size + self.rank) * self.batch_size

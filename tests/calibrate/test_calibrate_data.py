@@ -57,6 +57,13 @@ def test_batch_stream_is_a_function_of_seed_and_index():
     assert sorted(first_epoch) == list(range(10))  # one epoch visits every sequence once
 
 
+def test_batch_stream_counts_passes_over_the_data():
+    seqs = torch.arange(10).reshape(10, 1)
+    assert BatchStream(seqs, 2).passes(5) == 1.0  # the first epoch exactly
+    assert BatchStream(seqs, 2).passes(6) == pytest.approx(1.2)  # batch 5 starts the second epoch
+    assert BatchStream(seqs, 2, rank=1, world_size=2).passes(3) == pytest.approx(1.2)  # global batches
+
+
 def test_batch_stream_ranks_split_the_global_batch():
     seqs = torch.arange(16).reshape(16, 1)
     single = BatchStream(seqs, 4, seed=0)

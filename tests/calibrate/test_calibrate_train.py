@@ -9,6 +9,7 @@ from _tiny import TinyLinearCore, make_pair, token_data
 
 from swapformer.calibrate import CalibrationConfig, CalibrationDiverged, Stage, calibrate
 from swapformer.errors import ConfigError, InputError
+from swapformer.loading.data import TokenSplits
 
 BASE = dict(batch_size=4, seq_len=32, progress=False, eval_batches=2, log_every=5)
 
@@ -210,3 +211,16 @@ def test_a_stage_with_mix_lr_trains_a_student_without_mixes():
     student, teacher = make_pair(1)
     result = calibrate(student, teacher, token_data(), _config(Stage("transfer", steps=3, lr=1e-2, mix_lr=0.3)))
     assert result.stages[0].steps == 3
+
+
+def test_a_stage_that_reads_past_the_data_says_rows_repeat(caplog):
+    train = torch.cat(token_data(n_docs=16, length=32)).view(16, 32)
+    splits = TokenSplits(train, train[:0])
+    config = _config(Stage("transfer", steps=4), Stage("transfer", steps=1), eval_batches=0)
+    with caplog.at_level("WARNING", logger="swapformer.calibrate"):
+        first, second = calibrate(make_pair(5)[0], None, splits, config).stages
+    assert first.passes == 1.0 and "repeat" not in first.describe()  # 4 x 4 rows: every row once
+    assert second.passes == pytest.approx(1.25)  # counted from the run's start: the 5th batch repeats
+    assert "1.25 passes over the data (rows repeat)" in second.describe()
+    warnings = [r.getMessage() for r in caplog.records if "rows repeat" in r.getMessage()]
+    assert len(warnings) == 1 and "past the 16 training sequences" in warnings[0]

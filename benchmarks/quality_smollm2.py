@@ -90,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-corpora", default="", help="comma-separated extra held-out corpora, e.g. wiki")
     p.add_argument("--as-is", default="window", help="comma-separated targets evaluated without calibration")
     p.add_argument("-o", "--option", action="append", default=[], metavar="TARGET:KEY=VALUE",
-                   help="a target option (value read as JSON), e.g. fastweight:normalize=true; repeatable")
+                   help="target options (values read as JSON), e.g. fastweight:update=sum;decay_half_life=0 "
+                        "(the other benchmarks' target spec); repeatable")
     p.add_argument("--tokens", type=int, default=100_000, help="calibration token budget per target")
     p.add_argument("--transfer-share", type=float, default=0.5, help="share of --tokens for transfer")
     p.add_argument("--seq-len", type=int, default=512)
@@ -143,16 +144,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def target_options(args: argparse.Namespace) -> dict[str, dict]:
-    """``{target: {key: value}}`` from the ``--option TARGET:KEY=VALUE`` arguments."""
-    from swapformer.cli import parse_option
+    """``{target: {key: value}}`` from the ``--option TARGET:KEY=VALUE[;KEY=VALUE...]`` arguments, read
+    as every benchmark reads a target spec (:func:`~swapformer.cli.options.parse_target_spec`)."""
+    from swapformer.cli.options import parse_target_spec
 
     options: dict[str, dict] = {}
     for text in args.option:
-        target, colon, rest = text.partition(":")
-        if not colon:
+        if ":" not in text:
             raise SystemExit(f"--option expects TARGET:KEY=VALUE, got {text!r}")
-        key, value = parse_option(rest)
-        options.setdefault(target, {})[key] = value
+        try:
+            target, values = parse_target_spec(text)
+        except argparse.ArgumentTypeError as err:
+            raise SystemExit(f"--option {text!r}: {err}") from err
+        options.setdefault(target, {}).update(values)
     return options
 
 

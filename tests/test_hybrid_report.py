@@ -129,3 +129,15 @@ def test_a_curve_point_past_the_training_rows_is_marked_in_its_row():
     assert inside.passes == 1.0 and hybrid_report.repeat_note(inside) == ""  # rows 2-5, each once
     past = hybrid_report._calibrate_rows(student, teacher, train, used=192, tokens=128, config=config)
     assert hybrid_report.repeat_note(past) == " [rows repeat: 2.00 passes]"  # rows 6-7 read twice
+
+
+def test_quality_options_read_the_benchmarks_one_target_spec():
+    import quality_smollm2
+
+    args = quality_smollm2.parse_args(["-o", "fastweight:update=sum;decay_half_life=0", "-o", "cat:chunk_size=32",
+                                       "-o", "fastweight:local_window=128"])
+    assert quality_smollm2.target_options(args) == {
+        "fastweight": {"update": "sum", "decay_half_life": 0, "local_window": 128}, "cat": {"chunk_size": 32}}
+    for bad in ("fastweight", "fastweight:update"):
+        with pytest.raises(SystemExit, match="TARGET:KEY=VALUE|KEY=VALUE"):
+            quality_smollm2.target_options(quality_smollm2.parse_args(["-o", bad]))

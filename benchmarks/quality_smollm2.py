@@ -120,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--short-windows", default="16,32", help="hybrid: SWAX windows ('' = off)")
     p.add_argument("--rope-shift", type=int, default=0,
                    help="hybrid: transfer steps see their rows at a random 0 .. N − 1 positions later (Stage.rope_shift)")
+    p.add_argument("--compile-cores", action="store_true",
+                   help="hybrid: torch.compile the cores for the transfer stages (CalibrationConfig.compile_cores)")
     p.add_argument("--distill-curve", default="",
                    help="hybrid: cumulative KL-distillation token budgets after the transfer curve ('' = none)")
     p.add_argument("--recall-train-share", type=float, default=0.0,

@@ -6,8 +6,8 @@ side by side in one process:
 * default (the product's figure): SmolLM2-135M's no-grad forward (LM head included, as the quality
   report measures it), then ``--steps`` transfer steps of a ``--target`` conversion (4 × 512 tokens,
   SWAX windows 16 / 32 on half the steps, RoPE shifts, as ``quality_smollm2.py --hybrid`` runs them),
-  once with eager cores and once with every core compiled (``module.compile()``: one graph serves all
-  30 layers, one more per SWAX window). Per-step throughput is read from the stage's log; the median
+  once with eager cores and once with every core's forward compiled (``CalibrationConfig(compile_cores=
+  True)``: one graph serves all 30 layers, one more per SWAX window). Per-step throughput is read from the stage's log; the median
   is the steady state, the total includes the compilations.
 * ``--cores`` (a unit benchmark, no weights): one core's transfer step at the same shape (forward and
   the backward of an MSE), eager and compiled interleaved, beside the host's causal SDPA forward.
@@ -79,12 +79,9 @@ def teacher_tok_s(teacher, rows: torch.Tensor, batches: int = 3) -> float:
 
 def transfer_run(teacher, rows: torch.Tensor, target: str, steps: int, compiled: bool) -> dict:
     student = rewrite(copy.deepcopy(teacher), target)
-    if compiled:
-        for r in student.swapformer_report.replaced:
-            student.get_submodule(r.core_name).compile(dynamic=False)
     stage = Stage("transfer", steps=steps, lr=1e-2, short_windows=(16, 32), rope_shift=8192)
     config = CalibrationConfig(stages=(stage,), batch_size=BATCH, seq_len=LENGTH, eval_batches=0, seed=0,
-                               progress=False, log_every=1)
+                               progress=False, log_every=1, compile_cores=compiled)
     with StepRates() as rates:
         result = calibrate(student, teacher, TokenSplits(rows[:BATCH * steps], rows[:0]), config).stages[0]
     return {"median": statistics.median(rates.rates[1:]), "total": result.tokens / result.seconds,
@@ -99,14 +96,17 @@ def model_rows(args) -> list[str]:
     ids = torch.cat(corpus_tokens("shakespeare", tokenizer))
     rows = ids[: (ids.numel() // LENGTH) * LENGTH].view(-1, LENGTH)
     before = teacher_tok_s(teacher, rows)
-    runs = {name: transfer_run(teacher, rows, args.target, args.steps, name == "compiled")
-            for name in ("eager", "compiled")}
+    runs = {}  # alternated, so that a drifting machine weighs on both alike
+    for round_ in range(1, args.rounds + 1):
+        for name in ("eager", "compiled"):
+            label = name if args.rounds == 1 else f"{name}, round {round_}"
+            runs[label] = transfer_run(teacher, rows, args.target, args.steps, name == "compiled")
     teacher_fwd = (before + teacher_tok_s(teacher, rows)) / 2  # before and after: a drifting machine shows
     lines = [f"teacher no-grad forward: {before:.0f} tok/s before, {teacher_fwd * 2 - before:.0f} after",
              f"| {args.target} transfer, {args.steps} steps of {BATCH} × {LENGTH} | s | tok/s, all steps "
              "(× teacher) | tok/s, median step (× teacher) |", "|---|---:|---:|---:|"]
     for name, r in runs.items():
-        lines.append(f"| {name} cores | {r['seconds']:.0f} | {r['total']:.0f} ({r['total'] / teacher_fwd:.2f}×) | "
+        lines.append(f"| {name.replace(',', ' cores,', 1) if ',' in name else name + ' cores'} | {r['seconds']:.0f} | {r['total']:.0f} ({r['total'] / teacher_fwd:.2f}×) | "
                      f"{r['median']:.0f} ({r['median'] / teacher_fwd:.2f}×) |")
     return lines
 
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="fastweight")
     parser.add_argument("--cores", action="store_true", help="one core at the transfer's shape, no weights")
     parser.add_argument("--steps", type=int, default=12, help="transfer steps per run (the first is not timed)")
+    parser.add_argument("--rounds", type=int, default=1, help="eager and compiled runs, alternated")
     parser.add_argument("--repeat", type=int, default=11, help="--cores: interleaved runs (the first is not timed)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--checkpoint-dir")
     opt.add_argument("--resume", action="store_true", default=None)
     opt.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    opt.add_argument("--compile-cores", action="store_true", default=None,
+                     help="torch.compile the replaced cores in transfer stages (CalibrationConfig.compile_cores)")
     out = p.add_argument_group("output")
     out.add_argument("--save", help="safetensors path for the calibrated student's state dict, tied "
                                     "weights once (load with safetensors.torch.load_model; '{rank}' in "

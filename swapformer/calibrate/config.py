@@ -157,6 +157,11 @@ class CalibrationConfig:
             before :class:`~swapformer.calibrate.CalibrationDiverged` is raised.
         nan_lr_factor: lr multiplier applied at each rollback.
         early_exit: in transfer stages, stop the forward pass once every site has run.
+        compile_cores: in transfer stages, run every replaced core's ``forward`` through one
+            ``torch.compile``'d function of its class (one graph per class and shape serves every
+            layer; the hooks stay eager) and put the eager ``forward`` back after the stage. Pays where
+            the cores' own forward and backward dominate a step (fastweight's transfer on CPU: 1.24× per
+            step, RESULTS.md session 23) and costs a compilation per SWAX window first.
     """
 
     stages: tuple[Stage, ...] = field(default_factory=_default_stages)
@@ -183,6 +188,7 @@ class CalibrationConfig:
     nan_retries: int = 3
     nan_lr_factor: float = 0.5
     early_exit: bool = True
+    compile_cores: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stages, Stage):
@@ -222,5 +228,5 @@ class CalibrationConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The fields that must match for a checkpoint to be resumed with this config."""
         skip = {"checkpoint_dir", "checkpoint_every", "resume", "log_every", "progress", "device",
-                "eval_batches"}
+                "eval_batches", "compile_cores"}
         return {k: v for k, v in self.to_dict().items() if k not in skip}

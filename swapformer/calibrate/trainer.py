@@ -44,7 +44,7 @@ from swapformer.calibrate.dist import (
 from swapformer.calibrate.distill import kl_distillation, lm_loss
 from swapformer.calibrate.lora import add_lora, is_lora_parameter, merge_lora, projection_modules
 from swapformer.calibrate.results import CalibrationDiverged, CalibrationResult, StageResult
-from swapformer.calibrate.transfer import TransferHooks, rope_frequencies
+from swapformer.calibrate.transfer import TransferHooks, compiled_cores, rope_frequencies
 from swapformer.errors import ConfigError, InputError
 from swapformer.loading.data import BatchStream, TokenSplits, prepare
 from swapformer.measure import call_model, forward_logits, model_device, perplexity
@@ -412,9 +412,11 @@ class _StageRun:
     @contextlib.contextmanager
     def _loss_context(self):
         if self.stage.kind == "transfer":
-            with TransferHooks(self.cal.base, self.cal.replaced, self.cal.teacher,
-                               early_exit=self.config.early_exit, normalize=self.stage.normalize,
-                               init_cores=self.stage.init_mix and self.step == 0) as hooks:
+            cores = [self.cal.base.get_submodule(r.core_name) for r in self.cal.replaced]
+            compiled = compiled_cores(cores) if self.config.compile_cores else contextlib.nullcontext()
+            with compiled, TransferHooks(self.cal.base, self.cal.replaced, self.cal.teacher,
+                                         early_exit=self.config.early_exit, normalize=self.stage.normalize,
+                                         init_cores=self.stage.init_mix and self.step == 0) as hooks:
                 yield lambda batch: self._transfer_loss(hooks, batch)
         else:
             yield self._distill_loss

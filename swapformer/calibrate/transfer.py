@@ -33,7 +33,9 @@ is initialised from its inputs of the first forward pass, before its output is c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -147,6 +149,29 @@ def rope_frequencies(model: nn.Module) -> torch.Tensor:
     if any(f.shape != found[0].shape or not torch.equal(f, found[0]) for f in found[1:]):
         raise ConfigError("rope_shift needs one RoPE frequency vector; the model's 'inv_freq' buffers differ")
     return found[0].detach().float()
+
+
+@contextlib.contextmanager
+def compiled_cores(cores: list[nn.Module]) -> Iterator[None]:
+    """Inside: each of ``cores`` runs its ``forward`` through one ``torch.compile``'d function of its
+    class, bound to it, so one graph serves every core of a class (compiling each module would compile
+    the hooks too, whose per-layer site names recompile past dynamo's limit). After: the eager
+    ``forward`` is back (the instance attribute removed), also on error."""
+    shared: dict[type, Callable] = {}
+    bound = []
+    try:
+        for core in cores:
+            if "forward" in vars(core):
+                raise ConfigError(f"{type(core).__name__} already has its own forward attribute; not compiling it")
+            cls = type(core)
+            if cls not in shared:
+                shared[cls] = torch.compile(cls.forward, dynamic=False)
+            core.forward = functools.partial(shared[cls], core)
+            bound.append(core)
+        yield
+    finally:
+        for core in bound:
+            del core.forward
 
 
 class TransferHooks:

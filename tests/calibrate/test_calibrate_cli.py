@@ -23,6 +23,8 @@ def test_config_from_args_keeps_defaults_for_missing_options():
     config = config_from_args(args)
     assert config.stages == (Stage("transfer", steps=2),)
     assert (config.seq_len, config.resume, config.batch_size, config.progress) == (64, True, 4, True)
+    assert config.compile_cores is False
+    assert config_from_args(build_parser().parse_args(["--compile-cores"])).compile_cores is True
 
 
 def test_load_factory_from_file_and_module(tmp_path):

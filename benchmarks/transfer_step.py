@@ -99,14 +99,15 @@ def model_rows(args) -> list[str]:
     runs = {}  # alternated, so that a drifting machine weighs on both alike
     for round_ in range(1, args.rounds + 1):
         for name in ("eager", "compiled"):
-            label = name if args.rounds == 1 else f"{name}, round {round_}"
+            label = f"{name} cores" + ("" if args.rounds == 1 else f", round {round_}")
             runs[label] = transfer_run(teacher, rows, args.target, args.steps, name == "compiled")
-    teacher_fwd = (before + teacher_tok_s(teacher, rows)) / 2  # before and after: a drifting machine shows
-    lines = [f"teacher no-grad forward: {before:.0f} tok/s before, {teacher_fwd * 2 - before:.0f} after",
+    after = teacher_tok_s(teacher, rows)
+    teacher_fwd = (before + after) / 2  # the machine may drift between the two
+    lines = [f"teacher no-grad forward: {before:.0f} tok/s before, {after:.0f} after",
              f"| {args.target} transfer, {args.steps} steps of {BATCH} × {LENGTH} | s | tok/s, all steps "
              "(× teacher) | tok/s, median step (× teacher) |", "|---|---:|---:|---:|"]
-    for name, r in runs.items():
-        lines.append(f"| {name.replace(',', ' cores,', 1) if ',' in name else name + ' cores'} | {r['seconds']:.0f} | {r['total']:.0f} ({r['total'] / teacher_fwd:.2f}×) | "
+    for label, r in runs.items():
+        lines.append(f"| {label} | {r['seconds']:.0f} | {r['total']:.0f} ({r['total'] / teacher_fwd:.2f}×) | "
                      f"{r['median']:.0f} ({r['median'] / teacher_fwd:.2f}×) |")
     return lines
 

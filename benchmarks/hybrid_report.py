@@ -155,7 +155,9 @@ def transfer_config(args, tokens: int, first: bool) -> CalibrationConfig:
                   schedule=args.transfer_schedule, mix_lr=args.mix_lr, rope_shift=args.rope_shift)
     return CalibrationConfig(stages=(stage,), batch_size=train_batch_size(args), seq_len=args.train_len,
                              eval_batches=0, seed=args.seed, log_every=25, progress=False,
-                             device=args.device, compile_cores=getattr(args, "compile_cores", False))
+                             device=args.device,
+                             # pareto_smollm2.py calls this with its own arguments, which have no --compile-cores
+                             compile_cores=getattr(args, "compile_cores", False))
 
 
 def kl_schedule_label(args) -> str:

@@ -6,9 +6,9 @@ side by side in one process:
 * default (the product's figure): SmolLM2-135M's no-grad forward (LM head included, as the quality
   report measures it), then ``--steps`` transfer steps of a ``--target`` conversion (4 × 512 tokens,
   SWAX windows 16 / 32 on half the steps, RoPE shifts, as ``quality_smollm2.py --hybrid`` runs them),
-  once with eager cores and once with every core's forward compiled (``CalibrationConfig(compile_cores=
-  True)``: one graph serves all 30 layers, one more per SWAX window). Per-step throughput is read from the stage's log; the median
-  is the steady state, the total includes the compilations.
+  once with eager cores and once with every core's forward compiled
+  (``CalibrationConfig(compile_cores=True)``: one graph serves all 30 layers, one more per SWAX window).
+  The median step (``StageResult.step_seconds``) is the steady state; the total includes the compilations.
 * ``--cores`` (a unit benchmark, no weights): one core's transfer step at the same shape (forward and
   the backward of an MSE), eager and compiled interleaved, beside the host's causal SDPA forward.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import re
 import statistics
 import sys
 import time
@@ -44,30 +43,6 @@ HEADS, KV_HEADS, HEAD_DIM, D_MODEL = 9, 3, 64, 576  # SmolLM2-135M's attention
 BATCH, LENGTH = 4, 512
 
 
-class StepRates(logging.Handler):
-    """Context manager: collects the tok/s of every calibration step logged inside it (``log_every=1``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rates: list[float] = []
-        self._log = logging.getLogger("swapformer.calibrate")
-        self._level = self._log.level
-
-    def __enter__(self) -> StepRates:
-        self._log.addHandler(self)
-        self._log.setLevel(logging.INFO)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._log.removeHandler(self)
-        self._log.setLevel(self._level)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        found = re.search(r" step \d+/\d+ .* (\d+) tok/s$", record.getMessage())
-        if found:
-            self.rates.append(float(found.group(1)))
-
-
 def teacher_tok_s(teacher, rows: torch.Tensor, batches: int = 3) -> float:
     with torch.no_grad():
         teacher(rows[:BATCH])  # warm-up
@@ -81,10 +56,10 @@ def transfer_run(teacher, rows: torch.Tensor, target: str, steps: int, compiled:
     student = rewrite(copy.deepcopy(teacher), target)
     stage = Stage("transfer", steps=steps, lr=1e-2, short_windows=(16, 32), rope_shift=8192)
     config = CalibrationConfig(stages=(stage,), batch_size=BATCH, seq_len=LENGTH, eval_batches=0, seed=0,
-                               progress=False, log_every=1, compile_cores=compiled)
-    with StepRates() as rates:
-        result = calibrate(student, teacher, TokenSplits(rows[:BATCH * steps], rows[:0]), config).stages[0]
-    return {"median": statistics.median(rates.rates[1:]), "total": result.tokens / result.seconds,
+                               progress=False, compile_cores=compiled)
+    result = calibrate(student, teacher, TokenSplits(rows[:BATCH * steps], rows[:0]), config).stages[0]
+    median_step = statistics.median(result.step_seconds[1:])  # the first step also initialises the mixes
+    return {"median": BATCH * LENGTH / median_step, "total": result.tokens / result.seconds,
             "seconds": result.seconds}
 
 

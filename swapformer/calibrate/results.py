@@ -18,8 +18,9 @@ class CalibrationDiverged(SwapformerError, RuntimeError):
 class StageResult:
     """One stage of a calibration run.
 
-    ``losses`` holds the (rank-averaged) loss of every completed step of this run; a stage resumed
-    from a checkpoint lists only the steps run after the resume. ``site_losses`` (transfer) is the
+    ``losses`` holds the (rank-averaged) loss of every completed step of this run and
+    ``step_seconds`` its wall time; a stage resumed from a checkpoint lists only the steps run after
+    the resume. ``site_losses`` (transfer) is the
     mean per-site MSE over the last ``log_every`` steps, by site name. ``passes``: the passes over
     the training sequences made by the end of the stage (counted from the run's first stage; above 1
     rows repeat).
@@ -34,6 +35,7 @@ class StageResult:
     trainable_parameters: int = 0
     rollbacks: int = 0
     losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
     site_losses: dict[str, float] = field(default_factory=dict)
     skipped: str = ""
     passes: float = 0.0

@@ -412,8 +412,9 @@ class _StageRun:
     @contextlib.contextmanager
     def _loss_context(self):
         if self.stage.kind == "transfer":
-            cores = [self.cal.base.get_submodule(r.core_name) for r in self.cal.replaced]
-            compiled = compiled_cores(cores) if self.config.compile_cores else contextlib.nullcontext()
+            compiled = contextlib.nullcontext()
+            if self.config.compile_cores:
+                compiled = compiled_cores([self.cal.base.get_submodule(r.core_name) for r in self.cal.replaced])
             with compiled, TransferHooks(self.cal.base, self.cal.replaced, self.cal.teacher,
                                          early_exit=self.config.early_exit, normalize=self.stage.normalize,
                                          init_cores=self.stage.init_mix and self.step == 0) as hooks:
@@ -478,6 +479,7 @@ class _StageRun:
         self.result.steps += 1
         self.result.tokens += tokens
         self.result.losses.append(loss)
+        self.result.step_seconds.append(seconds)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
         if self.step % self.config.log_every == 0 or self.step == self.total:

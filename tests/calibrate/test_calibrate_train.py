@@ -32,6 +32,7 @@ def test_transfer_and_distill_losses_decrease():
     assert sum(distill.losses[-5:]) / 5 < 0.8 * distill.losses[0]
     assert set(transfer.site_losses) == {"blocks.0:0", "blocks.1:0", "blocks.0.mlp:0", "blocks.1.mlp:0"}
     assert result.tokens == 60 * 4 * 32
+    assert len(transfer.step_seconds) == 30 and all(t > 0 for t in transfer.step_seconds)  # one per step
     assert result.eval_perplexity is not None and result.heldout.shape[1] == 32
     assert result.model is student
 

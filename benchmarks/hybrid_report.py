@@ -330,13 +330,14 @@ def hybrid_main(args, results: Path) -> int:
     for target in (t for t in args.targets.split(",") if t):
         target_rows_ = target_rows(target, teacher, corpora, train, kl_train, vocab, args)
         rows += target_rows_
-        from quality_smollm2 import target_options
+        if target != "window":  # a window's own step-0 row is already the window of its state
+            from quality_smollm2 import target_options
 
-        options = target_options(args).get(target, {})
-        w = equal_memory_window(rewrite(copy.deepcopy(teacher), target, **options), args.long_len)
-        if w not in windows_done:
-            windows_done.add(w)
-            rows.append(window_row(teacher, corpora, vocab, args, w, f"equal memory to {target}"))
+            options = target_options(args).get(target, {})
+            w = equal_memory_window(rewrite(copy.deepcopy(teacher), target, **options), args.long_len)
+            if w not in windows_done:
+                windows_done.add(w)
+                rows.append(window_row(teacher, corpora, vocab, args, w, f"equal memory to {target}"))
         log.info("table so far:\n%s", markdown(rows, teacher_row, teacher_tok_s, args, machine()))
     table = markdown(rows, teacher_row, teacher_tok_s, args, machine())
     print(table)

@@ -160,7 +160,7 @@ class CalibrationConfig:
         compile_cores: in transfer stages, run every replaced core's ``forward`` through one
             ``torch.compile``'d function of its class (one graph per class and shape serves every
             layer; the hooks stay eager) and put the eager ``forward`` back after the stage. Pays where
-            the cores' own forward and backward dominate a step (fastweight's transfer on CPU: 1.24× per
+            the cores' own forward and backward dominate a step (fastweight's transfer on CPU: 1.12-1.28× per
             step, RESULTS.md session 23) and costs a compilation per SWAX window first.
     """
 

@@ -211,3 +211,19 @@ def test_evicting_hybrids_decode_batch_and_count_their_state(llama, target: str)
     cores = [model.get_submodule(r.core_name) for r in model.swapformer_report.replaced]
     cache = _cache_after(model, 9)
     assert cache.nbytes() == sum(core.state_bytes(12) for core in cores)
+
+
+def test_window_with_a_cache_decodes_batches_and_counts_its_state(llama) -> None:
+    """``window`` with ``cache`` (heavy hitters kept past the window): decoding, left-padded batches and
+    the state counted, with a window short enough that decoding evicts into the cache."""
+    model = llama.rewrite("window", window=3, sinks=1, cache=2)
+    _decode_matches_prefix_forwards(model, _ids(2, 12))
+    _left_padded_batch_matches_each_prompt_alone(model)
+    cores = [model.get_submodule(r.core_name) for r in model.swapformer_report.replaced]
+    cache = _cache_after(model, 9)
+    assert cache.nbytes() == sum(core.state_bytes(12) for core in cores)
+    with torch.no_grad():
+        cache = model(_ids(2, 40), use_cache=True).past_key_values
+    for t in (t for layer in cache.core_layers() for part in (layer.state, layer.rows, layer.replay)
+              for t in _tensors(part)):
+        assert t.untyped_storage().nbytes() <= t.numel() * t.element_size(), tuple(t.shape)

@@ -16,6 +16,10 @@ unmasked SDPA over the cache and the new token (:meth:`WindowAttention._decode_s
 autograd a prefill from position 0 without padding runs one Triton kernel (:mod:`swapformer.kernels.window`)
 instead of the block loop. Decoding keeps only the sink keys and the last ``window − 1`` keys (and their
 positions / padding flags) in ``state``.
+
+``cache=K`` also keeps, per kv head, the ``K`` evicted tokens that drew the most attention while in the
+window, as exact keys (:mod:`swapformer.targets.window_cache`): fixed state, and on SmolLM2-135M 6 %
+better held-out perplexity than the window with as many exact keys.
 """
 
 from __future__ import annotations
@@ -58,12 +62,15 @@ class WindowConfig(TargetConfig):
             Measured on SmolLM2-135M's cores (9 heads / 3 kv heads, d 64, window 512, 1 thread, CPU
             time of a stateful prefill per layer): block 128: 38 ms at 2k, 173 ms at 8k; 256: 38 / 180;
             512: 52 ms at 2k (the host's causal SDPA: 49 / 665 ms).
+        cache: evicted tokens per kv head kept as exact keys beside the window, the ones that drew the
+            most attention while in it (:mod:`swapformer.targets.window_cache`); 0 = none.
     """
 
     name = "window"
     window: int = 512
     sinks: int = 4
     block_size: int = 0
+    cache: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,6 +80,8 @@ class WindowConfig(TargetConfig):
             raise ConfigError(f"window sinks must be >= 0, got {self.sinks}")
         if self.block_size < 0:
             raise ConfigError(f"window block_size must be >= 0, got {self.block_size}")
+        if self.cache < 0:
+            raise ConfigError(f"window cache must be >= 0 (0 = no cache), got {self.cache}")
 
 
 @register_target(WindowConfig)
@@ -109,6 +118,10 @@ class WindowAttention(TargetModule):
         cls, site: Site, config: TargetConfig, weights: Mapping[str, torch.Tensor]
     ) -> WindowAttention:
         assert isinstance(site, AttentionSite) and isinstance(config, WindowConfig)
+        if config.cache:
+            from swapformer.targets.window_cache import CachedWindowAttention
+
+            cls = CachedWindowAttention
         core = cls(site.num_heads, site.num_kv_heads or site.num_heads, site.head_dim,
                    site.value_dim or site.head_dim, site.scale, config)
         if site.window is not None:

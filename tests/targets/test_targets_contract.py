@@ -38,6 +38,7 @@ CASES = [
     ("cat", {"mode": "layer", "chunk_size": 4, "head_dim": 8}),
     ("window", {"window": 5, "sinks": 2}),
     ("window", {"window": 4, "sinks": 0, "block_size": 3}),
+    ("window", {"window": 4, "sinks": 1, "cache": 3, "block_size": 3}),
     ("worker", {"interval": 3}),
     ("worker", {"interval": 1}),
 ]

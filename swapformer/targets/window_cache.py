@@ -37,6 +37,7 @@ import math
 
 import torch
 
+from swapformer.errors import ConfigError
 from swapformer.targets.reference import (
     check_full_call,
     full_window_step,
@@ -69,6 +70,8 @@ class CachedWindowAttention(WindowAttention):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if self.config.cache < 1:
+            raise ConfigError(f"CachedWindowAttention needs a config with cache >= 1, got {self.config.cache}")
         self.cache = self.config.cache
 
     def forward(self, q, k, v, bias=None, *, hidden=None, state=None) -> torch.Tensor:

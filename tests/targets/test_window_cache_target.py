@@ -37,6 +37,8 @@ def test_cache_option_builds_the_cached_core_and_zero_the_plain_window():
     assert type(_core(window=4)) is WindowAttention
     with pytest.raises(ConfigError, match="window cache must be >= 0"):
         WindowConfig(cache=-1)
+    with pytest.raises(ConfigError, match="needs a config with cache >= 1"):
+        CachedWindowAttention(4, 2, 8, config=WindowConfig(window=4))
 
 
 @pytest.mark.parametrize(("window", "sinks", "cache", "block"), [(4, 1, 3, 3), (6, 2, 5, 4), (3, 0, 2, 64), (5, 2, 1, 1)])

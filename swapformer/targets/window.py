@@ -111,6 +111,8 @@ class WindowAttention(TargetModule):
 
     @classmethod
     def unsupported(cls, site: Site, config: TargetConfig) -> str | None:
+        if getattr(config, "cache", 0) and getattr(site, "mask", None) == "bias":
+            return "the mask adds terms to the scores (a position bias), which the window's cache does not read"
         return attention_site_problem(site)
 
     @classmethod

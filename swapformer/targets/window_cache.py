@@ -26,9 +26,10 @@ window of that size can.
 Every call runs one algorithm, prefill and decoding alike, in query blocks: first the window part of
 every block (its scores give each key's ``a``), then the blocks in order, each reading the ``K`` slots
 ready for its first query plus the tokens evicted inside it (masked per query to the top ``K`` of what
-that query may see), and passing on the top ``K`` ready for the next block. Keys the host mask marks as
-padding are never seen nor cached; other mask content (a position bias) is not read, as in the
-hybrid targets.
+that query may see), and passing on the top ``K`` ready for the next block. A one-token step after the
+window has filled (the one ``generate()`` takes) is one softmax instead (:meth:`CachedWindowAttention._decode_step`).
+Keys the host mask marks as padding are never seen nor cached. A site whose mask has other content (a
+position bias) is refused, and so is such a mask at run time: the cache does not read it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import math
 
 import torch
 
-from swapformer.errors import ConfigError
+from swapformer.errors import ConfigError, InputError
 from swapformer.targets.reference import (
     check_full_call,
     full_window_step,
@@ -77,6 +78,9 @@ class CachedWindowAttention(WindowAttention):
     def forward(self, q, k, v, bias=None, *, hidden=None, state=None) -> torch.Tensor:
         if state is None:
             check_full_call(q, k, self.target_name)
+            if bias is not None and not self._padding_only(bias, q.shape[0], k.shape[-2])[0]:
+                raise InputError("window with cache reads only a causal and key-padding mask; this mask has "
+                                 "other content (a position bias?): use cache=0, which keeps it")
         dt = torch.promote_types(q.dtype, torch.float32)
         out_dtype, q, k, v = q.dtype, q.to(dt), k.to(dt), v.to(dt)
         if state is not None and self._decode_step_applies(q, k, bias, state):

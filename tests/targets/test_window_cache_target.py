@@ -3,6 +3,7 @@ was measured with, its degenerate cases, decoding and padding."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from target_helpers import attention_site, build, decode, qkv_inputs
 
-from swapformer.errors import ConfigError
+from swapformer.errors import ConfigError, InputError
 from swapformer.targets.reference import repeat_kv
 from swapformer.targets.window import WindowAttention, WindowConfig
 from swapformer.targets.window_cache import CachedWindowAttention
@@ -112,6 +113,19 @@ def test_padding_is_never_seen_nor_cached():
                          state=state))
     stepped = torch.cat(outs, dim=2)
     torch.testing.assert_close(stepped[1, :, pad:], want[1, :, pad:], rtol=1e-10, atol=1e-10)
+
+
+def test_a_position_bias_is_refused_at_the_site_and_at_run_time():
+    site, _ = attention_site(d_model=D_MODEL)
+    biased = dataclasses.replace(site, mask="bias")
+    assert "position bias" in WindowAttention.unsupported(biased, WindowConfig(cache=2))
+    assert WindowAttention.unsupported(biased, WindowConfig()) is None
+    core = _core(window=4, sinks=1, cache=3)
+    q, k, v, _ = _inputs(core, 1, 10, seed=9)
+    i, j = torch.arange(10)[:, None], torch.arange(10)[None, :]
+    alibi = torch.where(j <= i, -0.1 * (i - j).double(), -torch.inf)
+    with pytest.raises(InputError, match="use cache=0"):
+        core(q, k, v, alibi)
 
 
 def test_gradients_equal_the_dense_rule():

@@ -59,6 +59,8 @@ import torch
 
 # run as a script from any checkout: import that checkout's swapformer, not an installed one
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from swapformer.cli.options import parse_target_spec as target_spec  # noqa: E402
+
 CLOCK = time.perf_counter
 
 TARGETS = ("window", "fastweight", "elita", "cat")
@@ -218,22 +220,27 @@ def free_attention(model):
         ALL_ATTENTION_FUNCTIONS[name] = saved
 
 
-def _core(name: str):
+def _core(spec: str):
+    """The core of ``spec`` (a target with options, ``"window:window=64;cache=64"``) at SmolLM2's shapes."""
     from swapformer.targets.cat import CatConfig, HybridCat
     from swapformer.targets.elita import ElitaConfig, HybridElita
     from swapformer.targets.fastweight import FastWeightConfig, HybridFastWeight
 
+    name, options = target_spec(spec)
     scale = HEAD_DIM**-0.5
     if name == "fastweight":
-        return HybridFastWeight(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, scale, FastWeightConfig())
+        return HybridFastWeight(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, scale, FastWeightConfig(**options))
     if name == "elita":
-        return HybridElita(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, D_MODEL, scale, ElitaConfig())
+        return HybridElita(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, D_MODEL, scale, ElitaConfig(**options))
     if name == "cat":
-        return HybridCat(HEADS, KV_HEADS, HEAD_DIM, scale, CatConfig())
+        return HybridCat(HEADS, KV_HEADS, HEAD_DIM, scale, CatConfig(**options))
     if name == "window":
         from swapformer.targets.window import WindowAttention, WindowConfig
+        from swapformer.targets.window_cache import CachedWindowAttention
 
-        return WindowAttention(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, scale, WindowConfig())
+        config = WindowConfig(**options)
+        cls = CachedWindowAttention if config.cache else WindowAttention
+        return cls(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, scale, config)
     raise SystemExit(f"--cores times {TARGETS}, not {name!r}")
 
 
@@ -352,7 +359,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.cores:
         lengths = [int(n) for n in args.length.split(",")]
-        names = [t for t in args.targets.split(",") if t in TARGETS]
+        names = [t for t in args.targets.split(",") if target_spec(t)[0] in TARGETS]
         if names:
             time_cores(lengths, names, max(1, args.steps) * 10, max(2, args.repeat), args.loop)
         if "worker" in args.targets.split(","):

@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 
 from swapformer.loading.offline import load_smollm2
-from swapformer.measure import perplexity, recall_nll
 
 log = logging.getLogger("sparse_cache_probe")
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -126,15 +125,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def evaluate(model, corpora: dict, vocab: int, args) -> dict[str, float]:
-    scores = {f"{name} {args.long_len}": perplexity(model, c.long, seq_len=args.long_len, batch_size=1,
-                                                    max_batches=args.long_batches)
-              for name, c in corpora.items()}
-    for length in (int(x) for x in args.recall.split(",") if x):
-        scores[f"recall {length}"] = recall_nll(model, length, args.recall_samples, vocab, args.seed)
-    return scores
-
-
 def markdown(rows: list[tuple[str, int, float, dict]], teacher: dict, args, machine: str) -> str:
     cols = list(teacher)
     head = ["rule", "exact keys per query (sinks + window + cache)", "s", *cols]
@@ -153,6 +143,7 @@ def markdown(rows: list[tuple[str, int, float, dict]], teacher: dict, args, mach
 
 def main(argv: list[str] | None = None) -> int:
     from hybrid_report import EVAL_CORPORA, load_corpus
+    from pareto_smollm2 import evaluate  # long-context perplexity and recall, the columns here
     from quality_smollm2 import machine
     from transformers import AttentionInterface
 

@@ -99,14 +99,14 @@ def inverse_softplus(x: float) -> float:
 
 def local_terms(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shifted exact sums over the visible keys: ``(Σ e v, Σ e, c)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shifted exact sums over the visible keys: ``(Σ e v, Σ e, c, e)``.
 
     ``q [..., G, Tq, D]``, ``k, v [..., Tk, D]`` with the same leading dims (``[B, Hkv]`` for one
     query block, ``[B, Hkv, blocks]`` for a tiled prefill), ``bias`` (0 where a key is seen, −inf
     where not: :func:`mask_bias`) broadcastable to ``[..., G, Tq, Tk]``; returns ``[..., G, Tq, Dv]``,
     ``[..., G, Tq, 1]``, ``[..., G, Tq, 1]`` (``c = 0`` on rows that see no key, whose sums are then
-    0). One batched matmul per product (the scale goes on the keys, the smaller operand), the mask
+    0), and the weights ``e [..., G, Tq, Tk]`` (the window cache scores keys by them). One batched matmul per product (the scale goes on the keys, the smaller operand), the mask
     added (a broadcast ``masked_fill`` measured 20× slower) and the exponential taken in place when
     no gradient is recorded.
     """
@@ -120,7 +120,7 @@ def local_terms(
     c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
     e = s.sub_(c).exp_() if inplace else torch.exp(s - c)
     num = torch.matmul(e.view(*lead, g * tq, tk), v)
-    return num.view(*lead, g, tq, -1), e.sum(-1, keepdim=True), c
+    return num.view(*lead, g, tq, -1), e.sum(-1, keepdim=True), c, e
 
 
 def tile_terms(
@@ -375,7 +375,7 @@ class HybridAttention(TargetModule):
             kept = keep[:, run_start:run_end]
         vis = window_keep(q_pos, k_pos, w, s)
         vis = vis if kept is None else vis[None, None, None] & kept[:, None, None, None]
-        num, den, c = local_terms(self._grouped(q), kb, vb, mask_bias(vis, q.dtype), self.scale)
+        num, den, c, _ = local_terms(self._grouped(q), kb, vb, mask_bias(vis, q.dtype), self.scale)
         # items evicted inside this block: positions max(s, qa − w + 1) .. qb − w, all in the run
         _, ev_start, ev_end = window_buffer_slices(last, length, 0, max(s, lo), qb - w + 1)
         items = {n: t[:, :, ev_start:ev_end] for n, t in buf.items()}

@@ -39,11 +39,11 @@ import math
 import torch
 
 from swapformer.errors import ConfigError, InputError
+from swapformer.targets.hybrid import local_terms, mask_bias
 from swapformer.targets.reference import (
     check_full_call,
     full_window_step,
     key_keep_from_bias,
-    state_keys_real,
     state_pos,
     window_buffer_slices,
     window_keep,
@@ -52,18 +52,6 @@ from swapformer.targets.reference import (
 from swapformer.targets.window import WindowAttention
 
 NEG_INF = -math.inf
-
-
-def shifted_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float):
-    """``(Σ e v, Σ e, c, e)`` with ``e = exp(scale q·k − c)`` over the kept keys (0 elsewhere) and ``c``
-    the row max (0 on rows that keep nothing). ``q [B, Hkv, G, Tq, D]``, ``k, v [B, Hkv, Tk, D]``,
-    ``keep`` broadcastable to ``[B, Hkv, G, Tq, Tk]``."""
-    s = torch.matmul(q, (k * scale).transpose(-1, -2)[:, :, None])
-    s = s.masked_fill(~keep, NEG_INF)
-    c = s.amax(-1, keepdim=True)
-    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
-    e = torch.exp(s - c)
-    return torch.matmul(e, v[:, :, None]), e.sum(-1, keepdim=True), c, e
 
 
 class CachedWindowAttention(WindowAttention):
@@ -177,7 +165,8 @@ class CachedWindowAttention(WindowAttention):
         k_pos = torch.cat([torch.arange(sink_end), torch.arange(lo, qb)]).to(qg.device)
         vis = window_keep(torch.arange(qa, qb, device=qg.device), k_pos, self.window, self.sinks)
         keep = vis[None, None, None] & buf["keep"][:, idx][:, None, None, None]
-        num, den, c, e = shifted_sums(qg, buf["k"][:, :, idx], buf["v"][:, :, idx], keep, self.scale)
+        num, den, c, e = local_terms(qg, buf["k"][:, :, idx], buf["v"][:, :, idx], mask_bias(keep, qg.dtype),
+                                     self.scale)
         # a_j counts the window only: the run columns (a sink column is never evicted)
         drawn = (e[..., sink_end:] / den.clamp_min(torch.finfo(den.dtype).tiny)).sum(dim=(2, 3))
         buf["score"] = buf["score"].index_add(2, torch.arange(run_start, run_end, device=qg.device), drawn.detach())
@@ -203,7 +192,7 @@ class CachedWindowAttention(WindowAttention):
         ranked = cand_score[:, :, None].masked_fill(~vis, NEG_INF)  # [B, Hkv, Tq + 1, n + Ne]
         kth = ranked.topk(n, dim=-1).values[..., -1:]
         member = (ranked >= kth) & torch.isfinite(ranked)
-        num, den, c, _ = shifted_sums(qg, cand_k, cand_v, member[:, :, None, :-1], self.scale)
+        num, den, c, _ = local_terms(qg, cand_k, cand_v, mask_bias(member[:, :, None, :-1], qg.dtype), self.scale)
         ready = ranked[:, :, -1].topk(n, dim=-1).indices  # the slots for query qb
         slots = {"k": cand_k.gather(2, ready[..., None].expand(-1, -1, -1, cand_k.shape[-1])),
                  "v": cand_v.gather(2, ready[..., None].expand(-1, -1, -1, cand_v.shape[-1])),
@@ -219,7 +208,7 @@ class CachedWindowAttention(WindowAttention):
         state["keep"] = buf["keep"][:, idx]
         positions = torch.cat([torch.arange(sink_end), torch.arange(run_start, run_end) + (end - length)])
         state["k_pos"] = positions.to(buf["k"].device).expand(buf["k"].shape[0], -1)
-        state["padded"] = not state_keys_real({"keep": state["keep"]})
+        state["padded"] = not bool(state["keep"].all())
         state["cache_k"], state["cache_v"], state["cache_score"] = slots["k"], slots["v"], slots["score"]
         state["pos"] = end
 

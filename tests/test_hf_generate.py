@@ -213,10 +213,13 @@ def test_evicting_hybrids_decode_batch_and_count_their_state(llama, target: str)
     assert cache.nbytes() == sum(core.state_bytes(12) for core in cores)
 
 
-def test_window_with_a_cache_decodes_batches_and_counts_its_state(llama) -> None:
-    """``window`` with ``cache`` (heavy hitters kept past the window): decoding, left-padded batches and
-    the state counted, with a window short enough that decoding evicts into the cache."""
-    model = llama.rewrite("window", window=3, sinks=1, cache=2)
+@pytest.mark.parametrize(("target", "options"), [("window", {"window": 3}), ("elita", {"local_window": 3}),
+                                                 ("fastweight", {"local_window": 3, "update": "sum"})])
+def test_a_heavy_hitter_cache_decodes_batches_and_counts_its_state(llama, target, options) -> None:
+    """``cache`` (heavy hitters kept past the window; in a hybrid, the far memory holds the rest):
+    decoding, left-padded batches and the state counted, with a window short enough that decoding evicts
+    into the cache."""
+    model = llama.rewrite(target, sinks=1, cache=2, **options)
     _decode_matches_prefix_forwards(model, _ids(2, 12))
     _left_padded_batch_matches_each_prompt_alone(model)
     cores = [model.get_submodule(r.core_name) for r in model.swapformer_report.replaced]

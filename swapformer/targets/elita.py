@@ -68,6 +68,7 @@ from swapformer.targets.base import TargetConfig, TargetModule, copy_projection,
 from swapformer.targets.hybrid import (
     STATE_ELEMENT_BYTES,
     LinearFarMemory,
+    check_cache_option,
     check_hybrid_options,
     own,
     query_rows,
@@ -117,6 +118,8 @@ class ElitaConfig(TargetConfig):
             of the far memory (0 = no decay; see the module docstring). Default: 128 for the hybrid
             (without it a transferred memory fails at 2k: benchmarks/RESULTS.md, session 15), 0
             for the seed form.
+        cache: hybrid: ``K`` evicted tokens per kv head also seen exactly, the heavy hitters, with the
+            far memory holding the rest (0 = none; see :mod:`swapformer.targets.hybrid`).
     """
 
     name = "elita"
@@ -130,10 +133,12 @@ class ElitaConfig(TargetConfig):
     block_size: int = 64
     mix_init: float = 1e-6
     decay_half_life: float | None = None
+    cache: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_hybrid_options(self.name, self.local_window, self.sinks, self.block_size)
+        check_cache_option(self.name, self.cache, self.local_window)
         if self.decay_half_life is None:  # frozen: resolve the default in place
             object.__setattr__(self, "decay_half_life", DEFAULT_DECAY_HALF_LIFE if self.local_window else 0.0)
         if not self.decay_half_life >= 0:
@@ -328,7 +333,7 @@ class HybridElita(LinearFarMemory):
         if not config.local_window:
             raise ConfigError("HybridElita needs local_window > 0 (0 is ElitaAttention)")
         super().__init__(num_heads, num_kv_heads, head_dim, value_dim, scale, config.local_window,
-                         config.sinks, config.block_size, config.mix_init)
+                         config.sinks, config.block_size, config.mix_init, config.cache)
         self.config = config
         self.memory_heads, self.feature_dim = num_heads, 1
         self.init_decay(config.decay_half_life)
@@ -343,7 +348,7 @@ class HybridElita(LinearFarMemory):
         assert isinstance(site, AttentionSite) and isinstance(config, ElitaConfig)
         core = cls(site.num_heads, site.num_kv_heads or site.num_heads, site.head_dim,
                    site.value_dim or site.head_dim, site_model_dim(site, weights), site.scale, config)
-        seed_form = dataclasses.replace(config, local_window=0, decay_half_life=0.0)
+        seed_form = dataclasses.replace(config, local_window=0, decay_half_life=0.0, cache=0)
         core.logit_core = ElitaAttention.from_site(site, seed_form, weights)
         core._freeze_unused()
         return core.to(core.logit_core.k1.dtype)

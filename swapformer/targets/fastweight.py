@@ -84,7 +84,7 @@ from torch.nn import functional as F
 from swapformer.errors import ConfigError
 from swapformer.sites import AttentionSite, Site
 from swapformer.targets.base import TargetConfig, TargetModule, register_target
-from swapformer.targets.hybrid import LinearFarMemory, check_hybrid_options
+from swapformer.targets.hybrid import LinearFarMemory, check_cache_option, check_hybrid_options
 from swapformer.targets.reference import (
     attention_site_problem,
     check_full_call,
@@ -132,6 +132,9 @@ class FastWeightConfig(TargetConfig):
         update: hybrid: how an evicted token enters the far memory: ``"sum"`` adds ``φk vᵀ``,
             ``"delta"`` overwrites what its key returned (see the module docstring); default
             ``"delta"`` for the hybrid, ``"sum"`` for the seed form.
+        cache: hybrid: ``K`` evicted tokens per kv head also seen exactly, the heavy hitters, with the
+            far memory holding the rest (0 = none; needs ``update="sum"``: see
+            :mod:`swapformer.targets.hybrid`).
 
     The hybrid's defaults (Hedgehog maps, half-life 128, delta rule) are the best measured recipe on
     SmolLM2-135M (benchmarks/RESULTS.md, issue 12, sessions 13-19): after 307k transfer + 204k KL
@@ -150,10 +153,12 @@ class FastWeightConfig(TargetConfig):
     mix_init: float = 1e-3
     decay_half_life: float | None = None
     update: UpdateRule | None = None
+    cache: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_hybrid_options(self.name, self.local_window, self.sinks, self.block_size)
+        check_cache_option(self.name, self.cache, self.local_window)
         hybrid = bool(self.local_window)
         if self.decay_half_life is None:  # frozen: resolve the defaults in place
             object.__setattr__(self, "decay_half_life", 128.0 if hybrid else 0.0)
@@ -164,6 +169,9 @@ class FastWeightConfig(TargetConfig):
                               f"{self.decay_half_life}")
         if self.update not in ("sum", "delta"):
             raise ConfigError(f"fastweight update {self.update!r} is not one of 'sum', 'delta'")
+        if self.update == "delta" and self.cache:
+            raise ConfigError("fastweight cache needs update='sum': the memory reads the cached tokens' "
+                              "share out of its sums, and a delta-rule write is no sum")
         if self.update == "delta" and not self.local_window:
             raise ConfigError("fastweight update='delta' is a far-memory rule of the hybrid: it needs "
                               "local_window > 0")
@@ -403,7 +411,7 @@ class HybridFastWeight(LinearFarMemory):
         if not config.local_window:
             raise ConfigError("HybridFastWeight needs local_window > 0 (0 is FastWeightAttention)")
         super().__init__(num_heads, num_kv_heads, head_dim, value_dim, scale, config.local_window,
-                         config.sinks, config.block_size, config.mix_init)
+                         config.sinks, config.block_size, config.mix_init, config.cache)
         self.config = config
         self.memory_heads = num_kv_heads
         self.q_map: HedgehogFeatureMap | None = None

@@ -43,6 +43,23 @@ token put first, gives the keys, and the state keeps the rest as a view (one row
 The same sums as the block loop in another order (equal to rounding, checked by the tests);
 ``fast_decode = False`` selects the loop.
 
+Heavy-hitter cache (``cache=K``: elita, and fastweight with ``update="sum"``; LoLA's layout,
+quality-recipes §1.4). The exact part also sees ``C_i``, the ``K`` evicted tokens per kv head that drew
+the most attention while in the window (the rule of ``window`` with ``cache``,
+:mod:`swapformer.targets.window_cache`), and the far memory reads only the evicted tokens the cache
+does not hold::
+
+    c_i = max_{j ∈ N_i ∪ C_i} scale · q_i·k_j
+    y_i = (Σ_{N_i ∪ C_i} e^{…} v_j + g_h m_i) / (Σ_{N_i ∪ C_i} e^{…} + g_h n_i),   (m_i, n_i) over F_i ∖ C_i
+
+The memory still takes every token at its eviction; a read subtracts what the cached tokens add to it
+(:meth:`LinearFarMemory.cached_far`: ``φq_i·φk_j [v_j, 1]``, times ``γ^(i − avail_j)`` with decay),
+which is exact for a memory of sums. A delta-rule write depends on what the memory held before it,
+so it cannot be taken back out: refused. ``g = 0`` is ``window`` with ``cache``; ``K ≥ T`` the
+host's attention whatever ``g`` (the memory holds nothing). Every call runs the block loop (no tiles,
+no one-token step); the state adds each window token's score and ``K`` slots (key, value, score,
+position and the memory's per-token inputs).
+
 Block size (the configs' ``block_size``, default 64), measured on SmolLM2-135M's cores (9 / 3 kv
 heads, d 64, window 64 + 4 sinks, fastweight's Hedgehog memory, 1 thread, CPU time of a stateful
 prefill per layer): with the block loop, block 32: 93 ms at 2k; 64: 65 ms at 2k, 304 ms at 8k; 128:
@@ -62,6 +79,7 @@ from torch import nn
 from swapformer.errors import ConfigError
 from swapformer.kernels.window import window_attention, window_kernel_applies
 from swapformer.targets.base import TargetModule
+from swapformer.targets.heavy_cache import add_window_scores, choose, empty_slots, merge
 from swapformer.targets.reference import (
     STATE_ELEMENT_BYTES,
     check_full_call,
@@ -82,6 +100,8 @@ FarRead = tuple[torch.Tensor, torch.Tensor, Memory]
 
 # per-token tensors every hybrid keeps for its exact window
 WINDOW_KEYS = ("k", "v")
+# state and memory keys of the heavy-hitter cache's slots (``cache > 0``)
+SLOT = "cache_"
 
 
 def check_hybrid_options(target: str, local_window: int, sinks: int, block_size: int) -> None:
@@ -91,6 +111,13 @@ def check_hybrid_options(target: str, local_window: int, sinks: int, block_size:
         raise ConfigError(f"{target} sinks must be >= 0, got {sinks}")
     if block_size < 1:
         raise ConfigError(f"{target} block_size must be >= 1, got {block_size}")
+
+
+def check_cache_option(target: str, cache: int, local_window: int) -> None:
+    if cache < 0:
+        raise ConfigError(f"{target} cache must be >= 0 (0 = no heavy-hitter cache), got {cache}")
+    if cache and not local_window:
+        raise ConfigError(f"{target} cache keeps tokens evicted from the hybrid's window: it needs local_window > 0")
 
 
 def inverse_softplus(x: float) -> float:
@@ -214,6 +241,11 @@ def as_tiles(x: torch.Tensor, a: int, e: int, kv_heads: int, block: int) -> torc
     return rows.view(b, kv_heads, h // kv_heads, (e - a) // block, block, width).transpose(2, 3)
 
 
+def gather_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``x [B, Hkv, ...]`` per kv head repeated for ``heads`` heads (a multiple): ``[B, heads, ...]``."""
+    return x.repeat_interleave(heads // x.shape[1], dim=1) if heads != x.shape[1] else x
+
+
 def mask_bias(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The additive form of a keep mask: 0 where True, −inf where False."""
     return torch.where(keep, 0.0, -math.inf).to(dtype)
@@ -252,12 +284,13 @@ class HybridAttention(TargetModule):
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, value_dim: int,
                  scale: float | None, local_window: int, sinks: int, block_size: int,
-                 mix_init: float) -> None:
+                 mix_init: float, cache: int = 0) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim, self.value_dim = head_dim, value_dim
         self.scale = scale if scale is not None else head_dim**-0.5
         self.window, self.sinks, self.block_size = local_window, sinks, block_size
+        self.cache = cache  # heavy-hitter slots per kv head in the exact part (LinearFarMemory only)
         self.mix_logit = nn.Parameter(torch.full((num_heads,), inverse_softplus(mix_init)))
         self._far_ratios: list[torch.Tensor] | None = None
 
@@ -343,6 +376,8 @@ class HybridAttention(TargetModule):
         """The cached window tokens followed by this call's: ``(tokens, pos [R], keep [B, R])``."""
         pos_new = torch.arange(start, start + k.shape[-2], device=k.device)
         tokens = {"k": k, "v": v, **self.token_inputs(k, v, hidden, pos_new)}
+        if self.cache:  # each token's attention drawn while in the window (the cache's a_j)
+            tokens["score"] = k.new_zeros(k.shape[:3])
         if state is None or "k" not in state:
             return tokens, pos_new, keep_new
         buf = {n: torch.cat([state[n], t.to(state[n].dtype)], dim=2) for n, t in tokens.items()}
@@ -375,12 +410,23 @@ class HybridAttention(TargetModule):
             kept = keep[:, run_start:run_end]
         vis = window_keep(q_pos, k_pos, w, s)
         vis = vis if kept is None else vis[None, None, None] & kept[:, None, None, None]
-        num, den, c, _ = local_terms(self._grouped(q), kb, vb, mask_bias(vis, q.dtype), self.scale)
+        num, den, c, e = local_terms(self._grouped(q), kb, vb, mask_bias(vis, q.dtype), self.scale)
+        slots = {n[len(SLOT):]: mem.pop(n) for n in list(mem) if n.startswith(SLOT)}
+        if self.cache:
+            buf["score"] = add_window_scores(buf["score"], e, den, sink_end, run_start, run_end)
+            cand, member, slots = self._cache_choice(slots, buf, pos, keep, qa, qb, last)
+            num_c, den_c, c_c, _ = local_terms(self._grouped(q), cand["k"], cand["v"],
+                                               mask_bias(member[:, :, None], q.dtype), self.scale)
+            num, den, c = merge(num, den, c, num_c, den_c, c_c)
         # items evicted inside this block: positions max(s, qa − w + 1) .. qb − w, all in the run
         _, ev_start, ev_end = window_buffer_slices(last, length, 0, max(s, lo), qb - w + 1)
         items = {n: t[:, :, ev_start:ev_end] for n, t in buf.items()}
         m, n, mem = self.far_block(mem, qf, items, pos[ev_start:ev_end] + w, keep[:, ev_start:ev_end],
                                    q_pos, c.flatten(1, 2))
+        if self.cache:  # the memory holds every evicted token: take out those the exact part sees
+            m_c, n_c = self.cached_far(qf, cand, member, q_pos)
+            m, n = m - m_c, (n - n_c).clamp_min(0.0)
+            mem.update({SLOT + name: t for name, t in slots.items()})
         g = self.mix()[None, :, None, None]
         b, h, tq = q.shape[0], self.num_heads, qb - qa
         num, den = num.reshape(b, h, tq, -1), den.reshape(b, h, tq, 1)
@@ -388,6 +434,18 @@ class HybridAttention(TargetModule):
             self._far_ratios.append(n / den.clamp_min(torch.finfo(den.dtype).tiny))
         num, den = num + g * m, den + g * n
         return num / den.clamp_min(torch.finfo(den.dtype).tiny), mem
+
+    def _cache_choice(self, slots: Tokens, buf: Tokens, pos, keep, qa: int, qb: int, last: int):
+        """:func:`~swapformer.targets.heavy_cache.choose` over the buffer's per-token tensors and positions
+        (empty slots on the first call)."""
+        tokens = {**buf, "pos": pos.expand(keep.shape[0], self.num_kv_heads, -1)}
+        if not slots:
+            slots = empty_slots(tokens, self.cache)
+        return choose(slots, tokens, keep, qa, qb, last, self.window, self.sinks, self.cache)
+
+    def cached_far(self, qf, cand: Tokens, member: torch.Tensor, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the memory's read ``(m, n)`` holds of the cached tokens a query sees exactly."""
+        raise NotImplementedError(f"{self.target_name}: a far memory that takes no cache")
 
     def _store(self, state: dict, buf: Tokens, pos, keep, mem: Memory, end: int, padded: bool) -> None:
         """Keep the sinks and the last ``w − 1`` tokens (the rest is in the memory) and the memory."""
@@ -408,7 +466,7 @@ class HybridAttention(TargetModule):
         fresh = self.memory_init(batch, ref)
         if state is None or "k" not in state:
             return fresh
-        return {n: state[n] for n in fresh}
+        return {n: state[n] for n in (*fresh, *(n for n in state if n.startswith(SLOT)))}
 
     # the far memory reads the attention block's input (elita's logits)
     needs_hidden: bool = False
@@ -431,7 +489,7 @@ class HybridAttention(TargetModule):
     def _decode_step_applies(self, q, k, bias, state: dict | None) -> bool:
         """Whether this call is a step :meth:`_decode_step` computes: one token, no mask, no
         gradient, a state whose window has filled (``w − 1`` run keys after ``s`` sinks), no padding."""
-        return (self.fast_decode and self._far_ratios is None
+        return (self.fast_decode and self._far_ratios is None and not self.cache
                 and full_window_step(q, k, bias, state, self.sinks, self.window))
 
     def _decode_step(self, q, k, v, hidden, state: dict) -> torch.Tensor:
@@ -574,7 +632,7 @@ class HybridAttention(TargetModule):
         buf, pos, keep = self._buffer(state, k, v, hidden, keep_new, start)
         mem = self._memory_from(state, b, q)
         tiled = (self.tiled_prefill and start == 0 and not padded and tq > self.block_size
-                 and self.far_tiles_supported())
+                 and self.far_tiles_supported() and not self.cache)
         qf = None
         if not (tiled and self.queries_from_tiles):
             qf = self.query_features(q, hidden, torch.arange(start, start + tq, device=q.device))
@@ -651,10 +709,14 @@ class HybridAttention(TargetModule):
 
     def state_bytes(self, context_len: int) -> int:
         """Sinks + last ``w − 1`` tokens (fp32 ``k``/``v`` of every kv head, int64 position, padding
-        flag, any cached memory inputs) plus the fixed-size far memory."""
+        flag, any cached memory inputs) plus the fixed-size far memory, and the cache's slots."""
         rows = min(context_len, self.window - 1 + self.sinks)
         per_row = self.num_kv_heads * (self.head_dim + self.value_dim) * STATE_ELEMENT_BYTES + 8 + 1
-        return rows * (per_row + self.token_bytes()) + self.memory_bytes(context_len)
+        total = rows * (per_row + self.token_bytes()) + self.memory_bytes(context_len)
+        if self.cache:  # a score per window row and kv head; per slot and kv head k, v, score, int64 position
+            slot = self.num_kv_heads * ((self.head_dim + self.value_dim + 1) * STATE_ELEMENT_BYTES + 8) + self.token_bytes()
+            total += rows * self.num_kv_heads * STATE_ELEMENT_BYTES + (self.cache * slot if context_len else 0)
+        return total
 
     def evicted(self, context_len: int) -> int:
         """Tokens in the far memory after ``context_len`` tokens (ready for the next query)."""
@@ -804,6 +866,23 @@ class LinearFarMemory(HybridAttention):
         mem = {"S": own(memory[..., :dv]), "z": own(memory[..., dv])}
         read = self._kv_tiles(read.view(b, hm, nb, gm, blk, dv + 1))
         return read[..., :dv], self._floor(read[..., dv:]), mem
+
+    def cached_far(self, qf, cand, member, q_pos):
+        """``(m, n)`` of the candidates each query keeps (``member [B, Hkv, Tq, C]``), read as the memory
+        reads them: ``φq_i φk_j [v_j, 1]``, times ``γ^(i − avail_j)`` with decay (``avail_j = j + w``)."""
+        b, h, tq, f = qf.shape
+        hm = self.memory_heads
+        fk, fv = self.memory_items(cand)  # [B, Hm, C, F], [B, Hm, C, Dv]
+        weight = member.to(qf.dtype)[:, :, None]  # [B, Hkv, 1, Tq, C]: memory heads share their kv head's choice
+        weight = weight.expand(-1, -1, hm // self.num_kv_heads, -1, -1).reshape(b, hm, 1, tq, -1)
+        log_gamma = self.log_decay()
+        if log_gamma is not None:
+            avail = gather_heads(cand["pos"], hm) + self.window  # [B, Hm, C]
+            age = (q_pos[:, None] - avail[:, :, None]).clamp_min(0).to(qf.dtype)  # [B, Hm, Tq, C]
+            weight = weight * torch.exp(log_gamma.to(qf.dtype)[:, None, None] * age)[:, :, None]
+        a = torch.matmul(qf.reshape(b, hm, -1, tq, f), fk[:, :, None].transpose(-1, -2)) * weight
+        m = torch.matmul(a, fv[:, :, None])
+        return m.reshape(b, h, tq, -1), a.sum(-1).reshape(b, h, tq, 1)
 
     def _floor(self, n: torch.Tensor) -> torch.Tensor:
         """The read normaliser, floored at 0 for delta-rule writes (which can subtract from it)."""

@@ -39,6 +39,7 @@ import math
 import torch
 
 from swapformer.errors import ConfigError, InputError
+from swapformer.targets.heavy_cache import add_window_scores, choose, merge
 from swapformer.targets.hybrid import local_terms, mask_bias
 from swapformer.targets.reference import (
     check_full_call,
@@ -148,11 +149,9 @@ class CachedWindowAttention(WindowAttention):
                         for a, e in blocks]
         outs = []
         for (a, e), (num, den, c) in zip(blocks, window_parts):
-            num_c, den_c, c_c, slots = self._cache_part(qg[:, :, :, a:e], buf, slots, start + a, start + e, last, length)
-            top = torch.maximum(c, c_c)
-            w_n, w_c = torch.exp(c - top), torch.exp(c_c - top)
-            den_all = den * w_n + den_c * w_c
-            out = (num * w_n + num_c * w_c) / den_all.clamp_min(torch.finfo(den_all.dtype).tiny)
+            num_c, den_c, c_c, slots = self._cache_part(qg[:, :, :, a:e], buf, slots, start + a, start + e, last)
+            num, den, _ = merge(num, den, c, num_c, den_c, c_c)
+            out = num / den.clamp_min(torch.finfo(den.dtype).tiny)
             outs.append(out.reshape(b, h, e - a, -1))
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0], slots
 
@@ -167,36 +166,15 @@ class CachedWindowAttention(WindowAttention):
         keep = vis[None, None, None] & buf["keep"][:, idx][:, None, None, None]
         num, den, c, e = local_terms(qg, buf["k"][:, :, idx], buf["v"][:, :, idx], mask_bias(keep, qg.dtype),
                                      self.scale)
-        # a_j counts the window only: the run columns (a sink column is never evicted)
-        drawn = (e[..., sink_end:] / den.clamp_min(torch.finfo(den.dtype).tiny)).sum(dim=(2, 3))
-        buf["score"] = buf["score"].index_add(2, torch.arange(run_start, run_end, device=qg.device), drawn.detach())
+        buf["score"] = add_window_scores(buf["score"], e, den, sink_end, run_start, run_end)
         return num, den, c
 
-    def _cache_part(self, qg, buf, slots, qa: int, qb: int, last: int, length: int):
-        """The shifted sums over ``C_i`` of queries ``qa .. qb − 1`` and the slots ready for query ``qb``.
-
-        Candidates: the slots (``C_qa``) and the tokens ``qa − w + 1 .. qb − w`` (evicted inside the
-        block, ``j ≤ i − w`` for query ``i``); query ``i`` keeps the top ``K`` scores of those it may see."""
-        w, n = self.window, self.cache
-        lo_e, hi_e = max(self.sinks, qa - w + 1), qb - w + 1
-        _, ev_start, ev_end = window_buffer_slices(last, length, 0, lo_e, hi_e)
-        ev_score = buf["score"][:, :, ev_start:ev_end].masked_fill(~buf["keep"][:, None, ev_start:ev_end], NEG_INF)
-        cand_k = torch.cat([slots["k"], buf["k"][:, :, ev_start:ev_end]], 2)
-        cand_v = torch.cat([slots["v"], buf["v"][:, :, ev_start:ev_end]], 2)
-        cand_score = torch.cat([slots["score"], ev_score], 2)  # [B, Hkv, n + Ne]
-        # visible to query i: every slot, evicted token j once j ≤ i − w; plus a virtual query qb
-        q_pos = torch.arange(qa, qb + 1, device=qg.device)
-        j = torch.arange(lo_e, max(lo_e, hi_e), device=qg.device)
-        vis = torch.cat([torch.ones(qb + 1 - qa, n, dtype=torch.bool, device=qg.device),
-                         j[None, :] <= q_pos[:, None] - w], 1)
-        ranked = cand_score[:, :, None].masked_fill(~vis, NEG_INF)  # [B, Hkv, Tq + 1, n + Ne]
-        kth = ranked.topk(n, dim=-1).values[..., -1:]
-        member = (ranked >= kth) & torch.isfinite(ranked)
-        num, den, c, _ = local_terms(qg, cand_k, cand_v, mask_bias(member[:, :, None, :-1], qg.dtype), self.scale)
-        ready = ranked[:, :, -1].topk(n, dim=-1).indices  # the slots for query qb
-        slots = {"k": cand_k.gather(2, ready[..., None].expand(-1, -1, -1, cand_k.shape[-1])),
-                 "v": cand_v.gather(2, ready[..., None].expand(-1, -1, -1, cand_v.shape[-1])),
-                 "score": ranked[:, :, -1].gather(2, ready)}
+    def _cache_part(self, qg, buf, slots, qa: int, qb: int, last: int):
+        """The shifted sums over ``C_i`` of queries ``qa .. qb − 1`` and the slots ready for query ``qb``
+        (:func:`~swapformer.targets.heavy_cache.choose`)."""
+        tokens = {name: buf[name] for name in ("k", "v", "score")}
+        cand, member, slots = choose(slots, tokens, buf["keep"], qa, qb, last, self.window, self.sinks, self.cache)
+        num, den, c, _ = local_terms(qg, cand["k"], cand["v"], mask_bias(member[:, :, None], qg.dtype), self.scale)
         return num, den, c, slots
 
     def _store(self, state: dict, buf, slots, end: int) -> None:

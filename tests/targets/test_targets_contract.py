@@ -32,6 +32,8 @@ CASES = [
     ("fastweight", {"local_window": 4, "sinks": 0, "feature_map": "elu1"}),
     ("elita", {"local_window": 0}),
     ("elita", {"local_window": 3, "sinks": 2, "block_size": 3}),
+    ("elita", {"local_window": 3, "sinks": 1, "cache": 2, "block_size": 3}),
+    ("fastweight", {"local_window": 3, "sinks": 1, "cache": 2, "update": "sum", "block_size": 2}),
     ("cat", {"chunk_size": 4, "local_window": 0}),
     ("cat", {"chunk_size": 4, "sink": True, "local_window": 0}),
     ("cat", {"chunk_size": 2, "local_window": 3, "sinks": 1, "block_size": 2}),

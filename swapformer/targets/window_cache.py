@@ -28,6 +28,13 @@ every block (its scores give each key's ``a``), then the blocks in order, each r
 ready for its first query plus the tokens evicted inside it (masked per query to the top ``K`` of what
 that query may see), and passing on the top ``K`` ready for the next block. A one-token step after the
 window has filled (the one ``generate()`` takes) is one softmax instead (:meth:`CachedWindowAttention._decode_step`).
+A prefill from position 0 without padding (a model's prompt, and every calibration row) computes the same
+sums as tiles (:meth:`CachedWindowAttention._tiled`): the window part of all query blocks as one batched
+softmax, the choice of cached keys block by block on scores alone (one sort per block), then the cache
+part of all blocks as one batched softmax, the two joined by their log-sum-exps. Measured per layer at
+SmolLM2-135M's shapes (2 threads, ``benchmarks/profile_smollm2.py --cores``): 30-42 ms for a 2k prefill
+against the block loop's 51-68 ms and the host's causal SDPA's 40-69 ms (RESULTS.md, issue 12, session 26).
+Tokens whose scores tie may be chosen differently by the two (``topk`` and a sort break ties apart).
 Keys the host mask marks as padding are never seen nor cached. A site whose mask has other content (a
 position bias) is refused, and so is such a mask at run time: the cache does not read it.
 """
@@ -37,10 +44,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from swapformer.errors import ConfigError, InputError
 from swapformer.targets.heavy_cache import add_window_scores, choose, merge
-from swapformer.targets.hybrid import local_terms, mask_bias
+from swapformer.targets.hybrid import local_terms, mask_bias, query_rows, tile_bias
 from swapformer.targets.reference import (
     check_full_call,
     full_window_step,
@@ -76,6 +84,12 @@ class CachedWindowAttention(WindowAttention):
             return self._decode_step(q, k, v, state).to(out_dtype)
         b, tq = q.shape[0], q.shape[-2]
         keep_new = key_keep_from_bias(bias, b, k.shape[-2])
+        if keep_new is None and self.tiled_prefill and state_pos(state) == 0 and tq > self._block():
+            out, score, slots = self._tiled(q, k, v)
+            if state is not None:
+                keep = torch.ones(b, tq, dtype=torch.bool, device=q.device)
+                self._store(state, {"k": k, "v": v, "keep": keep, "score": score}, slots, tq)
+            return out.to(out_dtype)
         if keep_new is None:
             keep_new = torch.ones(b, tq, dtype=torch.bool, device=q.device)
         buf = self._buffer(state, k, v, keep_new)
@@ -85,6 +99,117 @@ class CachedWindowAttention(WindowAttention):
         if state is not None:
             self._store(state, buf, slots, start + tq)
         return out.to(out_dtype)
+
+    # a prefill from position 0 without padding runs as tiles (False: the block loop, which the tests
+    # take as the reference); queries per segment of tiles
+    tiled_prefill: bool = True
+    segment_len: int = 512
+
+    def _tiled(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The block loop's sums for a prefill from position 0 without padding, query blocks as tiles.
+
+        Per segment of ``segment_len`` queries: the window part of every block at once (one batched
+        softmax over each tile's sinks and ``w + block − 1`` keys, as the hybrids' tiles), whose weights
+        give the keys' ``a``; then the choice of the cached keys block by block, on scores alone
+        (:meth:`_choose_tiles`); then the cache part of every block at once over the keys each block
+        chose. The two parts combine through their log-sum-exps. Returns the output ``[B, H, T, Dv]``,
+        ``a [B, Hkv, T]`` and the slots ready for query ``T``.
+        """
+        b, h, t, d = q.shape
+        hk, blk = self.num_kv_heads, self._block()
+        tp = -(-t // blk) * blk
+        seg = max(blk, self.segment_len // blk * blk)
+        kp, vp = (F.pad(x, (0, 0, self.window - 1, tp - t)) for x in (k, v))
+        # index j + w − 1 holds a_j; room for the candidate slices of _choose_tiles past the end
+        score = k.new_zeros(b, hk, tp + self.window + self.sinks + blk)
+        slots = {"pos": torch.zeros(b, hk, self.cache, dtype=torch.long, device=q.device),
+                 "score": k.new_full((b, hk, self.cache), NEG_INF)}
+        outs = []
+        for a in range(0, tp, seg):
+            e = min(tp, a + seg)
+            qt = query_rows(q, a, e).view(b, hk, h // hk, (e - a) // blk, blk, d).transpose(2, 3)
+            o_w, lse_w = self._window_tiles(qt, k, v, kp, vp, score, a, e, t)
+            pos, member, slots = self._choose_tiles(score, slots, a, e, t)
+            o_c, lse_c = self._cache_tiles(qt, k, v, pos, member)
+            out = torch.lerp(o_w, o_c, torch.sigmoid(lse_c - lse_w))  # shares e^lse_w : e^lse_c
+            outs.append(out.transpose(2, 3).reshape(b, h, e - a, -1))
+        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+        ready = slots["pos"][..., None]
+        final = {"k": k.gather(2, ready.expand(-1, -1, -1, d)), "v": v.gather(2, ready.expand(-1, -1, -1, v.shape[-1])),
+                 "score": slots["score"]}
+        return out[:, :, :t], score[:, :, self.window - 1:self.window - 1 + t], final
+
+    def _window_tiles(self, qt, k, v, kp, vp, score, a: int, e: int, t: int):
+        """``(o, lse)`` of the window part of queries ``a .. e − 1`` in tiles ``[B, Hkv, blocks, G, block, ·]``;
+        adds the weights of real queries (``< t``) on the run keys to ``score`` (in place)."""
+        b, hk, nb, g, blk, d = qt.shape
+        w, sinks = self.window, min(self.sinks, t)
+        span = blk + w - 1
+        kt = kp[:, :, a:e + w - 1].unfold(2, span, blk).transpose(-1, -2)  # [B, Hkv, blocks, span, D]
+        vt = vp[:, :, a:e + w - 1].unfold(2, span, blk).transpose(-1, -2)
+        if sinks:
+            kt = torch.cat([k[:, :, None, :sinks].expand(-1, -1, nb, -1, -1), kt], dim=3)
+            vt = torch.cat([v[:, :, None, :sinks].expand(-1, -1, nb, -1, -1), vt], dim=3)
+        s = torch.matmul(qt.reshape(b, hk, nb, g * blk, d), (kt * self.scale).transpose(-1, -2))
+        s = s.view(b, hk, nb, g, blk, -1) + tile_bias(a, e, blk, w, sinks, qt.dtype, qt.device)
+        c = s.amax(-1, keepdim=True)
+        p = torch.softmax(s, dim=-1)
+        lse = c - torch.log(p.amax(-1, keepdim=True))  # the largest weight is e^0 / Σ e
+        o = torch.matmul(p.view(b, hk, nb, g * blk, -1), vt).view(b, hk, nb, g, blk, -1)
+        real = (torch.arange(a, e, device=qt.device) < t).to(p.dtype).view(nb, 1, blk, 1)
+        drawn = (p[..., sinks:].detach() * real).sum(dim=(3, 4))  # [B, Hkv, blocks, span]: a_j, the run only
+        cols = (torch.arange(a, e, blk, device=qt.device)[:, None] + torch.arange(span, device=qt.device)).flatten()
+        score.index_add_(2, cols, drawn.flatten(2))
+        return o, lse
+
+    def _choose_tiles(self, score, slots, a: int, e: int, t: int):
+        """The candidates' positions ``[B, Hkv, blocks, K + block]`` of each block of queries ``a .. e − 1``
+        (the slots, then the tokens evicted inside the block), which each query keeps, and the slots
+        after: :func:`~swapformer.targets.heavy_cache.choose` on positions and scores alone."""
+        w, n, blk, dev = self.window, self.cache, self._block(), score.device
+        b, hk = score.shape[:2]
+        positions, members = [], []
+        for qa in range(a, e, blk):
+            qb = min(t, qa + blk)
+            lo_e = max(self.sinks, qa - w + 1)
+            ev = torch.arange(lo_e, lo_e + blk, device=dev)  # evicted in the block: ev ≤ qb − w
+            real = ev <= qb - w
+            ev_score = score[:, :, w - 1 + lo_e:w - 1 + lo_e + blk].masked_fill(~real, NEG_INF)
+            cand_score = torch.cat([slots["score"], ev_score], 2)
+            cand_pos = torch.cat([slots["pos"], torch.where(real, ev, 0).expand(b, hk, -1)], 2)
+            q_pos = torch.arange(qa, qa + blk + 1, device=dev)  # the last row stands for query qb
+            vis = torch.cat([torch.ones(blk + 1, n, dtype=torch.bool, device=dev),
+                             ev[None, :] <= torch.minimum(q_pos, torch.tensor(qb, device=dev))[:, None] - w], 1)
+            # each row keeps the first K candidates it sees in the order of their scores (one sort per
+            # block instead of a top-K per row); the last row sees them all, so its K are the first K
+            order = cand_score.argsort(dim=-1, descending=True)  # [B, Hkv, K + block]
+            ranked = cand_score.gather(2, order)
+            seen = vis.expand(b, hk, -1, -1).gather(3, order[:, :, None].expand(-1, -1, blk + 1, -1))
+            seen = seen & torch.isfinite(ranked)[:, :, None]
+            kept = seen & (seen.cumsum(-1) <= n)
+            member = torch.zeros_like(kept).scatter_(3, order[:, :, None].expand(-1, -1, blk + 1, -1), kept)
+            members.append(member[:, :, :-1])
+            positions.append(cand_pos)
+            slots = {"pos": cand_pos.gather(2, order[..., :n]), "score": ranked[..., :n]}
+        return torch.stack(positions, 2), torch.stack(members, 2), slots
+
+    def _cache_tiles(self, qt, k, v, pos, member):
+        """``(o, lse)`` of the cache part: each tile's queries over its candidates' keys, masked by
+        ``member [B, Hkv, blocks, block, C]`` (``lse = −inf`` on rows that keep none)."""
+        b, hk, nb, g, blk, d = qt.shape
+        idx = pos.flatten(2)[..., None]
+        kc = k.gather(2, idx.expand(-1, -1, -1, d)).view(b, hk, nb, -1, d)
+        vc = v.gather(2, idx.expand(-1, -1, -1, v.shape[-1])).view(b, hk, nb, -1, v.shape[-1])
+        s = torch.matmul(qt.reshape(b, hk, nb, g * blk, d), (kc * self.scale).transpose(-1, -2))
+        has = member.any(-1, keepdim=True)  # [B, Hkv, blocks, block, 1]
+        # rows that keep nothing get finite scores (no NaN in the softmax's gradient) and lse = −inf
+        s = s.view(b, hk, nb, g, blk, -1) + mask_bias(member | ~has, qt.dtype)[:, :, :, None]
+        has = has[:, :, :, None]
+        c = s.amax(-1, keepdim=True)
+        p = torch.softmax(s, dim=-1)
+        lse = torch.where(has, c - torch.log(p.amax(-1, keepdim=True)), NEG_INF)
+        o = torch.matmul(p.view(b, hk, nb, g * blk, -1), vc).view(b, hk, nb, g, blk, -1)
+        return o, lse
 
     def _decode_step_applies(self, q, k, bias, state: dict) -> bool:
         """The window's one-token step (:func:`full_window_step`) once the slots exist."""

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from target_helpers import attention_site, build, decode, qkv_inputs
+from hypothesis import given
+from hypothesis import strategies as st
+from target_helpers import attention_site, build, decode, hypothesis_settings, qkv_inputs
 
 from swapformer.errors import ConfigError, InputError
 from swapformer.targets.reference import repeat_kv
@@ -139,3 +141,49 @@ def test_gradients_equal_the_dense_rule():
         grads.append([t.grad for t in x])
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def _loop(core: CachedWindowAttention) -> CachedWindowAttention:
+    twin = dataclasses.replace(core.config)
+    loop = CachedWindowAttention(core.num_heads, core.num_kv_heads, core.head_dim, scale=core.scale, config=twin)
+    loop.tiled_prefill = False
+    return loop
+
+
+@hypothesis_settings(25)
+@given(window=st.integers(2, 7), sinks=st.integers(0, 3), cache=st.integers(1, 5), length=st.integers(2, 40),
+       block=st.integers(1, 6), segment=st.integers(1, 12), seed=st.integers(0, 5))
+def test_tiled_prefill_equals_the_block_loop(window, sinks, cache, length, block, segment, seed):
+    """Outputs, gradients and the state the prefill leaves (then decoding on from it). From window 2:
+    with one key per query every token draws the same ``a``, and the two paths break ties apart."""
+    core = _core(window=window, sinks=sinks, cache=cache, block_size=block)
+    core.segment_len = segment
+    loop = _loop(core)
+    q, k, v, _ = _inputs(core, 2, length, seed=seed)
+    runs = []
+    for c in (core, loop):
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        state: dict = {}
+        out = c(*(t[:, :, :length - 1] for t in x), state=state)
+        out = torch.cat([out, c(*(t[:, :, length - 1:] for t in x), state=state)], dim=2)
+        out.square().sum().backward()
+        runs.append((out, [t.grad for t in x], state))
+    (out, grads, state), (out_l, grads_l, state_l) = runs
+    torch.testing.assert_close(out, out_l, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, grads_l):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    for name in ("k", "v", "cache_score"):
+        torch.testing.assert_close(state[name], state_l[name], rtol=1e-10, atol=1e-10)
+    # a sink's score is never read (a sink is never evicted): the loop adds what the sink drew as one
+    s = min(sinks, length)
+    torch.testing.assert_close(state["score"][..., s:], state_l["score"][..., s:], rtol=1e-10, atol=1e-10)
+
+
+def test_tiled_prefill_runs_for_a_long_call(monkeypatch):
+    core = _core(window=4, sinks=1, cache=3, block_size=4)
+    q, k, v, _ = _inputs(core, 1, 30, seed=2)
+    taken, tiled = [], core._tiled
+    monkeypatch.setattr(core, "_tiled", lambda *a: taken.append(1) or tiled(*a))
+    core(q, k, v)
+    core(q[:, :, :4], k[:, :, :4], v[:, :, :4])  # one block: the loop
+    assert taken == [1]

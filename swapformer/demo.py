@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 import swapformer
+from swapformer.cli.options import parse_target_spec
 from swapformer.measure import compare_speed, kv_cache_bytes, state_bytes
 
 log = logging.getLogger("swapformer.demo")
@@ -57,6 +58,9 @@ DEFAULT_TARGETS: dict[str, dict[str, Any]] = {
     "worker": {"interval": 2},
     "auto": {},  # options from the data: auto_options()
 }
+# the rows of a plain `make demo`: every target, and the window with its heavy-hitter cache (README's
+# recommended model; "name:key=value;..." is a target with options, as the benchmarks write it)
+DEFAULT_ROWS = ("sdpa", "window", "window:window=64;sinks=4;cache=64", "fastweight", "elita", "cat", "worker", "auto")
 AUTO_WINDOWS = (32, 64, 128)  # kept only when below --eval-len (see the module docstring)
 AUTO_HYBRIDS = ("fastweight", "elita", "cat")
 CONTEXT = 32768  # the plot's (and the default budget's) decode context
@@ -83,7 +87,8 @@ class Row:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m swapformer.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated targets")
+    p.add_argument("--targets", default=",".join(DEFAULT_ROWS),
+                   help="comma-separated targets, each a name or name:key=value;key=value")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per calibration stage")
     p.add_argument("--seq-len", type=int, default=128, help="calibration sequence length")
     p.add_argument("--batch-size", type=int, default=2, help="calibration batch size")
@@ -171,16 +176,17 @@ def sample(model: nn.Module, tokenizer: Any, tokens: int) -> str:
 
 
 def run_target(name: str, prepared: Any, teacher: nn.Module, data: tuple, args: argparse.Namespace,
-               baseline: dict[str, float], options: dict[str, Any] | None = None) -> Row:
-    """One row: rewrite to ``name`` with ``options`` (default: :data:`DEFAULT_TARGETS`), evaluate,
-    calibrate, evaluate again, time against the original, sample."""
+               baseline: dict[str, float], options: dict[str, Any] | None = None, label: str | None = None) -> Row:
+    """One row, labelled ``label`` (default ``name``): rewrite to ``name`` with ``options`` (default:
+    :data:`DEFAULT_TARGETS`), evaluate, calibrate, evaluate again, time against the original, sample."""
     from swapformer.planner import model_cost
 
     tokenizer, train, heldout = data
+    target, name = name, label or name
     row = Row(name)
     try:
         with phase(f"{name}: rewrite"):
-            student = prepared.rewrite(name, **(DEFAULT_TARGETS.get(name, {}) if options is None else options))
+            student = prepared.rewrite(target, **(DEFAULT_TARGETS.get(target, {}) if options is None else options))
     except Exception as exc:  # one target failing must not hide the others: recorded in the table
         log.exception("rewrite to %s failed", name)
         row.error = f"{type(exc).__name__}: {exc}"
@@ -316,15 +322,18 @@ def main(argv: list[str] | None = None) -> int:
     teacher_ppl = perplexity(teacher, heldout)
     baseline = {"kv_bytes": kv_cache_bytes(teacher, 2048)}
     rows = []
-    for name in [t for t in args.targets.split(",") if t]:
-        log.info("target %s", name)
+    for entry in [t for t in args.targets.split(",") if t]:
+        log.info("target %s", entry)
+        name, spec = parse_target_spec(entry)
         try:
             options = auto_options(args, plan_rows) if name == "auto" else None
         except swapformer.ConfigError as exc:  # recorded in the table like a failed rewrite
-            log.error("%s: %s", name, exc)
-            rows.append(Row(name, error=f"ConfigError: {exc}"))
+            log.error("%s: %s", entry, exc)
+            rows.append(Row(entry, error=f"ConfigError: {exc}"))
             continue
-        rows.append(run_target(name, prepared, teacher, (tokenizer, train, heldout), args, baseline, options))
+        if spec:
+            options = {**(options or DEFAULT_TARGETS.get(name, {})), **spec}
+        rows.append(run_target(name, prepared, teacher, (tokenizer, train, heldout), args, baseline, options, entry))
     text = table(rows, teacher_ppl)
     planned = [f"- **{r.target}** plan ({args.auto_budget}): {r.plan}" for r in rows if r.plan]
     plans = "\n\n" + "\n".join(planned) if planned else ""

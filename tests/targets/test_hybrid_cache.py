@@ -13,7 +13,15 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from target_helpers import attention_site, build, decode, hypothesis_settings, padding_bias, qkv_inputs, randomize
+from target_helpers import (
+    attention_site,
+    build,
+    decode,
+    hypothesis_settings,
+    padding_bias,
+    qkv_inputs,
+    randomize,
+)
 
 from swapformer.errors import ConfigError
 from swapformer.targets.elita import ElitaConfig

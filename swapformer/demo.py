@@ -1,6 +1,6 @@
 """``make demo``: convert the real SmolLM2-135M to every target, calibrate briefly, compare.
 
-With no arguments (2 idle CPU cores: 1.8 minutes measured, the auto row and its planning included):
+With no arguments (2 CPU cores: 3.3 minutes measured in session 26, the auto row and its planning included):
 load SmolLM2-135M offline, capture and match it once, then for each target rewrite it, measure
 held-out perplexity on Shakespeare before and after a short calibration (attention transfer, then
 logit distillation), prefill and decode speed relative to the original (measured side by side), and

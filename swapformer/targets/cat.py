@@ -61,7 +61,7 @@ from swapformer.sites import AttentionSite, Site
 from swapformer.targets.base import TargetConfig, TargetModule, register_target
 from swapformer.targets.cat_config import CatConfig, check_chunk_size
 from swapformer.targets.cat_layer import CatLayer, rope
-from swapformer.targets.hybrid import STATE_ELEMENT_BYTES, HybridAttention, own
+from swapformer.targets.hybrid import STATE_ELEMENT_BYTES, HybridAttention, hybrid_site_problem, own
 from swapformer.targets.reference import (
     attention_site_problem,
     check_full_call,
@@ -138,7 +138,8 @@ class CatAttention(TargetModule, ChunkCompressor):
 
     @classmethod
     def unsupported(cls, site: Site, config: TargetConfig) -> str | None:
-        reason = attention_site_problem(site, needs_width=getattr(config, "mode", "") == "layer")
+        reason = hybrid_site_problem(site, config) or attention_site_problem(
+            site, needs_width=getattr(config, "mode", "") == "layer")
         if reason is None and site.value_dim not in (0, site.head_dim):
             return "value head width differs from the key head width"
         return reason

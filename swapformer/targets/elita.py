@@ -70,6 +70,7 @@ from swapformer.targets.hybrid import (
     LinearFarMemory,
     check_cache_option,
     check_hybrid_options,
+    hybrid_site_problem,
     own,
     query_rows,
 )
@@ -194,7 +195,7 @@ class ElitaAttention(TargetModule):
 
     @classmethod
     def unsupported(cls, site: Site, config: TargetConfig) -> str | None:
-        return attention_site_problem(site, needs_width=True)
+        return hybrid_site_problem(site, config) or attention_site_problem(site, needs_width=True)
 
     @classmethod
     def from_site(

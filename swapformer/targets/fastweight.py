@@ -84,7 +84,12 @@ from torch.nn import functional as F
 from swapformer.errors import ConfigError
 from swapformer.sites import AttentionSite, Site
 from swapformer.targets.base import TargetConfig, TargetModule, register_target
-from swapformer.targets.hybrid import LinearFarMemory, check_cache_option, check_hybrid_options
+from swapformer.targets.hybrid import (
+    LinearFarMemory,
+    check_cache_option,
+    check_hybrid_options,
+    hybrid_site_problem,
+)
 from swapformer.targets.reference import (
     attention_site_problem,
     check_full_call,
@@ -309,7 +314,7 @@ class FastWeightAttention(TargetModule):
 
     @classmethod
     def unsupported(cls, site: Site, config: TargetConfig) -> str | None:
-        return attention_site_problem(site, needs_width=True)
+        return hybrid_site_problem(site, config) or attention_site_problem(site, needs_width=True)
 
     @classmethod
     def from_site(

@@ -76,12 +76,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swapformer.errors import ConfigError
+from swapformer.errors import ConfigError, InputError
 from swapformer.kernels.window import window_attention, window_kernel_applies
 from swapformer.targets.base import TargetModule
 from swapformer.targets.heavy_cache import add_window_scores, choose, empty_slots, merge
 from swapformer.targets.reference import (
     STATE_ELEMENT_BYTES,
+    adds_to_scores,
     check_full_call,
     evicted_first,
     full_window_step,
@@ -111,6 +112,16 @@ def check_hybrid_options(target: str, local_window: int, sinks: int, block_size:
         raise ConfigError(f"{target} sinks must be >= 0, got {sinks}")
     if block_size < 1:
         raise ConfigError(f"{target} block_size must be >= 1, got {block_size}")
+
+
+def hybrid_site_problem(site, config) -> str | None:
+    """Why the hybrid form (``config.local_window > 0``) cannot replace ``site``, or None: it reads only
+    the causal structure and the key padding of a mask, so a site whose mask adds terms to the scores (a
+    position bias, learned terms, an extra sink key) is left to the host."""
+    if getattr(config, "local_window", 0) and getattr(site, "mask", None) == "bias":
+        return ("the mask adds terms to the scores (a position bias, learned terms or a sink key), which "
+                "the hybrid's window and far memory do not read")
+    return None
 
 
 def check_cache_option(target: str, cache: int, local_window: int) -> None:
@@ -613,6 +624,9 @@ class HybridAttention(TargetModule):
             hidden = require_hidden(hidden, self.target_name)
         if state is None:
             check_full_call(q, k, self.target_name)
+        if bias is not None and adds_to_scores(bias):
+            raise InputError(f"the {self.target_name} hybrid reads only the causal structure and key padding of "
+                             "a mask; this one adds terms to the scores (a position bias?), which it would ignore")
         return self.hybrid_forward(q, k, v, bias, hidden, state).to(q.dtype)
 
     def hybrid_forward(self, q, k, v, bias, hidden, state: dict | None) -> torch.Tensor:

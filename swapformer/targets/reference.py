@@ -77,6 +77,14 @@ def bias_to_keep(bias: torch.Tensor) -> torch.Tensor:
     return bias > torch.finfo(bias.dtype).min / 2
 
 
+def adds_to_scores(bias: torch.Tensor) -> bool:
+    """Whether an additive mask holds finite non-zero terms where it lets a query attend (a position
+    bias such as ALiBi's), beyond the causal, window and padding structure of its −inf entries."""
+    if bias.dtype == torch.bool:
+        return False
+    return bool((bias.masked_fill(~bias_to_keep(bias), 0) != 0).any())
+
+
 def require_hidden(hidden: torch.Tensor | None, target: str) -> torch.Tensor:
     if hidden is None:
         raise InputError(

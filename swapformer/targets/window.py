@@ -36,6 +36,7 @@ from swapformer.kernels.window import window_attention, window_kernel_applies
 from swapformer.sites import AttentionSite, Site
 from swapformer.targets.base import TargetConfig, TargetModule, register_target
 from swapformer.targets.reference import (
+    adds_to_scores,
     attention_site_problem,
     bias_to_keep,
     evicted_first,
@@ -269,9 +270,9 @@ class WindowAttention(TargetModule):
         if bias.shape[-1] != t or bias.shape[-2] != t:
             return False, None
         keep = key_keep_from_bias(bias, batch, t)
-        visible = bias_to_keep(bias)
-        if bias.dtype != torch.bool and bool((bias.masked_fill(~visible, 0) != 0).any()):
+        if adds_to_scores(bias):
             return False, None  # finite non-zero values (a position bias) must reach the scores
+        visible = bias_to_keep(bias)
         pos = torch.arange(t, device=bias.device)
         expected = pos[None, :] <= pos[:, None]
         if keep is not None:

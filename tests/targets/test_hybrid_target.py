@@ -487,3 +487,27 @@ def test_decode_step_runs_once_the_window_fills(target, monkeypatch):
         core.fast_decode = False
         _run_calls(core, q, k, v, h, list(range(13)))
     assert calls == []
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_position_bias_is_refused_at_the_site_and_at_run_time(target):
+    """The hybrids read only a mask's causal structure and padding: a site or a mask that adds terms to
+    the scores is refused rather than silently ignored."""
+    import dataclasses
+
+    from swapformer.errors import InputError
+    from swapformer.targets.base import core_class, resolve_target
+
+    site, _ = attention_site(d_model=D_MODEL)
+    biased = dataclasses.replace(site, mask="bias")
+    hybrid, seed_form = resolve_target(target), resolve_target(target, local_window=0)
+    assert "position bias" in core_class(hybrid, "attention").unsupported(biased, hybrid)
+    assert core_class(seed_form, "attention").unsupported(biased, seed_form) is None
+    core, site = _hybrid(target, 3, 1)
+    q, k, v, h = qkv_inputs(site, 1, 10, D_MODEL)
+    i, j = torch.arange(10)[:, None], torch.arange(10)[None, :]
+    alibi = torch.where(j <= i, -0.1 * (i - j).double(), -torch.inf)
+    with pytest.raises(InputError, match="adds terms to the scores"):
+        core(q, k, v, alibi, hidden=h)
+    causal = torch.where(j <= i, 0.0, -torch.inf).double()
+    torch.testing.assert_close(core(q, k, v, causal, hidden=h), core(q, k, v, hidden=h), rtol=1e-10, atol=1e-10)

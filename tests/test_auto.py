@@ -324,6 +324,8 @@ def test_knapsack_with_a_subnormal_room_keeps_the_options_that_fit() -> None:
     # hypothesis found it: room / resolution underflowed and 1.5 / unit overflowed the int conversion
     assert choose([[0.0, 0.0]], [[0.0, 1.5]], 2.225073858507e-311, resolution=1) == [0]
     assert choose([[1.0, 0.0]], [[0.0, 1e-311]], 1e-311, resolution=1) == [1]
+    assert choose([[0.0, 0.0]], [[0.0, 1.5]], 5e-324, resolution=2) == [0]  # room / 2 underflows to 0
+    assert choose([[1.0, 0.0]], [[0.0, 5e-324]], 5e-324, resolution=2) == [1]
 
 
 def test_knapsack_rejects_bad_input() -> None:

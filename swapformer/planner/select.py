@@ -43,7 +43,8 @@ def choose(quality: Sequence[Sequence[float]], cost: Sequence[Sequence[float]], 
     room = max(room, 0.0)
     extra = [[c - b for c in group] for group, b in zip(cost, base)]
     exact = all(float(c).is_integer() for group in extra for c in group) and room <= resolution
-    unit = 1.0 if exact or room == 0 else room / resolution
+    # room / resolution underflows to 0 for the smallest subnormal rooms: one bin of the room then
+    unit = 1.0 if exact or room == 0 else (room / resolution or room)
     bins = int(math.floor(room / unit + 1e-9))
     # an option heavier than the room can never be picked; capping its weight at bins + 1 keeps a
     # tiny (even subnormal) unit from overflowing the integer conversion

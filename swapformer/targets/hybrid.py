@@ -78,7 +78,8 @@ from torch import nn
 
 from swapformer.errors import ConfigError, InputError
 from swapformer.kernels.window import window_attention, window_kernel_applies
-from swapformer.targets.base import TargetModule
+from swapformer.sites import Site
+from swapformer.targets.base import TargetConfig, TargetModule
 from swapformer.targets.heavy_cache import add_window_scores, choose, empty_slots, merge
 from swapformer.targets.reference import (
     STATE_ELEMENT_BYTES,
@@ -114,7 +115,7 @@ def check_hybrid_options(target: str, local_window: int, sinks: int, block_size:
         raise ConfigError(f"{target} block_size must be >= 1, got {block_size}")
 
 
-def hybrid_site_problem(site, config) -> str | None:
+def hybrid_site_problem(site: Site, config: TargetConfig) -> str | None:
     """Why the hybrid form (``config.local_window > 0``) cannot replace ``site``, or None: it reads only
     the causal structure and the key padding of a mask, so a site whose mask adds terms to the scores (a
     position bias, learned terms, an extra sink key) is left to the host."""
@@ -422,7 +423,7 @@ class HybridAttention(TargetModule):
         vis = window_keep(q_pos, k_pos, w, s)
         vis = vis if kept is None else vis[None, None, None] & kept[:, None, None, None]
         num, den, c, e = local_terms(self._grouped(q), kb, vb, mask_bias(vis, q.dtype), self.scale)
-        slots = {n[len(SLOT):]: mem.pop(n) for n in list(mem) if n.startswith(SLOT)}
+        slots = {n[len(SLOT):]: mem.pop(n) for n in list(mem) if n.startswith(SLOT)} if self.cache else {}
         if self.cache:
             buf["score"] = add_window_scores(buf["score"], e, den, sink_end, run_start, run_end)
             cand, member, slots = self._cache_choice(slots, buf, pos, keep, qa, qb, last)
@@ -454,7 +455,8 @@ class HybridAttention(TargetModule):
             slots = empty_slots(tokens, self.cache)
         return choose(slots, tokens, keep, qa, qb, last, self.window, self.sinks, self.cache)
 
-    def cached_far(self, qf, cand: Tokens, member: torch.Tensor, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cached_far(self, qf: torch.Tensor, cand: Tokens, member: torch.Tensor,
+                   q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the memory's read ``(m, n)`` holds of the cached tokens a query sees exactly."""
         raise NotImplementedError(f"{self.target_name}: a far memory that takes no cache")
 

@@ -182,13 +182,13 @@ def run_target(name: str, prepared: Any, teacher: nn.Module, data: tuple, args: 
     from swapformer.planner import model_cost
 
     tokenizer, train, heldout = data
-    target, name = name, label or name
-    row = Row(name)
+    label = label or name
+    row = Row(label)
     try:
-        with phase(f"{name}: rewrite"):
-            student = prepared.rewrite(target, **(DEFAULT_TARGETS.get(target, {}) if options is None else options))
+        with phase(f"{label}: rewrite"):
+            student = prepared.rewrite(name, **(DEFAULT_TARGETS.get(name, {}) if options is None else options))
     except Exception as exc:  # one target failing must not hide the others: recorded in the table
-        log.exception("rewrite to %s failed", name)
+        log.exception("rewrite to %s failed", label)
         row.error = f"{type(exc).__name__}: {exc}"
         return row
     report = student.swapformer_report
@@ -197,20 +197,20 @@ def run_target(name: str, prepared: Any, teacher: nn.Module, data: tuple, args: 
     row.flop_speedup = original / cost
     if report.plan is not None:
         row.plan = plan_mix(report.plan)
-        save_plan_files(report, args.out / f"{name}_plan")
-    with phase(f"{name}: perplexity before calibration"):
+        save_plan_files(report, args.out / f"{label}_plan")
+    with phase(f"{label}: perplexity before calibration"):
         row.ppl_before = perplexity(student, heldout)
-    with phase(f"{name}: calibration"):
+    with phase(f"{label}: calibration"):
         row.calib_tokens, row.calib_seconds = calibrate(student, teacher, train, args)
-    with phase(f"{name}: perplexity after calibration"):
+    with phase(f"{label}: perplexity after calibration"):
         row.ppl_after = perplexity(student, heldout) if row.calib_tokens else row.ppl_before
-    with phase(f"{name}: speed vs the original"):
-        speed = compare_speed({"original": teacher, name: student}, heldout[:1, :args.eval_len], decode_steps=8)
-    row.prefill_ratio = speed[name].prefill_tokens_per_s / speed["original"].prefill_tokens_per_s
-    row.decode_ratio = speed["original"].decode_ms_per_token / speed[name].decode_ms_per_token
+    with phase(f"{label}: speed vs the original"):
+        speed = compare_speed({"original": teacher, label: student}, heldout[:1, :args.eval_len], decode_steps=8)
+    row.prefill_ratio = speed[label].prefill_tokens_per_s / speed["original"].prefill_tokens_per_s
+    row.decode_ratio = speed["original"].decode_ms_per_token / speed[label].decode_ms_per_token
     state = state_bytes(student, 2048)
     row.state_ratio = state / baseline["kv_bytes"] if state is not None else None
-    with phase(f"{name}: sample"):
+    with phase(f"{label}: sample"):
         row.sample = sample(student, tokenizer, args.sample_tokens)
     return row
 

@@ -59,13 +59,27 @@ def choose(slots: Tokens, tokens: Tokens, keep: torch.Tensor, qa: int, qb: int, 
     q_pos = torch.arange(qa, qb + 1, device=dev)  # the block's queries and a virtual query qb
     j = torch.arange(lo_e, max(lo_e, hi_e), device=dev)
     vis = torch.cat([torch.ones(qb + 1 - qa, cache, dtype=torch.bool, device=dev), j[None, :] <= q_pos[:, None] - window], 1)
-    ranked = cand_score[:, :, None].masked_fill(~vis, NEG_INF)  # [B, Hkv, Tq + 1, K + Ne]
-    kth = ranked.topk(cache, dim=-1).values[..., -1:]
-    member = (ranked >= kth) & torch.isfinite(ranked)
-    ready = ranked[:, :, -1].topk(cache, dim=-1).indices
+    member, ready, ready_score = rank(cand_score, vis, cache)
     nxt = {name: gather_tokens(t, ready) for name, t in cand.items()}
-    nxt["score"] = ranked[:, :, -1].gather(2, ready)
+    nxt["score"] = ready_score
     return cand, member[:, :, :-1], nxt
+
+
+def rank(cand_score: torch.Tensor, vis: torch.Tensor, cache: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which candidates each row keeps, and the ``K`` slots after the last row.
+
+    ``cand_score [B, Hkv, C]``, ``vis [R, C]`` the candidates each row may see (the last row sees them
+    all). A row keeps the first ``K`` finite candidates it sees in the order of their scores, one stable
+    sort for all rows, so that ties go to the earlier candidate (the slots, then older tokens) on every
+    path. Returns ``member [B, Hkv, R, C]`` and the last row's ``K`` indices and scores ``[B, Hkv, K]``
+    (−inf where fewer than ``K`` are finite: empty slots).
+    """
+    ranked, order = cand_score.sort(dim=-1, descending=True, stable=True)
+    idx = order[:, :, None].expand(-1, -1, vis.shape[0], -1)
+    seen = vis.expand(*cand_score.shape[:2], -1, -1).gather(3, idx) & torch.isfinite(ranked)[:, :, None]
+    kept = seen & (seen.cumsum(-1) <= cache)
+    # the scores go into a decoding state: their own storage, not a view of all the candidates'
+    return torch.zeros_like(kept).scatter_(3, idx, kept), order[..., :cache], ranked[..., :cache].contiguous()
 
 
 def add_window_scores(score: torch.Tensor, e: torch.Tensor, den: torch.Tensor, sink_end: int,

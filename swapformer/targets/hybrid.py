@@ -88,7 +88,9 @@ from swapformer.targets.reference import (
     evicted_first,
     full_window_step,
     key_keep_from_bias,
+    repeat_kv,
     require_hidden,
+    score_terms_problem,
     state_keys_real,
     state_pos,
     window_buffer_slices,
@@ -117,12 +119,8 @@ def check_hybrid_options(target: str, local_window: int, sinks: int, block_size:
 
 def hybrid_site_problem(site: Site, config: TargetConfig) -> str | None:
     """Why the hybrid form (``config.local_window > 0``) cannot replace ``site``, or None: it reads only
-    the causal structure and the key padding of a mask, so a site whose mask adds terms to the scores (a
-    position bias, learned terms, an extra sink key) is left to the host."""
-    if getattr(config, "local_window", 0) and getattr(site, "mask", None) == "bias":
-        return ("the mask adds terms to the scores (a position bias, learned terms or a sink key), which "
-                "the hybrid's window and far memory do not read")
-    return None
+    the causal structure and the key padding of a mask (:func:`score_terms_problem`)."""
+    return score_terms_problem(site, "the hybrid") if getattr(config, "local_window", 0) else None
 
 
 def check_cache_option(target: str, cache: int, local_window: int) -> None:
@@ -164,13 +162,14 @@ def local_terms(
 
 def tile_terms(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, row_max: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """:func:`local_terms` for rows that each see at least one key, as ``(o, 1 / Σ e, c)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """:func:`local_terms` for rows that each see at least one key, as ``(o, 1 / Σ e, c, p)``.
 
     ``o = Σ e v / Σ e`` comes from one softmax, and ``1 / Σ e`` is its largest weight (``e^0 / Σ e``),
     so ``(Σ e v, Σ e) = (o, 1) / (1 / Σ e)``: the softmax kernel takes the masked (−inf) scores at
     full speed where ``exp`` of −inf measured 4× slower than of finite scores. ``c`` (the row max)
-    only when ``row_max`` (a far memory that reads it); shapes as in :func:`local_terms`.
+    only when ``row_max`` (a far memory that reads it); ``p`` the softmax weights (the window cache
+    scores keys by them); shapes as in :func:`local_terms`.
     """
     *lead, g, tq, d = q.shape
     s = torch.matmul(q.reshape(*lead, g * tq, d), (k * scale).transpose(-1, -2))
@@ -180,7 +179,18 @@ def tile_terms(
     p = torch.softmax(s, dim=-1)
     inv_den = p.amax(-1, keepdim=True)
     o = torch.matmul(p.view(*lead, g * tq, -1), v)
-    return o.view(*lead, g, tq, -1), inv_den, c
+    return o.view(*lead, g, tq, -1), inv_den, c, p
+
+
+def tile_keys(xp: torch.Tensor, sinks: torch.Tensor, a: int, e: int, block: int, window: int) -> torch.Tensor:
+    """The keys (or values) of the tiles of queries ``a .. e − 1``, ``[B, Hkv, blocks, S + span, X]``: the
+    sinks ``[B, Hkv, S, X]``, then an unfolded view of ``xp`` (padded by ``window − 1`` in front), tile
+    ``β`` (queries from ``p = a + β·block``) holding positions ``p − window + 1 .. p + block − 1``."""
+    span = block + window - 1
+    xt = xp[:, :, a:e + window - 1].unfold(2, span, block).transpose(-1, -2)
+    if not sinks.shape[2]:
+        return xt
+    return torch.cat([sinks[:, :, None].expand(-1, -1, xt.shape[2], -1, -1), xt], dim=3)
 
 
 def decay_powers(log_gamma: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
@@ -251,11 +261,6 @@ def as_tiles(x: torch.Tensor, a: int, e: int, kv_heads: int, block: int) -> torc
     b, h, _, width = x.shape
     rows = query_rows(x, a, e)
     return rows.view(b, kv_heads, h // kv_heads, (e - a) // block, block, width).transpose(2, 3)
-
-
-def gather_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``x [B, Hkv, ...]`` per kv head repeated for ``heads`` heads (a multiple): ``[B, heads, ...]``."""
-    return x.repeat_interleave(heads // x.shape[1], dim=1) if heads != x.shape[1] else x
 
 
 def mask_bias(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -561,7 +566,7 @@ class HybridAttention(TargetModule):
             seg = max(blk, self.cuda_segment_len // blk * blk)
         else:
             kp, vp = (F.pad(buf[n], (0, 0, w - 1, tp - t)) for n in WINDOW_KEYS)
-            sink_k, sink_v = buf["k"][:, :, None, :sinks], buf["v"][:, :, None, :sinks]
+            sink_k, sink_v = buf["k"][:, :, :sinks], buf["v"][:, :, :sinks]
         ctx = self.far_tiles_context(qf, buf, t, tp)
         mix = self.mix().to(q.dtype).view(1, hk, 1, g, 1, 1)
         # from position w + sinks − 1 on, every tile sees its keys the same way: one mask for all
@@ -580,7 +585,7 @@ class HybridAttention(TargetModule):
                 o, inv_den = as_tiles(o_all, a, e, hk, blk), as_tiles(inv_all, a, e, hk, blk)
                 c = None if c_all is None else as_tiles(c_all, a, e, hk, blk)
             else:
-                o, inv_den, c = self._tile_exact(qt, kp, vp, sink_k, sink_v, interior, a, e, settled)
+                o, inv_den, c, _ = self._tile_exact(qt, kp, vp, sink_k, sink_v, interior, a, e, settled)
             m, n, mem = self.far_tiles(ctx, qt, qf, mem, a, e, c)
             if self._far_ratios is not None:  # far normaliser per unit mix / exact mass (init_mix)
                 ratio = (n * inv_den).transpose(2, 3).reshape(b, h, e - a, 1)
@@ -600,14 +605,10 @@ class HybridAttention(TargetModule):
     def _tile_exact(self, qt, kp, vp, sink_k, sink_v, interior, a: int, e: int, settled: int):
         """:func:`tile_terms` of the tiles of queries ``a .. e − 1``: their keys are an unfolded view of
         the keys padded by ``w − 1`` in front (``kp``, ``vp``), after the sinks."""
-        blk, w, sinks = self.block_size, self.window, sink_k.shape[3]
-        nb, span = (e - a) // blk, blk + w - 1
-        kt = kp[:, :, a:e + w - 1].unfold(2, span, blk).transpose(-1, -2)  # [B, Hkv, blocks, span, D]
-        vt = vp[:, :, a:e + w - 1].unfold(2, span, blk).transpose(-1, -2)
-        if sinks:
-            kt = torch.cat([sink_k.expand(-1, -1, nb, -1, -1), kt], dim=3)
-            vt = torch.cat([sink_v.expand(-1, -1, nb, -1, -1), vt], dim=3)
-        else:
+        blk, w, sinks = self.block_size, self.window, sink_k.shape[2]
+        nb = (e - a) // blk
+        kt, vt = tile_keys(kp, sink_k, a, e, blk, w), tile_keys(vp, sink_v, a, e, blk, w)
+        if not sinks:
             vt = vt.contiguous()
         bias = interior[:nb] if a >= settled else tile_bias(a, e, blk, w, sinks, qt.dtype, qt.device)
         return tile_terms(qt, kt, vt, bias, self.scale, self.far_reads_row_max)
@@ -893,7 +894,7 @@ class LinearFarMemory(HybridAttention):
         weight = weight.expand(-1, -1, hm // self.num_kv_heads, -1, -1).reshape(b, hm, 1, tq, -1)
         log_gamma = self.log_decay()
         if log_gamma is not None:
-            avail = gather_heads(cand["pos"], hm) + self.window  # [B, Hm, C]
+            avail = repeat_kv(cand["pos"], hm // self.num_kv_heads) + self.window  # [B, Hm, C]
             age = (q_pos[:, None] - avail[:, :, None]).clamp_min(0).to(qf.dtype)  # [B, Hm, Tq, C]
             weight = weight * torch.exp(log_gamma.to(qf.dtype)[:, None, None] * age)[:, :, None]
         a = torch.matmul(qf.reshape(b, hm, -1, tq, f), fk[:, :, None].transpose(-1, -2)) * weight

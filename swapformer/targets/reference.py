@@ -85,6 +85,15 @@ def adds_to_scores(bias: torch.Tensor) -> bool:
     return bool((bias.masked_fill(~bias_to_keep(bias), 0) != 0).any())
 
 
+def score_terms_problem(site: object, reader: str) -> str | None:
+    """The skip reason for a core (``reader``) that reads only a mask's causal structure and key padding,
+    when ``site``'s mask adds terms to the scores (a position bias, learned terms, a sink key); else None."""
+    if getattr(site, "mask", None) == "bias":
+        return (f"the mask adds terms to the scores (a position bias, learned terms or a sink key), which "
+                f"{reader} does not read")
+    return None
+
+
 def require_hidden(hidden: torch.Tensor | None, target: str) -> torch.Tensor:
     if hidden is None:
         raise InputError(

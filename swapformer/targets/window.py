@@ -43,6 +43,7 @@ from swapformer.targets.reference import (
     full_window_step,
     key_keep_from_bias,
     masked_sdpa,
+    score_terms_problem,
     sdpa_flops_per_token,
     state_keys_real,
     state_pos,
@@ -112,8 +113,8 @@ class WindowAttention(TargetModule):
 
     @classmethod
     def unsupported(cls, site: Site, config: TargetConfig) -> str | None:
-        if getattr(config, "cache", 0) and getattr(site, "mask", None) == "bias":
-            return "the mask adds terms to the scores (a position bias), which the window's cache does not read"
+        if getattr(config, "cache", 0):
+            return score_terms_problem(site, "the window's cache") or attention_site_problem(site)
         return attention_site_problem(site)
 
     @classmethod

@@ -34,7 +34,8 @@ softmax, the choice of cached keys block by block on scores alone (one sort per 
 part of all blocks as one batched softmax, the two joined by their log-sum-exps. Measured per layer at
 SmolLM2-135M's shapes (2 threads, ``benchmarks/profile_smollm2.py --cores``): 30-42 ms for a 2k prefill
 against the block loop's 51-68 ms and the host's causal SDPA's 40-69 ms (RESULTS.md, issue 12, session 26).
-Tokens whose scores tie may be chosen differently by the two (``topk`` and a sort break ties apart).
+Every path ranks with one stable sort (:func:`~swapformer.targets.heavy_cache.rank`): ties go to the
+earlier candidate.
 Keys the host mask marks as padding are never seen nor cached. A site whose mask has other content (a
 position bias) is refused, and so is such a mask at run time: the cache does not read it.
 """
@@ -47,8 +48,15 @@ import torch
 import torch.nn.functional as F
 
 from swapformer.errors import ConfigError, InputError
-from swapformer.targets.heavy_cache import add_window_scores, choose, merge
-from swapformer.targets.hybrid import local_terms, mask_bias, query_rows, tile_bias
+from swapformer.targets.heavy_cache import add_window_scores, choose, merge, rank
+from swapformer.targets.hybrid import (
+    local_terms,
+    mask_bias,
+    query_rows,
+    tile_bias,
+    tile_keys,
+    tile_terms,
+)
 from swapformer.targets.reference import (
     check_full_call,
     full_window_step,
@@ -142,25 +150,17 @@ class CachedWindowAttention(WindowAttention):
     def _window_tiles(self, qt, k, v, kp, vp, score, a: int, e: int, t: int):
         """``(o, lse)`` of the window part of queries ``a .. e − 1`` in tiles ``[B, Hkv, blocks, G, block, ·]``;
         adds the weights of real queries (``< t``) on the run keys to ``score`` (in place)."""
-        b, hk, nb, g, blk, d = qt.shape
+        nb, blk = qt.shape[2], qt.shape[4]
         w, sinks = self.window, min(self.sinks, t)
         span = blk + w - 1
-        kt = kp[:, :, a:e + w - 1].unfold(2, span, blk).transpose(-1, -2)  # [B, Hkv, blocks, span, D]
-        vt = vp[:, :, a:e + w - 1].unfold(2, span, blk).transpose(-1, -2)
-        if sinks:
-            kt = torch.cat([k[:, :, None, :sinks].expand(-1, -1, nb, -1, -1), kt], dim=3)
-            vt = torch.cat([v[:, :, None, :sinks].expand(-1, -1, nb, -1, -1), vt], dim=3)
-        s = torch.matmul(qt.reshape(b, hk, nb, g * blk, d), (kt * self.scale).transpose(-1, -2))
-        s = s.view(b, hk, nb, g, blk, -1) + tile_bias(a, e, blk, w, sinks, qt.dtype, qt.device)
-        c = s.amax(-1, keepdim=True)
-        p = torch.softmax(s, dim=-1)
-        lse = c - torch.log(p.amax(-1, keepdim=True))  # the largest weight is e^0 / Σ e
-        o = torch.matmul(p.view(b, hk, nb, g * blk, -1), vt).view(b, hk, nb, g, blk, -1)
+        kt, vt = tile_keys(kp, k[:, :, :sinks], a, e, blk, w), tile_keys(vp, v[:, :, :sinks], a, e, blk, w)
+        bias = tile_bias(a, e, blk, w, sinks, qt.dtype, qt.device)
+        o, inv_den, c, p = tile_terms(qt, kt, vt, bias, self.scale, row_max=True)
         real = (torch.arange(a, e, device=qt.device) < t).to(p.dtype).view(nb, 1, blk, 1)
         drawn = (p[..., sinks:].detach() * real).sum(dim=(3, 4))  # [B, Hkv, blocks, span]: a_j, the run only
         cols = (torch.arange(a, e, blk, device=qt.device)[:, None] + torch.arange(span, device=qt.device)).flatten()
         score.index_add_(2, cols, drawn.flatten(2))
-        return o, lse
+        return o, c - torch.log(inv_den)
 
     def _choose_tiles(self, score, slots, a: int, e: int, t: int):
         """The candidates' positions ``[B, Hkv, blocks, K + block]`` of each block of queries ``a .. e − 1``
@@ -180,36 +180,24 @@ class CachedWindowAttention(WindowAttention):
             q_pos = torch.arange(qa, qa + blk + 1, device=dev)  # the last row stands for query qb
             vis = torch.cat([torch.ones(blk + 1, n, dtype=torch.bool, device=dev),
                              ev[None, :] <= torch.minimum(q_pos, torch.tensor(qb, device=dev))[:, None] - w], 1)
-            # each row keeps the first K candidates it sees in the order of their scores (one sort per
-            # block instead of a top-K per row); the last row sees them all, so its K are the first K
-            order = cand_score.argsort(dim=-1, descending=True)  # [B, Hkv, K + block]
-            ranked = cand_score.gather(2, order)
-            seen = vis.expand(b, hk, -1, -1).gather(3, order[:, :, None].expand(-1, -1, blk + 1, -1))
-            seen = seen & torch.isfinite(ranked)[:, :, None]
-            kept = seen & (seen.cumsum(-1) <= n)
-            member = torch.zeros_like(kept).scatter_(3, order[:, :, None].expand(-1, -1, blk + 1, -1), kept)
+            member, ready, ready_score = rank(cand_score, vis, n)
             members.append(member[:, :, :-1])
             positions.append(cand_pos)
-            slots = {"pos": cand_pos.gather(2, order[..., :n]), "score": ranked[..., :n]}
+            slots = {"pos": cand_pos.gather(2, ready), "score": ready_score}
         return torch.stack(positions, 2), torch.stack(members, 2), slots
 
     def _cache_tiles(self, qt, k, v, pos, member):
         """``(o, lse)`` of the cache part: each tile's queries over its candidates' keys, masked by
         ``member [B, Hkv, blocks, block, C]`` (``lse = −inf`` on rows that keep none)."""
-        b, hk, nb, g, blk, d = qt.shape
+        b, hk, nb = qt.shape[:3]
         idx = pos.flatten(2)[..., None]
-        kc = k.gather(2, idx.expand(-1, -1, -1, d)).view(b, hk, nb, -1, d)
+        kc = k.gather(2, idx.expand(-1, -1, -1, k.shape[-1])).view(b, hk, nb, -1, k.shape[-1])
         vc = v.gather(2, idx.expand(-1, -1, -1, v.shape[-1])).view(b, hk, nb, -1, v.shape[-1])
-        s = torch.matmul(qt.reshape(b, hk, nb, g * blk, d), (kc * self.scale).transpose(-1, -2))
-        has = member.any(-1, keepdim=True)  # [B, Hkv, blocks, block, 1]
-        # rows that keep nothing get finite scores (no NaN in the softmax's gradient) and lse = −inf
-        s = s.view(b, hk, nb, g, blk, -1) + mask_bias(member | ~has, qt.dtype)[:, :, :, None]
-        has = has[:, :, :, None]
-        c = s.amax(-1, keepdim=True)
-        p = torch.softmax(s, dim=-1)
-        lse = torch.where(has, c - torch.log(p.amax(-1, keepdim=True)), NEG_INF)
-        o = torch.matmul(p.view(b, hk, nb, g * blk, -1), vc).view(b, hk, nb, g, blk, -1)
-        return o, lse
+        has = member.any(-1, keepdim=True)[:, :, :, None]  # [B, Hkv, blocks, 1, block, 1]
+        # rows that keep nothing see every candidate (no NaN in the softmax's gradient), then lse = −inf
+        bias = mask_bias(member[:, :, :, None] | ~has, qt.dtype)
+        o, inv_den, c, _ = tile_terms(qt, kc, vc, bias, self.scale, row_max=True)
+        return o, torch.where(has, c - torch.log(inv_den), NEG_INF)
 
     def _decode_step_applies(self, q, k, bias, state: dict) -> bool:
         """The window's one-token step (:func:`full_window_step`) once the slots exist."""
@@ -235,7 +223,8 @@ class CachedWindowAttention(WindowAttention):
         score = torch.cat([state["score"], torch.zeros_like(drawn[..., :1])], 2)
         score[..., s:] += drawn
         cand_score = torch.cat([state["cache_score"], score[..., s:s + 1]], 2)
-        ready = cand_score.topk(self.cache, dim=-1).indices
+        # ranked as heavy_cache.rank ranks (a stable sort): on a tie the slot stays
+        ready = cand_score.sort(dim=-1, descending=True, stable=True).indices[..., :self.cache]
         for name, cached, new in (("k", state["cache_k"], keys), ("v", state["cache_v"], values)):
             cand = torch.cat([cached, new[:, :, s:s + 1]], 2)
             state["cache_" + name] = cand.gather(2, ready[..., None].expand(-1, -1, -1, cand.shape[-1]))

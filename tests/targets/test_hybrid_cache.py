@@ -26,7 +26,7 @@ from target_helpers import (
 from swapformer.errors import ConfigError
 from swapformer.targets.elita import ElitaConfig
 from swapformer.targets.fastweight import FastWeightConfig
-from swapformer.targets.hybrid import gather_heads
+from swapformer.targets.reference import repeat_kv
 from swapformer.targets.sdpa import SdpaAttention, SdpaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -70,7 +70,7 @@ def dense_rule(core, q, k, v, hidden) -> torch.Tensor:
     qf = core.query_features(q, hidden, pos)
     kf, fv = core.memory_items({"k": k, "v": v, **core.token_inputs(k, v, hidden, pos)})
     lin = qf.reshape(b, hm, h // hm, t, -1) @ kf[:, :, None].transpose(-1, -2)  # [B, Hm, Gm, T, T]
-    far = gather_heads((evicted & ~cached).to(q.dtype), hm)[:, :, None]
+    far = repeat_kv((evicted & ~cached).to(q.dtype), hm // hk)[:, :, None]
     if core.log_decay() is not None:
         far = far * torch.exp(core.log_decay()[:, None, None] * (i - j - w).clamp_min(0))[None, :, None]
     a = lin * far
